@@ -1,0 +1,1307 @@
+"""The YAML configuration schema: one pydantic model per section, validated as a whole.
+
+A config file has the sections ``data``, ``tokenizer``, ``model``, ``training`` and, for the
+commands that need them, ``finetune`` and ``benchmarks``. Every section rejects keys it does
+not know; every problem found is reported at once, each naming its full dotted path
+(``training.optimizer.lr``), in a single :class:`ConfigError`.
+
+Relative paths
+    Paths in a config (``data.paths``, a ``data.gene_vocab`` file, ``training.checkpoint_dir``)
+    are kept as written and are interpreted relative to the *current working directory* of the
+    command that uses them, not relative to the config file. Run ``scforge`` from your project
+    directory, as in the tutorial (``./data/pbmc3k.h5ad``). A leading ``~`` is expanded.
+
+Sequence length
+    ``tokenizer.max_genes`` is the length of a cell's token sequence *including* the ``[CLS]``
+    token when ``tokenizer.prepend_cls`` is on (as in the tutorial, where ``max_genes``,
+    ``max_seq_len`` and ``prepend_cls`` are 2048, 2048 and true). A cell therefore contributes at
+    most ``max_genes - 1`` genes with ``[CLS]`` (:attr:`TokenizerConfig.max_gene_tokens`), and
+    ``tokenizer.max_genes`` may not exceed ``model.max_seq_len``.
+
+Fine-tuning strategy (:attr:`FinetuneConfig.strategy`)
+    ================================================  ====================
+    ``finetune`` settings                             strategy
+    ================================================  ====================
+    ``lora.enabled: true``                            ``"lora"``
+    ``freeze_backbone: true``, epochs >= max_epochs   ``"frozen"``
+    ``freeze_backbone: true``, 0 < epochs < max       ``"gradual_unfreeze"``
+    anything else                                     ``"full"``
+    ================================================  ====================
+
+    where epochs is ``finetune.freeze_backbone_epochs`` and max is ``training.max_epochs``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+import tempfile
+import types
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DEFAULT_LORA_TARGET_MODULES",
+    "NAMED_GENE_VOCABS",
+    "BenchmarkSpec",
+    "ConfigError",
+    "DataConfig",
+    "FinetuneConfig",
+    "FinetuneStrategy",
+    "HeadConfig",
+    "LoraConfig",
+    "MaskingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PreprocessingConfig",
+    "ScForgeConfig",
+    "SchedulerConfig",
+    "TokenizerConfig",
+    "TrainingConfig",
+]
+
+NAMED_GENE_VOCABS = ("human_protein_coding", "data")
+"""Vocabulary names accepted by ``data.gene_vocab`` besides a file path."""
+
+GENE_VOCAB_FILE_SUFFIXES = (".json", ".tsv")
+DATA_FILE_SUFFIXES = (".h5ad", ".zarr")
+
+LORA_TARGETABLE_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
+"""The ``nn.Linear`` modules of a backbone block that LoRA adapters can wrap."""
+
+DEFAULT_LORA_TARGET_MODULES = LORA_TARGETABLE_MODULES
+"""Modules adapted when ``finetune.lora.target_modules`` is null: every linear layer of a block."""
+
+PRECISIONS = (
+    "32-true",
+    "32",
+    "bf16-mixed",
+    "bf16-true",
+    "bf16",
+    "16-mixed",
+    "16-true",
+    "16",
+    "64-true",
+    "64",
+)
+
+FinetuneStrategy = Literal["full", "frozen", "gradual_unfreeze", "lora"]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: one human-readable message per problem.
+
+    Parameters
+    ----------
+    problems
+        One message per problem, each naming the dotted path of the offending key.
+    source
+        The config file the problems were found in, if any.
+
+    Attributes
+    ----------
+    problems
+        The messages, in the order found.
+    """
+
+    def __init__(self, problems: str | Sequence[str], source: str | os.PathLike | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = None if source is None else str(source)
+        super().__init__(self.problems, self.source)
+
+    def __str__(self) -> str:
+        where = f" in '{self.source}'" if self.source else ""
+        if len(self.problems) == 1:
+            return f"Configuration error{where}: {self.problems[0]}"
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        return f"Configuration error{where} ({len(self.problems)} problems):\n{lines}"
+
+
+# --------------------------------------------------------------------------------------------
+# Shared field types
+# --------------------------------------------------------------------------------------------
+
+
+def _reject_bool(value: Any) -> Any:
+    # pydantic would read `true` as 1 for a number; in a config that is always a mistake.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+def _expand_user(value: Any) -> Any:
+    return Path(value).expanduser() if isinstance(value, str | Path) else value
+
+
+_Int = Annotated[int, BeforeValidator(_reject_bool)]
+_Float = Annotated[float, BeforeValidator(_reject_bool)]
+_Ratio = Annotated[float, BeforeValidator(_reject_bool), Field(ge=0.0, le=1.0)]
+_Dropout = Annotated[float, BeforeValidator(_reject_bool), Field(ge=0.0, lt=1.0)]
+_PathValue = Annotated[Path, BeforeValidator(_expand_user)]
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors; an empty sub-section means defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_use_defaults(cls, data: Any) -> Any:
+        # `masking:` with every line below it commented out reads as null in YAML.
+        if not isinstance(data, Mapping):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if not (value is None and _is_required_section(cls, key))
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+class PreprocessingConfig(_Section):
+    """``data.preprocessing``: how raw counts are transformed before tokenization."""
+
+    normalize: Literal["library_size", "none"] = Field(
+        "library_size",
+        description=(
+            "How cells are made comparable. 'library_size' scales every cell's counts to the "
+            "same total (target_sum), removing differences in sequencing depth; 'none' uses "
+            "the values as stored (for data that are already normalised)."
+        ),
+    )
+    target_sum: _Float = Field(
+        1e4,
+        gt=0,
+        description=(
+            "Total count every cell is scaled to when normalize is 'library_size' "
+            "(10000 gives counts per 10k, like scanpy's normalize_total). Not used otherwise."
+        ),
+    )
+    log1p: bool = Field(
+        True,
+        description="Apply log(1 + x) after normalising, compressing very highly expressed genes.",
+    )
+    hvg: _Int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Keep only this many highly variable genes, selected on the training cells. "
+            "null keeps every gene of the vocabulary."
+        ),
+    )
+
+
+class DataConfig(_Section):
+    """``data``: which cells to read and how to turn them into model input."""
+
+    source: Literal["local"] = Field(
+        "local", description="Where the cells come from: 'local' reads AnnData files from disk."
+    )
+    paths: list[_PathValue] = Field(
+        min_length=1,
+        description=(
+            "AnnData files (.h5ad or .zarr) with one cell per row. Relative paths are read "
+            "from the directory you run scforge in."
+        ),
+    )
+    gene_vocab: str | None = Field(
+        None,
+        description=(
+            "The genes the model knows, in a fixed order. 'human_protein_coding' (19,814 "
+            "GENCODE v22 genes), 'data' (the genes of the training files; pretraining only), "
+            "or a path to a .json/.tsv vocabulary. null means: the pretrained model's own "
+            "vocabulary, or 'human_protein_coding' when training from scratch. When starting "
+            "from a pretrained model its vocabulary is always used and must match this value."
+        ),
+    )
+    preprocessing: PreprocessingConfig = Field(
+        default_factory=PreprocessingConfig,
+        description="Normalisation applied to raw counts before tokenization.",
+    )
+    max_genes: _Int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Same limit as tokenizer.max_genes (kept for configs written that way): if given, "
+            "it must equal tokenizer.max_genes."
+        ),
+    )
+    num_workers: _Int = Field(
+        0,
+        ge=0,
+        description="Background processes that prepare batches of cells (0 = in the main process).",
+    )
+    layer: str | None = Field(
+        None,
+        description="Layer of the AnnData holding raw counts (e.g. 'counts'); null reads X.",
+    )
+    gene_key: str | None = Field(
+        None,
+        description=(
+            "Column of var holding the gene identifiers matched to the vocabulary "
+            "(e.g. 'gene_ids' for Ensembl IDs); null uses the var index (var_names)."
+        ),
+    )
+    streaming: bool = Field(
+        False,
+        description=(
+            "Read cells from disk in chunks instead of loading the files into memory, for "
+            "datasets larger than RAM."
+        ),
+    )
+
+    @field_validator("paths")
+    @classmethod
+    def _check_suffixes(cls, paths: list[Path]) -> list[Path]:
+        for path in paths:
+            if path.suffix.lower() not in DATA_FILE_SUFFIXES:
+                raise ValueError(
+                    f"'{path}' is not an AnnData file; expected a name ending in "
+                    f"{' or '.join(DATA_FILE_SUFFIXES)}"
+                )
+        return paths
+
+    @field_validator("gene_vocab")
+    @classmethod
+    def _check_gene_vocab(cls, value: str | None) -> str | None:
+        if value is None or value in NAMED_GENE_VOCABS:
+            return value
+        if Path(value).suffix.lower() in GENE_VOCAB_FILE_SUFFIXES:
+            return str(Path(value).expanduser())
+        hint = difflib.get_close_matches(value, NAMED_GENE_VOCABS, n=1)
+        did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+        raise ValueError(
+            f"'{value}' is neither a named vocabulary nor a vocabulary file; {did_you_mean}"
+            f"use one of {', '.join(NAMED_GENE_VOCABS)} or a path ending in "
+            f"{' or '.join(GENE_VOCAB_FILE_SUFFIXES)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+class MaskingConfig(_Section):
+    """``tokenizer.masking``: masked-gene pretraining. Ignored when fine-tuning."""
+
+    mask_ratio: _Ratio = Field(
+        0.15,
+        description=(
+            "Fraction of each cell's genes selected for the model to predict during pretraining "
+            "(their expression is hidden). Not used for fine-tuning or embedding."
+        ),
+    )
+    random_replace_ratio: _Ratio = Field(
+        0.1,
+        description="Of the selected genes, the fraction shown as a random other gene.",
+    )
+    keep_ratio: _Ratio = Field(
+        0.1,
+        description=(
+            "Of the selected genes, the fraction left visible (but still predicted); the rest "
+            "are replaced by the [MASK] token."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_split(self) -> MaskingConfig:
+        if self.random_replace_ratio + self.keep_ratio > 1.0:
+            raise ValueError(
+                f"random_replace_ratio ({self.random_replace_ratio}) + keep_ratio "
+                f"({self.keep_ratio}) is more than 1; together they are fractions of the "
+                "selected genes"
+            )
+        return self
+
+
+class TokenizerConfig(_Section):
+    """``tokenizer``: how a cell's expression profile becomes a sequence of tokens."""
+
+    strategy: Literal["rank_value", "binned_expression", "continuous"] = Field(
+        "rank_value",
+        description=(
+            "'rank_value' orders a cell's genes from highest to lowest expression "
+            "(Geneformer); 'binned_expression' pairs each gene with its expression level cut "
+            "into n_bins bins (scGPT); 'continuous' pairs each gene with its expression value."
+        ),
+    )
+    max_genes: _Int = Field(
+        2048,
+        ge=1,
+        description=(
+            "Length of a cell's token sequence, counting the [CLS] token when prepend_cls is "
+            "true (so 2048 keeps a cell's 2047 most highly expressed genes). At most "
+            "model.max_seq_len."
+        ),
+    )
+    prepend_cls: bool = Field(
+        True,
+        description=(
+            "Start every sequence with a [CLS] token that summarises the cell; needed for "
+            "model.pooling 'cls'."
+        ),
+    )
+    n_bins: _Int = Field(
+        51,
+        ge=2,
+        description="'binned_expression' only: number of expression-level bins per cell.",
+    )
+    masking: MaskingConfig = Field(
+        default_factory=MaskingConfig,
+        description="Masked-gene pretraining settings; ignored when fine-tuning.",
+    )
+
+    @property
+    def max_gene_tokens(self) -> int:
+        """Most genes a cell contributes: ``max_genes`` less one for ``[CLS]`` if prepended."""
+        return self.max_genes - int(self.prepend_cls)
+
+    @model_validator(mode="after")
+    def _check_room_for_genes(self) -> TokenizerConfig:
+        if self.max_gene_tokens < 1:
+            raise ValueError(
+                "max_genes must be at least 2 when prepend_cls is true: the [CLS] token takes "
+                "one place"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Section):
+    """``model``: the transformer backbone. Must match a pretrained checkpoint being loaded."""
+
+    architecture: Literal["transformer_encoder"] = Field(
+        "transformer_encoder", description="Model family; 'transformer_encoder' (BERT-like)."
+    )
+    hidden_dim: _Int = Field(
+        512,
+        ge=1,
+        description=(
+            "Width of the model: length of the vector representing each gene token and each "
+            "cell embedding. Must be divisible by num_heads."
+        ),
+    )
+    num_layers: _Int = Field(6, ge=1, description="Number of stacked transformer blocks.")
+    num_heads: _Int = Field(
+        8, ge=1, description="Attention heads per block (each looks at hidden_dim / num_heads)."
+    )
+    ffn_dim: _Int | None = Field(
+        None,
+        ge=1,
+        description="Width of the feed-forward layer in each block; null means 4 x hidden_dim.",
+    )
+    dropout: _Dropout = Field(
+        0.1, description="Fraction of activations randomly zeroed while training (regularisation)."
+    )
+    max_seq_len: _Int = Field(
+        2048,
+        ge=1,
+        description="Longest token sequence the model accepts; at least tokenizer.max_genes.",
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description=(
+            "How the cell embedding is made from the tokens: 'cls' takes the [CLS] token "
+            "(needs tokenizer.prepend_cls), 'mean' averages the gene tokens."
+        ),
+    )
+    activation: Literal["gelu", "relu"] = Field(
+        "gelu", description="Non-linearity in the feed-forward layers."
+    )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.hidden_dim % self.num_heads:
+            lower = self.hidden_dim // self.num_heads * self.num_heads
+            raise ValueError(
+                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads "
+                f"({self.num_heads}), e.g. hidden_dim {lower or self.num_heads} or "
+                f"{lower + self.num_heads}"
+            )
+        return self
+
+    def to_backbone_kwargs(self) -> dict[str, Any]:
+        """Plain keyword arguments for the backbone (``ffn_dim`` resolved to an int).
+
+        Returns
+        -------
+        dict
+            ``hidden_dim``, ``num_layers``, ``num_heads``, ``ffn_dim``, ``dropout``,
+            ``activation``, ``max_seq_len`` and ``pooling``.
+        """
+        return {
+            "hidden_dim": self.hidden_dim,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "ffn_dim": self.ffn_dim or 4 * self.hidden_dim,
+            "dropout": self.dropout,
+            "activation": self.activation,
+            "max_seq_len": self.max_seq_len,
+            "pooling": self.pooling,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+
+
+class OptimizerConfig(_Section):
+    """``training.optimizer``."""
+
+    name: Literal["adamw"] = Field(
+        "adamw", description="Optimizer; 'adamw' (Adam with weight decay)."
+    )
+    lr: _Float = Field(
+        1e-4,
+        gt=0,
+        description=(
+            "Peak learning rate: how large each update step is. Typical: 1e-4 to 5e-4 for "
+            "pretraining, 1e-5 to 5e-5 for fine-tuning."
+        ),
+    )
+    weight_decay: _Float = Field(
+        0.01, ge=0, description="Pull of weights towards zero (regularisation); 0 disables it."
+    )
+    betas: tuple[_Float, _Float] = Field(
+        (0.9, 0.999),
+        description="AdamW's two momentum coefficients, each in [0, 1).",
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"both values must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class SchedulerConfig(_Section):
+    """``training.scheduler``: how the learning rate changes over training."""
+
+    name: Literal["cosine_warmup", "constant"] = Field(
+        "cosine_warmup",
+        description=(
+            "'cosine_warmup' rises linearly for warmup_steps, then follows a cosine down to "
+            "min_lr_ratio x lr at the last step and stays there; 'constant' keeps lr after the "
+            "warmup."
+        ),
+    )
+    warmup_steps: _Int = Field(
+        0, ge=0, description="Optimizer steps over which the learning rate rises from 0 to lr."
+    )
+    min_lr_ratio: _Ratio = Field(
+        0.0,
+        description="'cosine_warmup' only: final learning rate as a fraction of lr.",
+    )
+
+
+class TrainingConfig(_Section):
+    """``training``: the training loop, hardware and outputs."""
+
+    batch_size: _Int = Field(32, ge=1, description="Cells per optimizer step (per device).")
+    max_epochs: _Int = Field(10, ge=1, description="Passes over the training cells.")
+    seed: _Int = Field(
+        42,
+        description=(
+            "Random seed for weight initialisation, train/validation/test splits, masks and "
+            "benchmark splits; the same seed reproduces a run."
+        ),
+    )
+    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
+        "32-true",
+        description=(
+            "Number format of the computations: '32-true' (full precision), 'bf16-mixed' "
+            "(faster, less memory on recent GPUs), '16-mixed', ..."
+        ),
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="Optimizer and learning rate."
+    )
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig, description="Learning-rate schedule."
+    )
+    gradient_clip: _Float | None = Field(
+        1.0,
+        ge=0,
+        description=(
+            "Largest allowed gradient norm; bigger updates are scaled down (stabilises "
+            "training). null or 0 disables clipping."
+        ),
+    )
+    checkpoint_dir: _PathValue = Field(
+        Path("checkpoints"),
+        description=(
+            "Folder for best.ckpt (lowest validation loss), last.ckpt and the training log."
+        ),
+    )
+    val_split: _Float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction of cells held out to measure validation loss and pick the best model.",
+    )
+    test_split: _Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of cells held out entirely and scored once after training.",
+    )
+    patience: _Int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Stop early after this many epochs without a lower validation loss; null trains "
+            "for max_epochs. Needs val_split > 0."
+        ),
+    )
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        "auto", description="Hardware: 'auto' picks a GPU when there is one, else the CPU."
+    )
+    devices: _Int | list[_Int] | Literal["auto"] = Field(
+        "auto",
+        description=("How many devices (e.g. 2), which ones (e.g. [0, 1]), -1 for all, or 'auto'."),
+    )
+    strategy: str = Field(
+        "auto",
+        min_length=1,
+        description=(
+            "How training is spread over several devices (a Lightning strategy name such as "
+            "'ddp' or 'fsdp'); 'auto' chooses."
+        ),
+    )
+    num_nodes: _Int = Field(1, ge=1, description="Number of machines taking part.")
+    logger: Literal["csv", "tensorboard", "wandb"] = Field(
+        "csv",
+        description=(
+            "Where loss and accuracy curves are logged: 'csv' (a metrics.csv file in "
+            "checkpoint_dir), 'tensorboard', or 'wandb' (needs the wandb package)."
+        ),
+    )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        # YAML reads `precision: 32` as a number.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _check_devices(cls, value: Any) -> Any:
+        ok = (
+            value == "auto"
+            or (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and (value >= 1 or value == -1)
+            )
+            or (
+                isinstance(value, list)
+                and len(value) > 0
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            )
+        )
+        if not ok:
+            raise ValueError(
+                f"expected 'auto', a number of devices (>= 1, or -1 for all) or a list of "
+                f"device indices such as [0, 1]; got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> TrainingConfig:
+        if self.val_split + self.test_split >= 1.0:
+            raise ValueError(
+                f"val_split ({self.val_split}) + test_split ({self.test_split}) leaves no "
+                "cells for training; their sum must be below 1"
+            )
+        if self.patience is not None and self.val_split == 0:
+            raise ValueError(
+                "patience (early stopping) needs a validation set to watch; set val_split > 0 "
+                "or patience: null"
+            )
+        return self
+
+    def to_trainer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``lightning.Trainer`` taken straight from this section.
+
+        Returns
+        -------
+        dict
+            ``max_epochs``, ``accelerator``, ``devices``, ``strategy``, ``num_nodes``,
+            ``precision`` and ``gradient_clip_val`` (None when clipping is off). Logger,
+            callbacks (checkpointing, early stopping) are built by the caller.
+        """
+        return {
+            "max_epochs": self.max_epochs,
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+            "precision": self.precision,
+            "gradient_clip_val": self.gradient_clip or None,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# finetune
+# --------------------------------------------------------------------------------------------
+
+
+class HeadConfig(_Section):
+    """``finetune.head``: the small network put on top of the cell embedding."""
+
+    task: Literal["classification", "regression"] = Field(
+        "classification",
+        description=(
+            "'classification' predicts a category per cell (e.g. cell type); 'regression' "
+            "predicts a number per cell."
+        ),
+    )
+    n_classes: _Int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "Number of categories; null counts them in the label column. Classification only."
+        ),
+    )
+    hidden_dim: _Int = Field(256, ge=1, description="Width of the head's hidden layer.")
+    dropout: _Dropout = Field(0.1, description="Dropout in the head (regularisation).")
+
+    @model_validator(mode="after")
+    def _check_task(self) -> HeadConfig:
+        if self.task == "regression" and self.n_classes is not None:
+            raise ValueError("n_classes is for classification; set it to null for regression")
+        return self
+
+
+class LoraConfig(_Section):
+    """``finetune.lora``: low-rank adapters (LoRA) trained on a frozen backbone."""
+
+    enabled: bool = Field(
+        False,
+        description=(
+            "Train small adapter matrices instead of the backbone; the backbone stays frozen."
+        ),
+    )
+    rank: _Int = Field(
+        8, ge=1, description="Adapter rank: higher means more capacity and more parameters."
+    )
+    alpha: _Float = Field(
+        16.0,
+        gt=0,
+        description="Adapter scaling; updates are scaled by alpha / rank (often 2 x rank).",
+    )
+    dropout: _Dropout = Field(0.05, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Layers of each transformer block that get adapters, from "
+            f"{', '.join(LORA_TARGETABLE_MODULES)}; null means all of them."
+        ),
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        for name in names:
+            if name not in LORA_TARGETABLE_MODULES:
+                hint = difflib.get_close_matches(name, LORA_TARGETABLE_MODULES, n=1)
+                did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+                raise ValueError(
+                    f"unknown module '{name}'; {did_you_mean}choose from "
+                    f"{', '.join(LORA_TARGETABLE_MODULES)}"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"modules listed twice in {names}")
+        return names
+
+    @property
+    def resolved_target_modules(self) -> list[str]:
+        """``target_modules``, or the default modules when it is null."""
+        return list(self.target_modules or DEFAULT_LORA_TARGET_MODULES)
+
+
+class FinetuneConfig(_Section):
+    """``finetune``: adapt a pretrained model to predict a label per cell.
+
+    See the module documentation for how :attr:`strategy` follows from these keys.
+    """
+
+    label_key: str = Field(
+        min_length=1,
+        description="Column of obs with the label to learn per cell (e.g. 'louvain', 'cell_type').",
+    )
+    freeze_backbone: bool = Field(
+        False,
+        description=(
+            "Start with the pretrained backbone frozen, training only the head "
+            "(for freeze_backbone_epochs epochs)."
+        ),
+    )
+    freeze_backbone_epochs: _Int = Field(
+        0,
+        ge=0,
+        description=(
+            "With freeze_backbone, epochs before the backbone is unfrozen (gradual "
+            "unfreezing); a value >= training.max_epochs keeps it frozen throughout."
+        ),
+    )
+    head: HeadConfig = Field(default_factory=HeadConfig, description="The prediction head.")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="Low-rank adapters instead of backbone updates."
+    )
+    backbone_lr: _Float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Learning rate of the pretrained backbone (of the adapters with LoRA); usually "
+            "10-100x below head_lr. null uses training.optimizer.lr."
+        ),
+    )
+    head_lr: _Float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the new head; null uses training.optimizer.lr.",
+    )
+
+    # training.max_epochs of the enclosing config, set by ScForgeConfig; decides "frozen".
+    _max_epochs: int | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _warn_ignored_keys(self) -> FinetuneConfig:
+        epochs = self.freeze_backbone_epochs
+        if self.lora.enabled and epochs > 0:
+            _warn(
+                f"finetune.freeze_backbone_epochs ({epochs}) is ignored with LoRA: the "
+                "backbone stays frozen and only the adapters and head are trained."
+            )
+        elif not self.lora.enabled and self.freeze_backbone and epochs == 0:
+            _warn(
+                "finetune.freeze_backbone is true but freeze_backbone_epochs is 0, so the "
+                "backbone is never frozen (full fine-tuning). Set freeze_backbone_epochs to "
+                "the number of frozen epochs, or >= training.max_epochs to keep it frozen."
+            )
+        elif not self.freeze_backbone and epochs > 0:
+            _warn(
+                f"finetune.freeze_backbone_epochs ({epochs}) is ignored because "
+                "freeze_backbone is false; set freeze_backbone: true for gradual unfreezing."
+            )
+        return self
+
+    def strategy_for(self, max_epochs: int | None) -> FinetuneStrategy:
+        """The fine-tuning strategy these settings select for a run of ``max_epochs``.
+
+        Parameters
+        ----------
+        max_epochs
+            Length of the run; None when unknown (then the backbone counts as unfrozen
+            eventually, i.e. never ``"frozen"``).
+
+        Returns
+        -------
+        str
+            ``"lora"``, ``"frozen"``, ``"gradual_unfreeze"`` or ``"full"``.
+        """
+        if self.lora.enabled:
+            return "lora"
+        if not self.freeze_backbone or self.freeze_backbone_epochs == 0:
+            return "full"
+        if max_epochs is not None and self.freeze_backbone_epochs >= max_epochs:
+            return "frozen"
+        return "gradual_unfreeze"
+
+    @property
+    def strategy(self) -> FinetuneStrategy:
+        """The strategy for the enclosing config's ``training.max_epochs``."""
+        return self.strategy_for(self._max_epochs)
+
+    def learning_rates(self, default_lr: float) -> tuple[float, float]:
+        """``(backbone_lr, head_lr)``, each falling back to ``default_lr`` when null."""
+        return (self.backbone_lr or default_lr, self.head_lr or default_lr)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+class BenchmarkSpec(_Section):
+    """One entry of ``benchmarks``: an evaluation of the model's cell embeddings or predictions.
+
+    ``linear_probe`` trains a logistic regression on the model's cell embeddings of
+    ``train_split`` of the cells and scores it on the rest; with ``train_split: 0.0`` it scores
+    the fine-tuned model's own classification head on every cell instead. ``baseline_logreg``
+    is the honest reference: the same logistic regression on log-normalised gene expression.
+    ``embedding_quality`` scores how well the embedding separates the labels (and mixes the
+    batches, with ``batch_key``) without training anything.
+    """
+
+    name: Literal["linear_probe", "embedding_quality", "baseline_logreg"] = Field(
+        description="Which evaluation to run: linear_probe, embedding_quality or baseline_logreg."
+    )
+    label_key: str = Field(
+        min_length=1, description="Column of obs with the true labels (e.g. 'louvain')."
+    )
+    batch_key: str | None = Field(
+        None,
+        description=(
+            "embedding_quality only: column of obs with the batch (donor, sample) of each "
+            "cell, to score how well batches mix."
+        ),
+    )
+    train_split: _Float = Field(
+        0.8,
+        ge=0,
+        lt=1,
+        description=(
+            "linear_probe and baseline_logreg: fraction of cells used to train the classifier, "
+            "the rest are scored (stratified by label, seeded by training.seed). "
+            "0.0 (linear_probe only) scores a fine-tuned model's own predictions on all cells. "
+            "Not used by embedding_quality."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> BenchmarkSpec:
+        if self.batch_key is not None and self.name != "embedding_quality":
+            raise ValueError(
+                f"batch_key is only used by embedding_quality, not {self.name}; remove it"
+            )
+        if self.name == "baseline_logreg" and self.train_split == 0.0:
+            raise ValueError(
+                "train_split (0.0) leaves baseline_logreg no cells to train on; use e.g. 0.8"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# the whole file
+# --------------------------------------------------------------------------------------------
+
+
+class ScForgeConfig(_Section):
+    """A complete scforge configuration, as read from one YAML file.
+
+    Examples
+    --------
+    >>> config = ScForgeConfig.from_yaml("finetune_config.yaml", overrides=["training.max_epochs=5"])
+    >>> config.finetune.strategy
+    'gradual_unfreeze'
+    >>> config.to_yaml("runs/cell_type/config.yaml")
+    """
+
+    data: DataConfig = Field(description="Input cells and their preprocessing.")
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="How cells become token sequences."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The transformer backbone.")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Training loop, hardware and outputs."
+    )
+    finetune: FinetuneConfig | None = Field(
+        None, description="Fine-tuning on a labelled obs column (for 'scforge finetune')."
+    )
+    benchmarks: list[BenchmarkSpec] = Field(
+        default_factory=list, description="Evaluations to run (for 'scforge benchmark')."
+    )
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _no_benchmarks(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> ScForgeConfig:
+        tokenizer, model = self.tokenizer, self.model
+        problems = []
+        if tokenizer.max_genes > model.max_seq_len:
+            problems.append(
+                f"tokenizer.max_genes ({tokenizer.max_genes}) is larger than model.max_seq_len "
+                f"({model.max_seq_len}): the model cannot read sequences that long. Lower "
+                "tokenizer.max_genes or raise model.max_seq_len (the [CLS] token counts in both)."
+            )
+        if model.pooling == "cls" and not tokenizer.prepend_cls:
+            problems.append(
+                "model.pooling is 'cls' but tokenizer.prepend_cls is false, so there is no "
+                "[CLS] token to pool; set tokenizer.prepend_cls: true or model.pooling: mean."
+            )
+        if self.data.max_genes is not None and self.data.max_genes != tokenizer.max_genes:
+            problems.append(
+                f"data.max_genes ({self.data.max_genes}) differs from tokenizer.max_genes "
+                f"({tokenizer.max_genes}); both name the same limit, so make them equal or "
+                "drop data.max_genes."
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        if self.finetune is not None:
+            self.finetune._max_epochs = self.training.max_epochs
+        return self
+
+    # ---- reading and writing ---------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        overrides: Iterable[str] = (),
+        *,
+        source: str | os.PathLike | None = None,
+    ) -> ScForgeConfig:
+        """Validate a configuration given as nested dictionaries.
+
+        Parameters
+        ----------
+        data
+            The sections, as read from YAML.
+        overrides
+            ``"dotted.key=value"`` strings applied before validation (see
+            :func:`~scforge_scvi.config.apply_overrides`).
+        source
+            File the data came from, named in error messages.
+
+        Raises
+        ------
+        ConfigError
+            Listing every problem found, each with its dotted key path.
+        """
+        from ._overrides import apply_overrides
+
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                "a config must be a mapping of sections "
+                f"({', '.join(cls.model_fields)}); got {_show(data)}",
+                source,
+            )
+        data = apply_overrides(data, overrides)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe_errors(exc), source) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> ScForgeConfig:
+        """Read and validate a YAML config file.
+
+        Parameters
+        ----------
+        path
+            The YAML file.
+        overrides
+            ``"dotted.key=value"`` strings applied before validation, e.g.
+            ``["training.max_epochs=1", "data.paths=[small.h5ad]"]``.
+
+        Raises
+        ------
+        ConfigError
+            If the file is missing, is not valid YAML (the message gives the line), or
+            does not validate.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"'{path}' is a directory, not a config file") from None
+        try:
+            data = load_yaml(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(_describe_yaml_error(exc), path) from None
+        return cls.from_dict(data, overrides, source=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The complete configuration, defaults filled in, as plain YAML-ready values."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self, path: str | os.PathLike) -> Path:
+        """Write the complete configuration to ``path`` atomically (never half-written).
+
+        Parameters
+        ----------
+        path
+            Destination YAML file; missing parent folders are created.
+
+        Returns
+        -------
+        Path
+            The file written. :meth:`from_yaml` reads it back to an equal config.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "# scforge_scvi configuration (every key, defaults filled in)\n" + yaml.safe_dump(
+            self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True
+        )
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(text)
+            os.chmod(tmp_name, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# YAML reading
+# --------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key written twice in one mapping.
+
+    Plain PyYAML keeps the last value silently, which would drop a whole repeated section.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in first_seen
+            except TypeError:  # unhashable key: let PyYAML report it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{key}' (first given on line {first_seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            first_seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, refusing duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+# --------------------------------------------------------------------------------------------
+# Walking the schema, describing errors
+# --------------------------------------------------------------------------------------------
+
+_SECTION, _SECTION_LIST, _VALUE = "section", "section list", "value"
+
+
+def field_kind(annotation: Any) -> tuple[str, type[BaseModel] | None]:
+    """Classify a field: a section (model), a list of sections, or a plain value."""
+    if get_origin(annotation) is list:
+        item = _model_in(get_args(annotation)[0])
+        return (_SECTION_LIST, item) if item is not None else (_VALUE, None)
+    model = _model_in(annotation)
+    return (_SECTION, model) if model is not None else (_VALUE, None)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
+    for option in (annotation, *options):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
+
+
+def _is_required_section(model: type[BaseModel], key: Any) -> bool:
+    field = model.model_fields.get(key) if isinstance(key, str) else None
+    if field is None or field_kind(field.annotation)[0] != _SECTION:
+        return False
+    return type(None) not in get_args(field.annotation)
+
+
+def format_path(parts: Sequence[str | int]) -> str:
+    """``["benchmarks", 0, "label_key"]`` -> ``"benchmarks[0].label_key"``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _all_key_paths(
+    model: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    for name, field in model.model_fields.items():
+        yield (*prefix, name)
+        kind, child = field_kind(field.annotation)
+        if child is not None:
+            inner = (*prefix, name + ("[]" if kind == _SECTION_LIST else ""))
+            yield from _all_key_paths(child, inner)
+
+
+def unknown_key_message(parts: Sequence[str | int], model: type[BaseModel]) -> str:
+    """Message for an unknown key ``parts[-1]`` inside the section ``model`` at ``parts[:-1]``.
+
+    Suggests the closest valid key, or else the section where a key of that name lives.
+    """
+    key, section = str(parts[-1]), format_path(parts[:-1])
+    valid = list(model.model_fields)
+    message = f"Unknown key '{format_path(parts)}'"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    elsewhere = [".".join(path[:-1]) for path in _all_key_paths(ScForgeConfig) if path[-1] == key]
+    if close:
+        message += f": did you mean '{close[0]}'?"
+    elif elsewhere:
+        message += f": '{key}' belongs in '{elsewhere[0]}'."
+    else:
+        message += "."
+    where = f"in '{section}'" if section else "at the top level"
+    return f"{message} Valid keys {where}: {', '.join(valid)}"
+
+
+def _walk_loc(
+    loc: Sequence[str | int],
+) -> tuple[list[str | int], type[BaseModel], type[BaseModel] | None]:
+    """Follow a pydantic error location through the schema.
+
+    Returns the user-facing path (union tags dropped), the section holding its last key, and
+    the section the location itself points to (None when it points to a value or unknown key).
+    """
+    parts: list[str | int] = []
+    kind, model, parent = _SECTION, ScForgeConfig, ScForgeConfig
+    for item in loc:
+        if kind == _SECTION:
+            parts.append(item)
+            parent = model
+            if item not in model.model_fields:  # an unknown key ends the walk
+                return parts, parent, None
+            kind, model = field_kind(model.model_fields[item].annotation)
+        elif kind == _SECTION_LIST and isinstance(item, int):
+            parts.append(item)
+            kind = _SECTION
+        elif kind == _VALUE and isinstance(item, int):
+            parts.append(item)  # an item of a list value; other items are union tags
+    return parts, parent, (model if kind == _SECTION else None)
+
+
+_EXPECTED = {
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "text",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "path_type": "a file path",
+    "model_type": "a section of keys",
+    "model_attributes_type": "a section of keys",
+    "dict_type": "a section of keys",
+}
+
+
+def _describe_errors(exc: ValidationError) -> list[str]:
+    messages: list[str] = []
+    for error in exc.errors(include_url=False):
+        parts, parent, _ = _walk_loc(error["loc"])
+        path, kind, given = format_path(parts), error["type"], error.get("input")
+        if kind == "extra_forbidden":
+            new = [unknown_key_message(parts, parent)]
+        elif kind == "missing":
+            description = parent.model_fields[parts[-1]].description or ""
+            new = [f"Missing required key '{path}': {description}"]
+        elif kind in _EXPECTED:
+            new = [
+                f"Wrong type for '{path}': expected {_EXPECTED[kind]}, got {_show(given)}"
+                f" ({_yaml_type(given)})"
+            ]
+        elif kind == "literal_error":
+            choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+            close = difflib.get_close_matches(str(given), choices, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            new = [
+                f"Invalid value for '{path}': {_show(given)} is not one of "
+                f"{', '.join(choices)}.{hint}"
+            ]
+        elif kind == "value_error":
+            text = error["msg"].removeprefix("Value error, ")
+            new = [_place(line, error["loc"]) for line in text.splitlines()]
+        else:
+            text = error["msg"].replace("Input should be", "must be")
+            new = [f"Invalid value for '{path}': {text}; got {_show(given)}"]
+        messages += [m for m in new if m not in messages]
+    return messages
+
+
+def _place(line: str, loc: tuple) -> str:
+    """Attach a validator's message to the key path it concerns."""
+    parts, _, section = _walk_loc(loc)
+    if not parts:
+        return line  # whole-config checks name their keys themselves
+    path = format_path(parts)
+    if section is None:
+        return f"Invalid value for '{path}': {line}"
+    first_word = re.match(r"\w+", line)
+    if first_word and first_word.group() in section.model_fields:
+        return f"{path}.{line}"  # e.g. "model.hidden_dim (500) must be divisible by ..."
+    return f"In '{path}': {line}"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _yaml_type(value: Any) -> str:
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "text")):
+        if isinstance(value, kind):
+            return name
+    return {type(None): "null", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=2)

@@ -1,0 +1,44 @@
+"""Data layer: gene vocabulary, preprocessing, tokenizers and masking."""
+
+from ._masking import MaskedBatch, MaskingConfig, mask_tokens
+from ._preprocess import (
+    Preprocessing,
+    check_raw_counts,
+    fit_gene_medians,
+    library_size,
+    log_normalize,
+    nonzero_column_medians,
+)
+from ._tokenizers import (
+    TOKENIZERS,
+    BinnedExpressionTokenizer,
+    ContinuousTokenizer,
+    RankValueTokenizer,
+    TokenizedBatch,
+    Tokenizer,
+    build_tokenizer,
+)
+from ._vocab import SPECIAL_TOKENS, GeneMatch, GeneVocab, VocabCoverageError
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TOKENIZERS",
+    "BinnedExpressionTokenizer",
+    "ContinuousTokenizer",
+    "GeneMatch",
+    "GeneVocab",
+    "MaskedBatch",
+    "MaskingConfig",
+    "Preprocessing",
+    "RankValueTokenizer",
+    "TokenizedBatch",
+    "Tokenizer",
+    "VocabCoverageError",
+    "build_tokenizer",
+    "check_raw_counts",
+    "fit_gene_medians",
+    "library_size",
+    "log_normalize",
+    "mask_tokens",
+    "nonzero_column_medians",
+]

@@ -1,0 +1,556 @@
+"""Perturbation data: validation, cell-load-style splits, set sampling, and a benchmark.
+
+No real Perturb-seq data ships offline, so :func:`make_semisynthetic_perturbation_data` builds a
+benchmark from real cells: control cells are resampled from real PBMCs, and perturbed cells
+are the same kind of real cells with known perturbation programs applied to their expected
+counts before the counts are drawn again. Real screens in the cell-load layout (one h5ad with
+a perturbation column, a control label and a cell-type column) are read by
+:func:`read_perturbation_h5ad`.
+
+Splits follow cell-load: *few-shot* holds out chosen perturbations within some cell types
+(their controls and the other perturbations stay in training), *zero-shot* holds out whole
+cell types.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._preprocess import check_raw_counts, library_size, log_normalize
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+# ----------------------------------------------------------------------------- validation
+def _obs_column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise KeyError(
+            f"{what} column {key!r} is not in adata.obs; available columns: "
+            f"{list(adata.obs.columns)}."
+        )
+    return adata.obs[key]
+
+
+def validate_perturbation_adata(
+    adata: ad.AnnData,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    batch_key: str | None = None,
+) -> None:
+    """Raise a clear error unless ``adata`` is usable for perturbation modelling.
+
+    Checks that the columns exist, that ``control_label`` is one of the perturbations, that
+    every perturbation category has cells, and that every cell type (and batch, when given)
+    with perturbed cells also has control cells to serve as basal cells.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes.
+    perturbation_key
+        ``adata.obs`` column naming each cell's perturbation.
+    control_label
+        Value of that column for control cells (e.g. ``"non-targeting"``).
+    cell_type_key, batch_key
+        Optional ``adata.obs`` columns; basal cells are sampled within them.
+    """
+    perts = _obs_column(adata, perturbation_key, "Perturbation")
+    if perts.isna().any():
+        raise ValueError(
+            f"adata.obs[{perturbation_key!r}] has {int(perts.isna().sum())} missing values; "
+            "every cell needs a perturbation (controls included)."
+        )
+    perts = perts.astype(str)
+    present = pd.Index(perts.unique())
+    if control_label not in present:
+        raise ValueError(
+            f"Control label {control_label!r} is not a value of adata.obs[{perturbation_key!r}]; "
+            f"available categories: {sorted(present)}."
+        )
+    if isinstance(adata.obs[perturbation_key].dtype, pd.CategoricalDtype):
+        categories = adata.obs[perturbation_key].cat.categories.astype(str)
+        empty = sorted(set(categories) - set(present))
+        if empty:
+            raise ValueError(
+                f"Perturbation(s) {empty} of adata.obs[{perturbation_key!r}] have no cells. "
+                f"Drop the unused categories first: "
+                f"adata.obs[{perturbation_key!r}] = "
+                f"adata.obs[{perturbation_key!r}].cat.remove_unused_categories()."
+            )
+    group_keys = [k for k in (cell_type_key, batch_key) if k is not None]
+    if not group_keys:
+        return
+    groups = pd.DataFrame(
+        {k: _obs_column(adata, k, "Grouping").astype(str).to_numpy() for k in group_keys}
+    )
+    groups["_is_control"] = (perts == control_label).to_numpy()
+    has_control = groups.groupby(group_keys, observed=True)["_is_control"].any()
+    missing = has_control[~has_control]
+    if len(missing):
+        names = [" / ".join(np.atleast_1d(i).astype(str)) for i in missing.index]
+        raise ValueError(
+            f"No {control_label!r} control cells for {' x '.join(group_keys)} {names}; basal "
+            "cells are sampled from the controls of the same group. Add controls or drop "
+            "those cells."
+        )
+
+
+def read_perturbation_h5ad(
+    path: str | Path,
+    *,
+    perturbation_key: str = "target_gene",
+    control_label: str = "non-targeting",
+    cell_type_key: str | None = "cell_type",
+    batch_key: str | None = None,
+    layer: str | None = None,
+) -> ad.AnnData:
+    """Read a Perturb-seq screen stored in the cell-load layout and validate it.
+
+    The layout is one ``.h5ad`` per dataset with raw counts (in ``X`` or ``layer``), a
+    perturbation column, a control label and a cell-type column (cell-load's ``pert_col``,
+    ``control_pert`` and ``cell_type_key``; a ``batch_col`` is optional).
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    perturbation_key, control_label, cell_type_key, batch_key
+        See :func:`validate_perturbation_adata`.
+    layer
+        Layer with raw counts; ``None`` reads ``X``.
+
+    Returns
+    -------
+    The AnnData, unchanged, after the checks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No perturbation dataset at {path}.")
+    adata = ad.read_h5ad(path)
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+    counts = adata.X if layer is None else adata.layers[layer]
+    check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    validate_perturbation_adata(adata, perturbation_key, control_label, cell_type_key, batch_key)
+    return adata
+
+
+# ---------------------------------------------------------------------------------- splits
+def _check_names(requested: Sequence[str] | None, valid: pd.Index, what: str) -> list[str]:
+    requested = [] if requested is None else [str(x) for x in requested]
+    unknown = sorted(set(requested) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown {what} {unknown}; valid values: {sorted(valid)}.")
+    return requested
+
+
+def assign_perturbation_split(
+    adata: ad.AnnData,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    *,
+    val_perturbations: Sequence[str] | None = None,
+    test_perturbations: Sequence[str] | None = None,
+    fewshot_cell_types: Sequence[str] | None = None,
+    val_cell_types: Sequence[str] | None = None,
+    test_cell_types: Sequence[str] | None = None,
+    key_added: str = "split",
+) -> pd.Series:
+    """Assign each cell to ``"train"``, ``"val"`` or ``"test"`` as cell-load does.
+
+    *Few-shot*: cells of ``val_perturbations`` / ``test_perturbations`` in the
+    ``fewshot_cell_types`` (default: every cell type that is not held out whole) go to val /
+    test; the controls and the other perturbations of those cell types stay in training.
+    *Zero-shot*: every cell of ``val_cell_types`` / ``test_cell_types`` (controls included)
+    goes to val / test. Everything else is training.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; ``adata.obs[key_added]`` is written (categorical).
+    perturbation_key, control_label, cell_type_key
+        See :func:`validate_perturbation_adata`.
+    val_perturbations, test_perturbations
+        Perturbations held out (few-shot); the control cannot be held out.
+    fewshot_cell_types
+        Cell types in which they are held out.
+    val_cell_types, test_cell_types
+        Cell types held out whole (zero-shot); needs ``cell_type_key``.
+    key_added
+        Name of the obs column written.
+
+    Returns
+    -------
+    The split column (also written to ``adata.obs[key_added]``).
+    """
+    perts = _obs_column(adata, perturbation_key, "Perturbation").astype(str)
+    valid_perts = pd.Index(perts.unique())
+    val_p = _check_names(val_perturbations, valid_perts, "val_perturbations")
+    test_p = _check_names(test_perturbations, valid_perts, "test_perturbations")
+    if control_label in val_p + test_p:
+        raise ValueError(
+            f"The control {control_label!r} cannot be held out: its cells are the basal input."
+        )
+    overlap = sorted(set(val_p) & set(test_p))
+    if overlap:
+        raise ValueError(f"Perturbations {overlap} are in both val and test.")
+    if cell_type_key is None:
+        if val_cell_types or test_cell_types or fewshot_cell_types:
+            raise ValueError("Holding out cell types needs `cell_type_key`.")
+        cell_types = pd.Series("all", index=adata.obs_names)
+    else:
+        cell_types = _obs_column(adata, cell_type_key, "Cell-type").astype(str)
+    valid_types = pd.Index(cell_types.unique())
+    val_c = _check_names(val_cell_types, valid_types, "val_cell_types")
+    test_c = _check_names(test_cell_types, valid_types, "test_cell_types")
+    if set(val_c) & set(test_c):
+        raise ValueError(f"Cell types {sorted(set(val_c) & set(test_c))} are in both val and test.")
+    if fewshot_cell_types is None:
+        fewshot = [c for c in valid_types if c not in val_c + test_c]
+    else:
+        fewshot = _check_names(fewshot_cell_types, valid_types, "fewshot_cell_types")
+
+    split = np.full(adata.n_obs, "train", dtype=object)
+    in_fewshot = cell_types.isin(fewshot).to_numpy()
+    split[in_fewshot & perts.isin(val_p).to_numpy()] = "val"
+    split[in_fewshot & perts.isin(test_p).to_numpy()] = "test"
+    split[cell_types.isin(val_c).to_numpy()] = "val"
+    split[cell_types.isin(test_c).to_numpy()] = "test"
+    column = pd.Series(pd.Categorical(split, categories=list(SPLITS)), index=adata.obs_names)
+    adata.obs[key_added] = column
+    counts = column.value_counts().reindex(list(SPLITS)).to_dict()
+    logger.info("Wrote adata.obs[%r]: %s cells", key_added, counts)
+    return column
+
+
+def normalize_split_labels(values: pd.Series, key: str) -> np.ndarray:
+    """Map a split column to ``"train" / "val" / "test"`` (``"validation"`` is accepted)."""
+    labels = values.astype(str)
+    unknown = sorted(set(labels.unique()) - set(_SPLIT_ALIASES))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{key!r}] has values {unknown}; valid split values are "
+            f"{sorted(_SPLIT_ALIASES)}."
+        )
+    return labels.map(_SPLIT_ALIASES).to_numpy()
+
+
+# ---------------------------------------------------------------------------- set sampling
+def sample_cell_sets(
+    groups: Sequence[np.ndarray],
+    basal_pools: Sequence[np.ndarray],
+    set_len: int,
+    rng: np.random.Generator,
+    *,
+    shuffle: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut groups of target cells into sets of ``set_len`` and pair each with basal cells.
+
+    Each group's cells are shuffled and cut into ``ceil(n / set_len)`` sets; the last set is
+    filled up with cells of the same group drawn at random. Each set gets ``set_len`` basal
+    cells drawn from its group's pool, without replacement when the pool is large enough.
+
+    Parameters
+    ----------
+    groups
+        Row indices of the target cells of each group (one perturbation in one cell type).
+    basal_pools
+        Row indices of the control cells that may serve as basal cells, one pool per group.
+    set_len
+        Cells per set.
+    rng
+        Source of randomness (seed it for reproducible validation sets).
+    shuffle
+        Shuffle the order of the sets.
+
+    Returns
+    -------
+    ``(target, basal, group)``: ``(n_sets, set_len)`` target and basal row indices and the
+    group of each set ``(n_sets,)``.
+    """
+    targets, basals, owner = [], [], []
+    for g, (cells, pool) in enumerate(zip(groups, basal_pools, strict=True)):
+        if len(cells) == 0:
+            continue
+        if len(pool) == 0:
+            raise ValueError(f"Group {g} has target cells but an empty basal pool.")
+        n_sets = -(-len(cells) // set_len)
+        fill = rng.choice(cells, size=n_sets * set_len - len(cells), replace=True)
+        target = np.concatenate([rng.permutation(cells), fill]).reshape(n_sets, set_len)
+        if len(pool) >= set_len:
+            basal = np.stack([rng.choice(pool, size=set_len, replace=False) for _ in range(n_sets)])
+        else:
+            basal = rng.choice(pool, size=(n_sets, set_len), replace=True)
+        targets.append(target)
+        basals.append(basal)
+        owner.append(np.full(n_sets, g))
+    if not targets:
+        empty = np.empty((0, set_len), dtype=np.int64)
+        return empty, empty.copy(), np.empty(0, dtype=np.int64)
+    target, basal, group = np.concatenate(targets), np.concatenate(basals), np.concatenate(owner)
+    if shuffle:
+        order = rng.permutation(len(group))
+        target, basal, group = target[order], basal[order], group[order]
+    return target.astype(np.int64), basal.astype(np.int64), group.astype(np.int64)
+
+
+# ----------------------------------------------------------------------- real source cells
+def _shared_data_dir() -> Path:
+    return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+
+
+def load_pbmc3k_counts(path: str | Path | None = None) -> ad.AnnData:
+    """The 10x PBMC 3k cells with raw counts and ``obs["louvain"]`` cell types.
+
+    Parameters
+    ----------
+    path
+        The ``pbmc3k_raw_labeled.h5ad`` file; defaults to the project's shared data directory.
+    """
+    path = _shared_data_dir() / "pbmc3k_raw_labeled.h5ad" if path is None else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pbmc3k counts not found at {path}.")
+    adata = ad.read_h5ad(path)
+    adata.var_names_make_unique()
+    return adata
+
+
+def pbmc68k_counts() -> ad.AnnData:
+    """scanpy's ``pbmc68k_reduced`` (700 cells x 765 genes) with integer counts recovered.
+
+    Its ``.raw`` holds log-normalised values; counts are
+    ``round(expm1(raw.X) * obs.n_counts / 1e4)``. Cell types are in ``obs["bulk_labels"]``.
+    """
+    import scanpy as sc
+
+    source = sc.datasets.pbmc68k_reduced()
+    raw = source.raw.to_adata()
+    x = raw.X.toarray() if sp.issparse(raw.X) else np.asarray(raw.X)
+    counts = np.rint(np.expm1(x) * source.obs["n_counts"].to_numpy()[:, None] / 1e4)
+    return ad.AnnData(
+        X=sp.csr_matrix(counts.astype(np.float32)),
+        obs=source.obs[["bulk_labels", "louvain", "n_counts"]].copy(),
+        var=pd.DataFrame(index=raw.var_names.copy()),
+    )
+
+
+# -------------------------------------------------------------- semi-synthetic benchmark
+def _select_genes(counts: sp.csr_matrix, n_genes: int, min_fraction: float) -> np.ndarray:
+    """Highly variable genes (normalised dispersion of log1p CP10k) among expressed genes."""
+    expressed = np.asarray((counts > 0).mean(axis=0)).ravel() >= min_fraction
+    logn = log_normalize(counts)
+    mean = np.asarray(logn.mean(axis=0)).ravel()
+    sq = logn.copy()
+    sq.data **= 2
+    var = np.asarray(sq.mean(axis=0)).ravel() - mean**2
+    dispersion = np.log(np.maximum(var, 1e-12) / np.maximum(mean, 1e-12))
+    # normalise the dispersion within 20 bins of mean expression (Seurat's recipe)
+    bins = pd.qcut(mean[expressed], q=20, duplicates="drop", labels=False)
+    disp = pd.Series(dispersion[expressed])
+    z = (disp - disp.groupby(bins).transform("mean")) / disp.groupby(bins).transform("std")
+    score = np.full(counts.shape[1], -np.inf)
+    score[expressed] = z.fillna(-np.inf).to_numpy()
+    n_available = int(expressed.sum())
+    if n_available < n_genes:
+        raise ValueError(
+            f"Only {n_available} genes are detected in >= {min_fraction:.0%} of the cells; "
+            f"asked for n_genes={n_genes}."
+        )
+    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
+
+
+def _gene_programs(logn: np.ndarray, n_programs: int, seed: int) -> np.ndarray:
+    """Cluster genes into co-expression programs (k-means on standardised gene loadings)."""
+    from sklearn.cluster import KMeans
+
+    z = (logn - logn.mean(0)) / (logn.std(0) + 1e-6)  # cells x genes
+    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    loadings = (vt[:20] * s[:20, None]).T  # genes x 20
+    loadings /= np.linalg.norm(loadings, axis=1, keepdims=True) + 1e-9
+    km = KMeans(n_clusters=n_programs, n_init=4, random_state=seed)
+    return km.fit_predict(loadings)
+
+
+def make_semisynthetic_perturbation_data(
+    source: ad.AnnData,
+    cell_type_key: str,
+    *,
+    cell_types: Sequence[str] | None = None,
+    n_genes: int = 500,
+    n_perturbations: int = 24,
+    n_cells_per_perturbation: int = 40,
+    n_controls_per_cell_type: int = 200,
+    n_programs: int = 8,
+    knockdown: float = 0.15,
+    program_effect: float = 1.2,
+    escape_rate: float = 0.1,
+    smoothing: float = 0.2,
+    min_cell_fraction: float = 0.1,
+    perturbation_key: str = "target_gene",
+    control_label: str = "non-targeting",
+    seed: int = 0,
+) -> ad.AnnData:
+    """Build a Perturb-seq-like benchmark from real cells with known perturbation programs.
+
+    Recipe:
+
+    1. Keep the requested cell types and ``n_genes`` highly variable genes among those
+       detected in at least ``min_cell_fraction`` of their cells.
+    2. Cluster the genes into ``n_programs`` co-expression programs; each program gets a
+       fixed signed effect per member gene (log fold change, scale ``program_effect``).
+    3. Each perturbation knocks down one well-expressed target gene (expected counts times
+       ``knockdown``) and moves its target's own program (down) plus, for some
+       perturbations, a second program, and a handful of perturbation-specific genes.
+       The strength of each program differs between cell types, so a response seen in one
+       cell type predicts, but does not equal, the response in another.
+    4. Every cell of the benchmark (controls included) is a real cell of its cell type,
+       drawn with replacement, whose counts are drawn again:
+       ``Poisson(((1 - smoothing) x + smoothing * L * profile_c) * exp(r * lfc))`` with the
+       cell's library size ``L``, its cell type's mean profile, and a per-cell response
+       ``r``: 0 for a fraction ``escape_rate`` of cells (guides that failed), else
+       uniform in [0.6, 1].
+
+    Parameters
+    ----------
+    source
+        Real cells with raw counts in ``X`` (e.g. :func:`load_pbmc3k_counts` or
+        :func:`pbmc68k_counts`).
+    cell_type_key
+        ``source.obs`` column with cell types; written under the same name.
+    cell_types
+        Cell types to keep (default: all with at least 20 cells).
+    n_genes, n_perturbations, n_cells_per_perturbation, n_controls_per_cell_type
+        Size of the benchmark (cells per perturbation are per cell type).
+    n_programs, knockdown, program_effect, escape_rate, smoothing
+        The perturbation model (see above).
+    min_cell_fraction
+        Genes detected in fewer cells are never kept (effects on genes that are almost never
+        detected cannot be measured).
+    perturbation_key, control_label
+        Name of the perturbation column and of the control (perturbations are named after
+        their target gene, as in CRISPR screens).
+    seed
+        Seeds everything.
+
+    Returns
+    -------
+    AnnData with raw counts in ``X``, ``obs[perturbation_key]``, ``obs[cell_type_key]``,
+    ``var["program"]``, ``var["is_target"]``, and the ground truth in
+    ``uns["perturbation_truth"]``: ``targets`` (perturbation -> gene) and, per cell type,
+    the applied log fold changes ``lfc[cell_type]`` (perturbations x genes).
+    """
+    rng = np.random.default_rng(seed)
+    check_raw_counts(source.X, "source.X")
+    labels = _obs_column(source, cell_type_key, "Cell-type").astype(str)
+    if cell_types is None:
+        sizes = labels.value_counts()
+        cell_types = sorted(sizes.index[sizes >= 20])
+    cell_types = _check_names(cell_types, pd.Index(labels.unique()), "cell_types")
+    keep = labels.isin(cell_types).to_numpy()
+    counts = sp.csr_matrix(source.X[keep], dtype=np.float32)
+    labels = labels[keep].to_numpy()
+
+    genes = _select_genes(counts, n_genes, min_fraction=min_cell_fraction)
+    counts = counts[:, genes]
+    gene_names = source.var_names[genes].astype(str)
+    logn = np.asarray(log_normalize(counts).todense())
+    programs = _gene_programs(logn, n_programs, seed)
+
+    # signed effect of each program on its member genes
+    program_lfc = np.zeros((n_programs, n_genes))
+    for k in range(n_programs):
+        members = np.flatnonzero(programs == k)
+        signs = np.where(rng.random(members.size) < 0.75, 1.0, -1.0)
+        program_lfc[k, members] = signs * rng.uniform(0.5, 1.5, members.size) * program_effect
+    # strength of each program in each cell type
+    strength = rng.uniform(0.3, 1.3, size=(len(cell_types), n_programs))
+
+    # targets: well-expressed genes, several per program where possible
+    mean_count = np.asarray(counts.mean(axis=0)).ravel()
+    candidates = np.argsort(-mean_count)[: max(3 * n_perturbations, n_perturbations)]
+    if len(candidates) < n_perturbations:
+        raise ValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
+    targets = np.sort(rng.choice(candidates, size=n_perturbations, replace=False))
+    pert_names = list(gene_names[targets])
+    if control_label in pert_names:
+        raise ValueError(f"The control label {control_label!r} is also a gene name.")
+
+    weights = np.zeros((n_perturbations, n_programs))
+    weights[np.arange(n_perturbations), programs[targets]] = -rng.uniform(0.7, 1.2, n_perturbations)
+    second = rng.random(n_perturbations) < 0.4
+    other = (programs[targets] + rng.integers(1, n_programs, n_perturbations)) % n_programs
+    weights[second, other[second]] += rng.choice([-1.0, 1.0], second.sum()) * rng.uniform(
+        0.4, 0.8, second.sum()
+    )
+    specific = np.zeros((n_perturbations, n_genes))
+    for p in range(n_perturbations):
+        genes_p = rng.choice(n_genes, size=8, replace=False)
+        specific[p, genes_p] = rng.normal(0.0, 0.6, size=8) * program_effect
+
+    lfc = {}
+    for c, cell_type in enumerate(cell_types):
+        effect = (weights * strength[c]) @ program_lfc + specific  # perts x genes
+        effect[np.arange(n_perturbations), targets] = np.log(knockdown)
+        lfc[cell_type] = effect
+
+    obs_perts, obs_types, rows_lfc, sources = [], [], [], []
+    for c, cell_type in enumerate(cell_types):
+        pool = np.flatnonzero(labels == cell_type)
+        n_total = n_controls_per_cell_type + n_perturbations * n_cells_per_perturbation
+        sources.append(rng.choice(pool, size=n_total, replace=True))
+        obs_types += [cell_type] * n_total
+        obs_perts += [control_label] * n_controls_per_cell_type
+        rows_lfc.append(np.zeros((n_controls_per_cell_type, n_genes)))
+        for p, name in enumerate(pert_names):
+            obs_perts += [name] * n_cells_per_perturbation
+            response = np.where(
+                rng.random(n_cells_per_perturbation) < escape_rate,
+                0.0,
+                rng.uniform(0.6, 1.0, n_cells_per_perturbation),
+            )
+            rows_lfc.append(response[:, None] * lfc[cell_type][p][None, :])
+    src = np.concatenate(sources)
+    cell_lfc = np.concatenate(rows_lfc)
+
+    # mean expression profile (fractions of the library) of each cell type
+    fractions = sp.diags(1.0 / np.maximum(library_size(counts), 1.0)) @ counts
+    profiles = np.stack(
+        [np.asarray(fractions[labels == t].mean(axis=0)).ravel() for t in cell_types]
+    )
+    type_index = pd.Index(cell_types).get_indexer(labels[src])
+    x = np.asarray(counts[src].todense(), dtype=np.float64)
+    size = library_size(counts[src])
+    rate = (1 - smoothing) * x + smoothing * size[:, None] * profiles[type_index]
+    rate *= np.exp(cell_lfc)
+    new_counts = rng.poisson(rate).astype(np.float32)
+
+    obs = pd.DataFrame(
+        {
+            perturbation_key: pd.Categorical(obs_perts, categories=[control_label, *pert_names]),
+            cell_type_key: pd.Categorical(obs_types, categories=list(cell_types)),
+        },
+        index=[f"cell{i}" for i in range(len(obs_perts))],
+    )
+    var = pd.DataFrame(index=pd.Index(gene_names, name=None))
+    var["program"] = programs
+    var["is_target"] = np.isin(np.arange(n_genes), targets)
+    out = ad.AnnData(X=sp.csr_matrix(new_counts), obs=obs, var=var)
+    out.uns["perturbation_truth"] = {
+        "targets": dict(zip(pert_names, gene_names[targets], strict=True)),
+        "perturbations": np.asarray(pert_names),
+        "lfc": {cell_type: lfc[cell_type].astype(np.float32) for cell_type in cell_types},
+        "seed": seed,
+    }
+    return out

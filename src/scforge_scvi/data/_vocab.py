@@ -1,0 +1,931 @@
+"""The gene vocabulary: which genes a model knows, and the token id of each.
+
+A model's vocabulary is fixed when the model is created and travels with it (as
+``gene_vocab.json`` in a pretrained directory). New data is *matched* against the vocabulary,
+never used to rebuild it, so that token ``i`` means the same gene in pretraining, fine-tuning
+and inference.
+
+Token ids ``0..3`` are the special tokens :data:`SPECIAL_TOKENS`; gene ``j`` of
+:attr:`GeneVocab.genes` has token id ``j + N_SPECIAL``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = [
+    "CLS_ID",
+    "MASK_ID",
+    "N_SPECIAL",
+    "PAD_ID",
+    "SPECIAL_TOKENS",
+    "UNK_ID",
+    "GeneMatch",
+    "GeneVocab",
+    "VocabCoverageError",
+]
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<cls>", "<mask>", "<unk>")
+PAD_ID, CLS_ID, MASK_ID, UNK_ID = range(4)
+N_SPECIAL = len(SPECIAL_TOKENS)
+
+FORMAT_NAME = "scforge-gene-vocab"
+FORMAT_VERSION = 1
+
+# Named vocabularies shipped as package data: name -> (file under resources/, description).
+_NAMED_VOCABS: dict[str, tuple[str, str]] = {
+    "human_protein_coding": (
+        "human_protein_coding.tsv",
+        "GENCODE v22 human protein-coding genes",
+    ),
+}
+
+# Ensembl gene ids: ENSG00000141510, ENSMUSG00000059552, ENSGR0000182378 (a PAR copy on chrY),
+# optionally followed by a version (".16") and GENCODE's "_PAR_Y" tag.
+_ENSEMBL_PATTERN = r"ENS[A-Z]*\d{10,}"
+_ENSEMBL_RE = re.compile(rf"^{_ENSEMBL_PATTERN}(?:\.\d+)?(?:_PAR_Y)?$")
+_VERSION_RE = re.compile(rf"^({_ENSEMBL_PATTERN})\.\d+")
+
+# var columns searched (in this order) when ``by="auto"`` looks for the other kind of identifier.
+_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids")
+_SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "symbol", "symbols", "gene_name", "feature_name")
+# A first line of a text vocabulary whose first field is one of these is a header, not a gene.
+_HEADER_FIELDS = frozenset(("ensembl_id", "gene_id", "gene_ids", "gene", "genes", "symbol", "id"))
+
+MatchBy = Literal["auto", "ensembl", "symbol"]
+
+
+class VocabCoverageError(ValueError):
+    """Too few of the data's genes were found in the gene vocabulary."""
+
+
+def _as_str_index(values: Any) -> pd.Index:
+    """Return ``values`` as a pandas Index of strings (missing values become ``""``)."""
+    index = pd.Index(values)
+    if index.dtype != object or not all(isinstance(v, str) for v in index):
+        index = pd.Index(["" if pd.isna(v) else str(v) for v in index], dtype=object)
+    return index
+
+
+def _strip_versions(names: pd.Index) -> pd.Index:
+    """Drop Ensembl version suffixes: ``ENSG00000141510.16`` -> ``ENSG00000141510``."""
+    return pd.Index(names.str.replace(_VERSION_RE, r"\1", regex=True), dtype=object)
+
+
+def _is_ensembl(names: pd.Index) -> np.ndarray:
+    return np.asarray(names.str.match(_ENSEMBL_RE), dtype=bool)
+
+
+def _looks_ensembl(names: pd.Index) -> bool:
+    """Whether most identifiers in ``names`` are Ensembl gene ids."""
+    return len(names) > 0 and bool(_is_ensembl(names).mean() > 0.5)
+
+
+def _examples(names: Sequence[str], k: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:k])
+    return shown + (", ..." if len(names) > k else "")
+
+
+class GeneVocab:
+    """An ordered, immutable gene vocabulary with special tokens.
+
+    Token ids ``0..3`` are ``<pad>``, ``<cls>``, ``<mask>`` and ``<unk>``; gene ``j`` of
+    :attr:`genes` has token id ``j + 4``.
+
+    Parameters
+    ----------
+    genes
+        Primary gene identifiers, unique: Ensembl gene ids where known (version suffixes such as
+        ``.16`` are removed), gene symbols otherwise.
+    symbols
+        Gene symbols parallel to ``genes`` (``""`` where unknown), or ``None``. Symbols need not be
+        unique; see :meth:`match` for how a symbol shared by several genes is resolved.
+    gene_medians
+        Optional per-token statistic (e.g. the median of each gene's normalised expression on
+        the pretraining corpus), ``float32`` of length ``len(vocab)``, special tokens included.
+        It is fitted elsewhere; the vocabulary only validates, stores and saves it. Entries of
+        genes must be finite and positive; entries of special tokens must be finite.
+    source
+        Where the vocabulary came from (kept for provenance).
+    name
+        Optional short name used in messages, e.g. ``"human_protein_coding"``.
+
+    Notes
+    -----
+    Symbols shared by several genes (GENCODE has ~100, e.g. the X and Y copies of
+    pseudoautosomal genes such as ``CD99``) resolve to the **first** gene with that symbol in
+    vocabulary order, both in :meth:`token_to_id` and in :meth:`match` with ``by="symbol"``;
+    :attr:`GeneMatch.ambiguous` lists the data genes matched this way.
+
+    Examples
+    --------
+    >>> vocab = GeneVocab.from_name("human_protein_coding")
+    >>> match = vocab.match(adata, gene_key="gene_ids")
+    >>> print(match.summary())
+    """
+
+    def __init__(
+        self,
+        genes: Sequence[str],
+        symbols: Sequence[str] | None = None,
+        *,
+        gene_medians: np.ndarray | Sequence[float] | None = None,
+        source: str = "",
+        name: str | None = None,
+    ) -> None:
+        gene_index = _as_str_index(genes)
+        if len(gene_index) == 0:
+            raise ValueError("A GeneVocab needs at least one gene; got an empty gene list.")
+        gene_index = _strip_versions(gene_index)
+        bad = [g for g in ("", *SPECIAL_TOKENS) if g in gene_index]
+        if bad:
+            raise ValueError(
+                f"Gene identifiers may not be empty or a special token; found {_examples(bad)}."
+            )
+        _check_unique(gene_index, where="the gene list")
+        self._genes: tuple[str, ...] = tuple(gene_index)
+
+        self._symbols: tuple[str, ...] | None = None
+        if symbols is not None:
+            symbol_index = _as_str_index(symbols)
+            if len(symbol_index) != len(gene_index):
+                raise ValueError(
+                    f"`symbols` must be parallel to `genes`: got {len(symbol_index)} symbols for "
+                    f"{len(gene_index)} genes."
+                )
+            self._symbols = tuple(symbol_index)
+
+        self._source = str(source)
+        self._name = None if name is None else str(name)
+        self._gene_medians = None if gene_medians is None else self._check_medians(gene_medians)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_genes(
+        cls,
+        genes: Sequence[str],
+        symbols: Sequence[str] | None = None,
+        *,
+        source: str = "gene list",
+        name: str | None = None,
+    ) -> GeneVocab:
+        """Build a vocabulary from a list of gene identifiers.
+
+        Parameters
+        ----------
+        genes
+            Unique gene identifiers (Ensembl ids or symbols), in token order.
+        symbols
+            Optional symbols parallel to ``genes``.
+        source
+            Provenance note stored with the vocabulary.
+        name
+            Optional short name.
+
+        Raises
+        ------
+        ValueError
+            If an identifier occurs twice.
+        """
+        return cls(genes, symbols, source=source, name=name)
+
+    @classmethod
+    def from_adata(cls, adata: AnnData, *, gene_key: str | None = None) -> GeneVocab:
+        """Build a vocabulary from the genes of an AnnData, in ``adata.var`` order.
+
+        Parameters
+        ----------
+        adata
+            The AnnData whose genes become the vocabulary.
+        gene_key
+            Column of ``adata.var`` holding the gene identifiers (e.g. ``"gene_ids"`` with
+            Ensembl ids). ``None`` uses ``adata.var_names``.
+
+        Returns
+        -------
+        The vocabulary. With ``gene_key``, ``adata.var_names`` are recorded as symbols (unless
+        they are Ensembl ids themselves); without it, symbols are recorded when ``var_names``
+        are Ensembl ids and a symbol column such as ``"gene_symbols"`` exists.
+
+        Raises
+        ------
+        ValueError
+            If the identifiers are not unique (call ``adata.var_names_make_unique()`` or pass a
+            ``gene_key`` with unique ids) or ``gene_key`` is not a column of ``adata.var``.
+        """
+        var_names = _as_str_index(adata.var_names)
+        symbols: pd.Index | None = None
+        if gene_key is None:
+            genes, where = var_names, "adata.var_names"
+            if _looks_ensembl(var_names):
+                column = _first_column(adata.var, _SYMBOL_COLUMNS, ensembl=False)
+                symbols = None if column is None else _as_str_index(adata.var[column])
+        else:
+            genes, where = _var_column(adata, gene_key), f"adata.var[{gene_key!r}]"
+            if not _looks_ensembl(var_names):
+                symbols = var_names
+        _check_unique(_strip_versions(genes), where=where)
+        return cls(genes, symbols, source=f"AnnData {where}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> GeneVocab:
+        """Read a vocabulary from a file.
+
+        Parameters
+        ----------
+        path
+            Either a JSON file written by :meth:`save`, or a text/TSV file with one gene per
+            line: the identifier, optionally a tab and the symbol (further columns are ignored).
+            Lines starting with ``#`` and blank lines are skipped, and so is a first line that is
+            a column header (``ensembl_id``, ``gene_id``, ``gene``, ``symbol``, ...).
+
+        Returns
+        -------
+        The vocabulary.
+        """
+        path = Path(path)
+        text = _read_text(path)
+        if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+            return cls._from_json_text(text, path)
+        return cls._from_table_text(text, source=f"file {path.name}", name=None, path=path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GeneVocab:
+        """Read a vocabulary saved with :meth:`save` (JSON)."""
+        path = Path(path)
+        return cls._from_json_text(_read_text(path), path)
+
+    @classmethod
+    def from_name(cls, name: str) -> GeneVocab:
+        """Load a named vocabulary shipped with scforge_scvi.
+
+        Parameters
+        ----------
+        name
+            One of :meth:`available_names`; ``"human_protein_coding"`` holds the 19,814
+            protein-coding genes of GENCODE v22 (Ensembl ids, symbols recorded).
+
+        Raises
+        ------
+        ValueError
+            If no vocabulary has that name; the message lists the available ones.
+        """
+        if name not in _NAMED_VOCABS:
+            raise ValueError(
+                f"Unknown gene vocabulary {name!r}. Available named vocabularies: "
+                f"{', '.join(repr(n) for n in cls.available_names())}. To use your own genes, "
+                "call GeneVocab.from_file(path) or GeneVocab.from_adata(adata)."
+            )
+        return _load_named(name)
+
+    @staticmethod
+    def available_names() -> list[str]:
+        """Names accepted by :meth:`from_name`."""
+        return sorted(_NAMED_VOCABS)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, origin: str = "the input") -> GeneVocab:
+        """Rebuild a vocabulary from :meth:`to_dict` output, validating its format."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"{origin} is not a scforge gene vocabulary: expected a JSON object with "
+                f'"format": "{FORMAT_NAME}", found {found!r}. Write vocabularies with '
+                "GeneVocab.save, or read gene lists with GeneVocab.from_file."
+            )
+        version = data.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(
+                f"{origin} has gene vocabulary format_version {version!r}; this version of "
+                f"scforge_scvi reads format_version 1 to {FORMAT_VERSION}."
+            )
+        missing = [k for k in ("special_tokens", "genes") if k not in data]
+        if missing:
+            raise ValueError(f"{origin} is missing the field(s) {missing} of a gene vocabulary.")
+        if tuple(data["special_tokens"]) != SPECIAL_TOKENS:
+            raise ValueError(
+                f"{origin} has special tokens {data['special_tokens']!r}, but scforge_scvi uses "
+                f"{list(SPECIAL_TOKENS)!r}; token ids would not line up."
+            )
+        for key in ("genes", "symbols"):
+            value = data.get(key)
+            if not (key == "symbols" and value is None) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"{origin}: field {key!r} must be a list of strings.")
+        medians = data.get("gene_medians")
+        if medians is not None and not (
+            isinstance(medians, list) and all(isinstance(v, int | float) for v in medians)
+        ):
+            raise ValueError(f"{origin}: field 'gene_medians' must be a list of numbers or null.")
+        return cls(
+            data["genes"],
+            data.get("symbols"),
+            gene_medians=medians,
+            source=str(data.get("source") or ""),
+            name=data.get("name"),
+        )
+
+    @classmethod
+    def _from_json_text(cls, text: str, path: Path) -> GeneVocab:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"Could not read a gene vocabulary from '{path}': it is not valid JSON "
+                f"({exc.msg} at line {exc.lineno}, column {exc.colno}). The file may be truncated "
+                "or was not written by GeneVocab.save."
+            ) from None
+        return cls.from_dict(data, origin=f"'{path}'")
+
+    @classmethod
+    def _from_table_text(cls, text: str, *, source: str, name: str | None, path: Path) -> GeneVocab:
+        rows = [
+            line.rstrip("\r").split("\t")
+            for line in text.split("\n")
+            if line.strip() and not line.startswith("#")
+        ]
+        if rows and rows[0][0].strip().lower() in _HEADER_FIELDS:
+            rows = rows[1:]
+        if not rows:
+            raise ValueError(f"'{path}' lists no genes (one gene identifier per line expected).")
+        genes = [row[0].strip() for row in rows]
+        n_columns = {min(len(row), 2) for row in rows}
+        if n_columns == {2}:
+            symbols = [row[1].strip() for row in rows]
+        elif n_columns == {1}:
+            symbols = None
+        else:
+            raise ValueError(
+                f"'{path}' mixes lines with and without a symbol column; give every line "
+                "either 'gene_id' alone or 'gene_id<TAB>symbol'."
+            )
+        return cls(genes, symbols, source=source, name=name)
+
+    # ------------------------------------------------------------------ saving
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready content written by :meth:`save`."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": self._name,
+            "source": self._source,
+            "special_tokens": list(SPECIAL_TOKENS),
+            "genes": list(self._genes),
+            "symbols": None if self._symbols is None else list(self._symbols),
+            "gene_medians": None if self._gene_medians is None else self._gene_medians.tolist(),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the vocabulary as JSON.
+
+        The file is written to a temporary file in the same directory and then moved into
+        place, so a crash never leaves a half-written vocabulary behind.
+        """
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def genes(self) -> list[str]:
+        """Primary gene identifiers, in token order (token id = position + ``n_special``)."""
+        return list(self._genes)
+
+    @property
+    def symbols(self) -> list[str] | None:
+        """Gene symbols parallel to :attr:`genes`, or ``None``."""
+        return None if self._symbols is None else list(self._symbols)
+
+    @property
+    def gene_medians(self) -> np.ndarray | None:
+        """Per-token statistic of length ``len(self)`` (read-only view), or ``None``."""
+        return self._gene_medians
+
+    @property
+    def source(self) -> str:
+        """Where the vocabulary came from."""
+        return self._source
+
+    @property
+    def name(self) -> str | None:
+        """Short name, e.g. ``"human_protein_coding"``."""
+        return self._name
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (special tokens excluded)."""
+        return len(self._genes)
+
+    @property
+    def gene_ids(self) -> np.ndarray:
+        """Token ids of the genes, ``n_special .. len(self) - 1`` (int64)."""
+        return np.arange(N_SPECIAL, len(self), dtype=np.int64)
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The special tokens, in id order."""
+        return SPECIAL_TOKENS
+
+    @property
+    def n_special(self) -> int:
+        """Number of special tokens (the id of the first gene)."""
+        return N_SPECIAL
+
+    @property
+    def pad_id(self) -> int:
+        """Token id of ``<pad>``."""
+        return PAD_ID
+
+    @property
+    def cls_id(self) -> int:
+        """Token id of ``<cls>``."""
+        return CLS_ID
+
+    @property
+    def mask_id(self) -> int:
+        """Token id of ``<mask>``."""
+        return MASK_ID
+
+    @property
+    def unk_id(self) -> int:
+        """Token id of ``<unk>``."""
+        return UNK_ID
+
+    def __len__(self) -> int:
+        return N_SPECIAL + len(self._genes)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._find(name) is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GeneVocab):
+            return NotImplemented
+        same_medians = (self._gene_medians is None and other._gene_medians is None) or (
+            self._gene_medians is not None
+            and other._gene_medians is not None
+            and np.array_equal(self._gene_medians, other._gene_medians)
+        )
+        return (
+            self._genes == other._genes
+            and self._symbols == other._symbols
+            and same_medians
+            and self._name == other._name
+            and self._source == other._source
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        ids = "ensembl" if self._ensembl_mask.mean() > 0.5 else "symbol"
+        return (
+            f"GeneVocab(name={self._name!r}, n_genes={self.n_genes}, ids={ids!r}, "
+            f"symbols={self._symbols is not None}, gene_medians={self._gene_medians is not None})"
+        )
+
+    # ------------------------------------------------------------------ lookups
+    def token_to_id(self, name: str) -> int:
+        """Token id of a special token, an Ensembl id (version ignored) or a gene symbol.
+
+        A symbol shared by several genes resolves to the first of them.
+
+        Raises
+        ------
+        KeyError
+            If ``name`` is not in the vocabulary.
+        """
+        token_id = self._find(name)
+        if token_id is None:
+            raise KeyError(
+                f"{name!r} is neither a special token, a gene id nor a gene symbol of the "
+                f"vocabulary {self._label} ({self.n_genes} genes)."
+            )
+        return token_id
+
+    def id_to_token(self, token_id: int) -> str:
+        """The special token or primary gene identifier with id ``token_id``."""
+        token_id = int(token_id)
+        if not 0 <= token_id < len(self):
+            raise IndexError(f"Token id {token_id} is out of range [0, {len(self)}).")
+        if token_id < N_SPECIAL:
+            return SPECIAL_TOKENS[token_id]
+        return self._genes[token_id - N_SPECIAL]
+
+    def _find(self, name: str) -> int | None:
+        if name in SPECIAL_TOKENS:
+            return SPECIAL_TOKENS.index(name)
+        position = self._id_positions.get(_VERSION_RE.sub(r"\1", name))
+        if position is None:
+            position = self._symbol_positions.get(name)
+        return None if position is None else position + N_SPECIAL
+
+    @functools.cached_property
+    def _label(self) -> str:
+        return repr(self._name) if self._name else f"from {self._source or 'an unnamed source'}"
+
+    @functools.cached_property
+    def _ensembl_mask(self) -> np.ndarray:
+        return _is_ensembl(self._gene_index)
+
+    @functools.cached_property
+    def _gene_index(self) -> pd.Index:
+        return pd.Index(self._genes, dtype=object)
+
+    @functools.cached_property
+    def _id_positions(self) -> dict[str, int]:
+        return {gene: i for i, gene in enumerate(self._genes)}
+
+    @functools.cached_property
+    def _symbol_keys(self) -> pd.Index:
+        """The symbol of each gene: its recorded symbol, else the gene itself if it is not an
+        Ensembl id, else ``""`` (no symbol)."""
+        genes = np.asarray(self._genes, dtype=object)
+        keys = np.where(self._ensembl_mask, "", genes).astype(object)
+        if self._symbols is not None:
+            symbols = np.asarray(self._symbols, dtype=object)
+            keys = np.where(symbols != "", symbols, keys).astype(object)
+        return pd.Index(keys, dtype=object)
+
+    @functools.cached_property
+    def _symbol_table(self) -> tuple[pd.Index, np.ndarray]:
+        """Unique symbols and the position of the first gene carrying each."""
+        keys = self._symbol_keys
+        first = ~keys.duplicated(keep="first") & (keys != "")
+        return pd.Index(keys[first], dtype=object), np.flatnonzero(first)
+
+    @functools.cached_property
+    def _symbol_positions(self) -> dict[str, int]:
+        symbols, positions = self._symbol_table
+        return dict(zip(symbols, positions.tolist()))
+
+    @functools.cached_property
+    def _ambiguous_symbols(self) -> pd.Index:
+        keys = self._symbol_keys
+        return pd.Index(keys[keys.duplicated(keep=False) & (keys != "")].unique(), dtype=object)
+
+    # ------------------------------------------------------------------ medians
+    def with_gene_medians(self, gene_medians: np.ndarray | Sequence[float] | None) -> GeneVocab:
+        """A copy of this vocabulary with ``gene_medians`` attached (``None`` removes them).
+
+        Parameters
+        ----------
+        gene_medians
+            One value per token, ``len(self)`` values with the special tokens first; gene
+            entries finite and positive.
+        """
+        return GeneVocab(
+            self._genes,
+            self._symbols,
+            gene_medians=gene_medians,
+            source=self._source,
+            name=self._name,
+        )
+
+    def _check_medians(self, values: np.ndarray | Sequence[float]) -> np.ndarray:
+        medians = np.array(values, dtype=np.float32)
+        if medians.ndim != 1 or len(medians) != len(self):
+            hint = (
+                f" (that is one per gene; prepend {N_SPECIAL} entries for the special tokens)"
+                if medians.ndim == 1 and len(medians) == self.n_genes
+                else ""
+            )
+            raise ValueError(
+                f"gene_medians must hold one value per token, {len(self)} values "
+                f"({N_SPECIAL} special tokens + {self.n_genes} genes); got shape "
+                f"{medians.shape}{hint}."
+            )
+        if not np.isfinite(medians).all():
+            first = int(np.flatnonzero(~np.isfinite(medians))[0])
+            raise ValueError(f"gene_medians must be finite; token {first} has {medians[first]}.")
+        bad = np.flatnonzero(medians[N_SPECIAL:] <= 0)
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(
+                f"gene_medians of genes must be positive; {len(bad)} are not, e.g. gene "
+                f"{self._genes[i]!r} (token {i + N_SPECIAL}) has {medians[i + N_SPECIAL]}."
+            )
+        medians.setflags(write=False)
+        return medians
+
+    # ------------------------------------------------------------------ matching
+    def match(
+        self,
+        data: AnnData | Sequence[str],
+        *,
+        gene_key: str | None = None,
+        by: MatchBy = "auto",
+        min_coverage: float = 0.5,
+    ) -> GeneMatch:
+        """Map the genes of a dataset onto token ids of this vocabulary.
+
+        Parameters
+        ----------
+        data
+            An AnnData (its ``var`` is read) or a sequence of gene names.
+        gene_key
+            Column of ``adata.var`` holding the identifiers to match; ``None`` uses
+            ``var_names`` (or, with ``by="auto"``, whichever of ``var_names`` and the common
+            columns ``gene_ids``, ``gene_id``, ``ensembl_id`` / ``gene_symbols``, ... matches
+            better).
+        by
+            ``"ensembl"`` compares Ensembl gene ids (version suffixes such as ``.16`` are
+            ignored); ``"symbol"`` compares gene symbols exactly (case-sensitive; a symbol shared
+            by several vocabulary genes goes to the first of them); ``"auto"`` tries Ensembl ids
+            where the data has them and symbols where it has them, and keeps whichever matches
+            more of the data's genes (Ensembl ids on a tie).
+        min_coverage
+            Smallest accepted fraction of the data's genes found in the vocabulary.
+
+        Returns
+        -------
+        The :class:`GeneMatch`; ``vocab_ids[j]`` is the token id of data gene ``j`` or ``-1``.
+        A data gene naming a vocabulary gene already matched by an earlier data gene is left
+        unmatched, listed in :attr:`GeneMatch.duplicates` and warned about.
+
+        Raises
+        ------
+        VocabCoverageError
+            If less than ``min_coverage`` of the data's genes are in the vocabulary.
+        """
+        if by not in ("auto", "ensembl", "symbol"):
+            raise ValueError(f"by must be 'auto', 'ensembl' or 'symbol'; got {by!r}.")
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must lie in [0, 1]; got {min_coverage}.")
+
+        best: GeneMatch | None = None
+        for kind, key, names in _candidates(data, gene_key=gene_key, by=by):
+            result = self._match_names(names, kind=kind, key=key)
+            if best is None or result.n_matched > best.n_matched:
+                best = result
+        assert best is not None
+
+        if best.coverage < min_coverage:
+            raise VocabCoverageError(self._coverage_message(best, data, min_coverage))
+        if best.duplicates:
+            warnings.warn(
+                f"{len(best.duplicates)} data gene(s) name a vocabulary gene already matched by "
+                f"an earlier gene of the data and were left unmatched: "
+                f"{_examples(best.duplicates)}. Make the data's gene identifiers unique to "
+                "choose which copy is used.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return best
+
+    def _match_names(self, names: pd.Index, *, kind: str, key: str) -> GeneMatch:
+        if kind == "ensembl":
+            positions = self._gene_index.get_indexer(_strip_versions(names))
+            ambiguous = np.zeros(len(names), dtype=bool)
+        else:
+            symbols, first_positions = self._symbol_table
+            hit = symbols.get_indexer(names)
+            positions = np.full(len(names), -1, dtype=np.int64)
+            positions[hit >= 0] = first_positions[hit[hit >= 0]]
+            ambiguous = np.asarray(names.isin(self._ambiguous_symbols), dtype=bool)
+
+        # A vocabulary gene matched twice keeps its first data gene; later ones become -1.
+        matched = np.flatnonzero(positions >= 0)
+        _, first_seen = np.unique(positions[matched], return_index=True)
+        repeated = np.setdiff1d(matched, matched[first_seen])
+        positions[repeated] = -1
+
+        vocab_ids = np.where(positions >= 0, positions + N_SPECIAL, -1).astype(np.int64)
+        n_matched = int((positions >= 0).sum())
+        return GeneMatch(
+            vocab_ids=vocab_ids,
+            n_genes=len(names),
+            n_matched=n_matched,
+            coverage=n_matched / len(names) if len(names) else 0.0,
+            vocab_coverage=n_matched / self.n_genes,
+            matched_by=kind,
+            duplicates=list(names[repeated]),
+            ambiguous=list(names[ambiguous & (positions >= 0)]),
+            data_key=key,
+            vocab_name=self._label,
+            n_vocab_genes=self.n_genes,
+        )
+
+    def _coverage_message(self, best: GeneMatch, data: Any, min_coverage: float) -> str:
+        if _is_anndata(data):
+            var_names = _as_str_index(data.var_names)
+            looks = "Ensembl ids" if _looks_ensembl(var_names) else "gene symbols"
+            hint = (
+                "Check that the same kind of identifier is compared on both sides: pass "
+                "`gene_key` naming the var column with the identifiers (e.g. 'gene_ids' for "
+                "Ensembl ids), set `by` to 'ensembl' or 'symbol' to match what it holds (here "
+                f"var_names look like {looks}: {_examples(list(var_names[:3]), 3)}; var "
+                f"columns: {list(map(str, data.var.columns))})"
+            )
+        else:
+            hint = (
+                "Check that the names are the kind of identifier the vocabulary holds and set "
+                "`by` to 'ensembl' or 'symbol' accordingly"
+            )
+        kinds = "Ensembl ids" if self._ensembl_mask.mean() > 0.5 else "gene symbols"
+        if self._symbols is not None:
+            kinds += " with symbols"
+        return (
+            f"Only {best.coverage:.1%} ({best.n_matched} of {best.n_genes}) of the data's genes "
+            f"are in the vocabulary {self._label} (matched by {best.matched_by} using "
+            f"{best.data_key}); at least {min_coverage:.1%} required. {hint}, and that the "
+            f"vocabulary ({kinds}) is for the data's species. Lower `min_coverage` to accept "
+            "the match anyway."
+        )
+
+
+@dataclass(frozen=True)
+class GeneMatch:
+    """How the genes of a dataset map onto a :class:`GeneVocab`.
+
+    Attributes
+    ----------
+    vocab_ids
+        Token id of each data gene (int64, length ``n_genes``); ``-1`` where the gene is not in
+        the vocabulary or repeats an already matched vocabulary gene.
+    n_genes
+        Number of genes in the data.
+    n_matched
+        Number of data genes with a token id.
+    coverage
+        Fraction of the data's genes found in the vocabulary.
+    vocab_coverage
+        Fraction of the vocabulary's genes present in the data.
+    matched_by
+        ``"ensembl"`` or ``"symbol"``.
+    duplicates
+        Data gene names left unmatched because an earlier data gene took their vocabulary gene.
+    ambiguous
+        Data symbols matched to the first of several vocabulary genes sharing that symbol.
+    data_key
+        Which data identifiers were used, e.g. ``"var['gene_ids']"`` or ``"var_names"``.
+    vocab_name
+        The vocabulary's name as shown in messages.
+    n_vocab_genes
+        Number of genes in the vocabulary.
+    """
+
+    vocab_ids: np.ndarray
+    n_genes: int
+    n_matched: int
+    coverage: float
+    vocab_coverage: float
+    matched_by: str
+    duplicates: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
+    data_key: str = "names"
+    vocab_name: str = ""
+    n_vocab_genes: int = 0
+
+    @property
+    def matched(self) -> np.ndarray:
+        """Boolean mask of the data genes that have a token id."""
+        return self.vocab_ids >= 0
+
+    def summary(self) -> str:
+        """A one-paragraph, human-readable coverage report."""
+        by = "Ensembl id" if self.matched_by == "ensembl" else "symbol"
+        text = (
+            f"Matched {self.n_matched:,} of {self.n_genes:,} data genes ({self.coverage:.1%}) "
+            f"to the vocabulary {self.vocab_name} by {by} using {self.data_key}; they cover "
+            f"{self.vocab_coverage:.1%} of its {self.n_vocab_genes:,} genes."
+        )
+        if self.n_matched < self.n_genes:
+            text += f" {self.n_genes - self.n_matched:,} data genes have no token and are ignored."
+        if self.duplicates:
+            text += (
+                f" {len(self.duplicates)} repeated an already matched gene and were left "
+                f"unmatched ({_examples(self.duplicates, 3)})."
+            )
+        if self.ambiguous:
+            text += (
+                f" {len(self.ambiguous)} symbols are shared by several vocabulary genes and "
+                f"went to the first of them ({_examples(self.ambiguous, 3)})."
+            )
+        return text
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_unique(genes: pd.Index, *, where: str) -> None:
+    if genes.is_unique:
+        return
+    duplicated = list(genes[genes.duplicated()].unique())
+    raise ValueError(
+        f"Gene identifiers in {where} must be unique to build a GeneVocab, but "
+        f"{len(duplicated)} occur more than once (after removing Ensembl version suffixes): "
+        f"{_examples(duplicated)}. For an AnnData, call `adata.var_names_make_unique()` or pass "
+        "`gene_key` naming a var column with unique ids (e.g. Ensembl ids in 'gene_ids')."
+    )
+
+
+def _is_anndata(data: Any) -> bool:
+    return hasattr(data, "var") and hasattr(data, "var_names")
+
+
+def _var_column(adata: AnnData, key: str) -> pd.Index:
+    if key not in adata.var.columns:
+        raise ValueError(
+            f"gene_key {key!r} is not a column of adata.var; available columns: "
+            f"{list(map(str, adata.var.columns))}. Use gene_key=None for adata.var_names."
+        )
+    return _as_str_index(adata.var[key])
+
+
+def _first_column(var: pd.DataFrame, columns: Sequence[str], *, ensembl: bool) -> str | None:
+    """The first of ``columns`` present in ``var`` whose values are (not) Ensembl ids."""
+    for column in columns:
+        if column in var.columns and _looks_ensembl(_as_str_index(var[column])) == ensembl:
+            return column
+    return None
+
+
+def _candidates(
+    data: AnnData | Sequence[str], *, gene_key: str | None, by: str
+) -> list[tuple[str, str, pd.Index]]:
+    """(kind, description, names) triples to try, Ensembl first so that it wins a tie."""
+    if not _is_anndata(data):
+        if gene_key is not None:
+            raise ValueError("gene_key selects a column of adata.var; it needs an AnnData.")
+        if isinstance(data, str):
+            raise TypeError("match() needs an AnnData or a sequence of gene names, not a str.")
+        names = _as_str_index(data)
+        kinds = ["ensembl", "symbol"] if by == "auto" else [by]
+        return [(kind, "the given names", names) for kind in kinds]
+
+    var = data.var
+    if gene_key is not None:
+        names = _var_column(data, gene_key)
+        kinds = ["ensembl", "symbol"] if by == "auto" else [by]
+        return [(kind, f"var[{gene_key!r}]", names) for kind in kinds]
+
+    var_names = _as_str_index(data.var_names)
+    index_is_ensembl = _looks_ensembl(var_names)
+    sources: dict[str, tuple[str, pd.Index]] = {}
+    if index_is_ensembl:
+        sources["ensembl"] = ("var_names", var_names)
+        column = _first_column(var, _SYMBOL_COLUMNS, ensembl=False)
+        if column is not None:
+            sources["symbol"] = (f"var[{column!r}]", _as_str_index(var[column]))
+    else:
+        sources["symbol"] = ("var_names", var_names)
+        column = _first_column(var, _ID_COLUMNS, ensembl=True)
+        if column is not None:
+            sources["ensembl"] = (f"var[{column!r}]", _as_str_index(var[column]))
+
+    kinds = [k for k in ("ensembl", "symbol") if k in sources] if by == "auto" else [by]
+    if by != "auto" and by not in sources:
+        columns = _ID_COLUMNS if by == "ensembl" else _SYMBOL_COLUMNS
+        what = "Ensembl ids" if by == "ensembl" else "gene symbols"
+        raise ValueError(
+            f"by={by!r} but neither adata.var_names nor any of the var columns {list(columns)} "
+            f"hold {what}. Pass gene_key naming the var column with {what}; available columns: "
+            f"{list(map(str, var.columns))}."
+        )
+    return [(kind, *sources[kind]) for kind in kinds]
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"No gene vocabulary file at '{path}'.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"'{path}' is not a text file; expected a gene vocabulary JSON written by "
+            "GeneVocab.save or a text file with one gene per line."
+        ) from None
+
+
+@functools.cache
+def _load_named(name: str) -> GeneVocab:
+    """Read a packaged vocabulary once; GeneVocab is immutable, so the object is shared."""
+    filename, description = _NAMED_VOCABS[name]
+    resource = files("scforge_scvi.data") / "resources" / filename
+    return GeneVocab._from_table_text(
+        resource.read_text(encoding="utf-8"),
+        source=f"{description} (scforge_scvi package data {filename})",
+        name=name,
+        path=Path(filename),
+    )

@@ -1,0 +1,7 @@
+"""scvi-tools model classes: the public face of scforge_scvi."""
+
+from ._constants import SCFORGE_OUTPUT_KEYS, SCFORGE_REGISTRY_KEYS
+from ._model import ScForge
+from ._module import ScForgeModule
+
+__all__ = ["SCFORGE_OUTPUT_KEYS", "SCFORGE_REGISTRY_KEYS", "ScForge", "ScForgeModule"]

@@ -1,0 +1,646 @@
+"""`ScForge`: a single-cell transformer foundation model as an scvi-tools model class."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from lightning.pytorch.callbacks import EarlyStopping
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalObsField,
+    LabelsWithUnlabeledObsField,
+    LayerField,
+    NumericalObsField,
+)
+from scvi.dataloaders import DataSplitter
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+
+from scforge_scvi._logging import logger
+from scforge_scvi.data import (
+    GeneVocab,
+    MaskingConfig,
+    Preprocessing,
+    build_tokenizer,
+    check_raw_counts,
+    fit_gene_medians,
+)
+from scforge_scvi.data._collate import TokenCollator
+from scforge_scvi.nn import BackboneConfig
+from scforge_scvi.train._callbacks import BestCheckpoint, GradualUnfreezing
+from scforge_scvi.train._lora import LoraSettings, apply_lora, count_parameters
+from scforge_scvi.train._plans import STRATEGIES, ScForgeTrainingPlan
+
+from ._constants import SCFORGE_OUTPUT_KEYS as OUT
+from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+from ._module import ScForgeModule
+
+VocabLike = GeneVocab | str | dict | None
+
+
+class ScForge(BaseModelClass):
+    """Transformer foundation model over gene tokens, trained on raw counts.
+
+    Pretrains with masked-gene modelling, fine-tunes a classification or regression head on
+    registered labels, and writes embeddings and predictions back into the AnnData.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Used by :meth:`load`; leave ``None``.
+    vocab
+        Gene vocabulary: ``None`` builds it from ``adata``'s genes (after HVG selection when
+        ``n_top_genes`` is set), a name such as ``"human_protein_coding"``, a path to a
+        vocabulary file, or a :class:`~scforge_scvi.data.GeneVocab`. Per-gene medians are
+        fitted on ``adata`` when the vocabulary has none, and never refitted afterwards.
+    tokenizer
+        ``"rank_value"`` (Geneformer), ``"binned_expression"`` (scGPT) or ``"continuous"``.
+    max_genes
+        Genes kept per cell (the highest-ranked).
+    prepend_cls
+        Start each cell's sequence with a ``<cls>`` token.
+    n_bins
+        Expression bins of the ``binned_expression`` tokenizer (bin 0 is reserved).
+    normalize, target_sum, log1p, n_top_genes
+        Preprocessing, see :class:`~scforge_scvi.data.Preprocessing`.
+    hidden_dim, num_layers, num_heads, ffn_dim, dropout, activation, pooling, max_seq_len
+        Transformer architecture; ``max_seq_len`` defaults to ``max_genes`` (+1 for CLS).
+    expression_loss_weight
+        Weight of the masked expression loss of the binned/continuous tokenizers.
+    head_hidden_dim, head_dropout
+        Shape of the task head used when labels (or a regression target) are registered.
+    min_coverage
+        Smallest fraction of a dataset's genes that must be found in the vocabulary.
+    lora
+        LoRA settings (a dict of :class:`~scforge_scvi.train.LoraSettings` fields) when the
+        model carries adapters; set by ``train(strategy="lora")``.
+
+    Notes
+    -----
+    Writes ``adata.obsm["X_scforge"]`` (:meth:`embed`) and ``adata.obs["scforge_prediction"]``,
+    ``adata.obs["scforge_confidence"]``, ``adata.obsm["scforge_probabilities"]``
+    (:meth:`predict`); each key can be moved with ``key_added``. Parameters of each call are
+    recorded in ``adata.uns["scforge"]``.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import scforge_scvi as sf
+    >>> adata = sc.read_h5ad("pbmc.h5ad")
+    >>> sf.ScForge.setup_anndata(adata, layer="counts")
+    >>> model = sf.ScForge(adata, hidden_dim=128, num_layers=2, max_genes=512)
+    >>> model.train(max_epochs=10)
+    >>> model.embed()
+    >>> sc.pp.neighbors(adata, use_rep="X_scforge")
+    """
+
+    _module_cls = ScForgeModule
+    _training_plan_cls = ScForgeTrainingPlan
+    _data_splitter_cls = DataSplitter
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        vocab: VocabLike = None,
+        tokenizer: str = "rank_value",
+        max_genes: int = 2048,
+        prepend_cls: bool = True,
+        n_bins: int = 51,
+        normalize: str = "library_size",
+        target_sum: float = 1e4,
+        log1p: bool = True,
+        n_top_genes: int | None = None,
+        hidden_dim: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 8,
+        ffn_dim: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        pooling: str = "cls",
+        max_seq_len: int | None = None,
+        expression_loss_weight: float = 1.0,
+        head_hidden_dim: int | None = 256,
+        head_dropout: float = 0.1,
+        min_coverage: float = 0.5,
+        lora: dict | None = None,
+    ) -> None:
+        super().__init__(adata, registry)
+        self.preprocessing = Preprocessing(normalize, target_sum, log1p, n_top_genes)
+        self.min_coverage = min_coverage
+        self.vocab = self._resolve_vocab(vocab)
+        self.tokenizer = build_tokenizer(
+            tokenizer,
+            self.vocab,
+            preprocessing=self.preprocessing,
+            max_genes=max_genes,
+            prepend_cls=prepend_cls,
+            n_bins=n_bins,
+        )
+        self.backbone_config = BackboneConfig(
+            vocab_size=len(self.vocab),
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            activation=activation,
+            max_seq_len=max_seq_len or self.tokenizer.max_length,
+            pooling=pooling,
+            value_encoding=self.tokenizer.value_encoding,
+            n_bins=n_bins,
+            use_positions=self.tokenizer.ordered,
+            pad_token_id=self.vocab.pad_id,
+        )
+        if self.backbone_config.max_seq_len < self.tokenizer.max_length:
+            raise ValueError(
+                f"max_seq_len={self.backbone_config.max_seq_len} is shorter than the "
+                f"tokenizer's longest sequence ({self.tokenizer.max_length} = max_genes "
+                f"{max_genes} + CLS {int(prepend_cls)}); raise max_seq_len or lower max_genes."
+            )
+        if pooling == "cls" and not prepend_cls:
+            raise ValueError("pooling='cls' needs prepend_cls=True; use pooling='mean' instead.")
+        self.class_names_ = self._registered_class_names()
+        self.module = self._module_cls(
+            self.backbone_config,
+            n_special=self.vocab.n_special,
+            mask_id=self.vocab.mask_id,
+            expression_loss_weight=expression_loss_weight,
+            n_classes=len(self.class_names_),
+            n_regression_outputs=int(self._has_regression_target()),
+            head_hidden_dim=head_hidden_dim,
+            head_dropout=head_dropout,
+        )
+        self.lora_ = None
+        if lora is not None:
+            self._apply_lora(LoraSettings(**lora))
+        self._model_summary_string = (
+            f"ScForge: {tokenizer} tokens (max {max_genes}), {num_layers} layers x "
+            f"{hidden_dim} dims, {len(self.vocab) - self.vocab.n_special} genes in vocabulary, "
+            f"{sum(p.numel() for p in self.module.parameters()):,} parameters"
+        )
+        self.init_params_ = self._get_init_params(locals())
+        # the vocabulary (with its fitted medians) is part of the model: load() replays it
+        self.init_params_["non_kwargs"]["vocab"] = self.vocab.to_dict()
+
+    # -- registration ------------------------------------------------------------------------
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        labels_key: str | None = None,
+        batch_key: str | None = None,
+        target_key: str | None = None,
+        unlabeled_category: str = "Unknown",
+        gene_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData holding raw counts.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        layer
+            Layer holding the raw counts (``None``: ``adata.X``). Counts must be non-negative
+            integers; normalised or log-transformed values are rejected.
+        labels_key
+            ``adata.obs`` column of cell-type (or other class) labels for fine-tuning. Cells
+            whose label is NaN or ``unlabeled_category`` are left out of the loss but still
+            predicted.
+        %(param_batch_key)s
+        target_key
+            Numeric ``adata.obs`` column to regress (fine-tuning a regression head).
+        unlabeled_category
+            Label value marking unlabelled cells.
+        gene_key
+            ``adata.var`` column with gene identifiers to match against the vocabulary
+            (``None``: ``adata.var_names``, or a column of Ensembl ids when one is found).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(
+                f"Layer {layer!r} not found; available layers: {sorted(adata.layers)} "
+                "(use layer=None for adata.X)."
+            )
+        for key, name in ((labels_key, "labels_key"), (batch_key, "batch_key"),
+                          (target_key, "target_key")):
+            if key is not None and key not in adata.obs:
+                raise KeyError(
+                    f"{name}={key!r} is not a column of adata.obs; available columns: "
+                    f"{list(adata.obs.columns)}."
+                )
+        if gene_key is not None and gene_key not in adata.var:
+            raise KeyError(
+                f"gene_key={gene_key!r} is not a column of adata.var; available columns: "
+                f"{list(adata.var.columns)}."
+            )
+        counts = adata.layers[layer] if layer is not None else adata.X
+        check_raw_counts(counts, where)
+        n_empty = int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())
+        if n_empty:
+            warnings.warn(
+                f"{n_empty} cells have zero counts in {where}; they are kept and tokenised to "
+                "the <cls> token alone (their embedding carries no expression information).",
+                UserWarning,
+                stacklevel=2,
+            )
+        fields = [
+            LayerField(KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(KEYS.BATCH_KEY, batch_key),
+        ]
+        if labels_key is None:
+            fields.append(CategoricalObsField(KEYS.LABELS_KEY, None))
+        else:
+            fields.append(
+                LabelsWithUnlabeledObsField(KEYS.LABELS_KEY, labels_key, unlabeled_category)
+            )
+        if target_key is not None:
+            fields.append(NumericalObsField(KEYS.TARGET_KEY, target_key))
+        if labels_key is not None and adata.obs[labels_key].isna().any():
+            raise ValueError(
+                f"adata.obs[{labels_key!r}] has missing values; mark unlabelled cells with "
+                f"{unlabeled_category!r} (or pass unlabeled_category=...) so that they are "
+                "excluded from the loss and still predicted."
+            )
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _setup_arg(self, name: str) -> Any:
+        return self.adata_manager.registry["setup_args"].get(name)
+
+    def _registered_class_names(self) -> list[str]:
+        if self._setup_arg("labels_key") is None:
+            return []
+        state = self.adata_manager.get_state_registry(KEYS.LABELS_KEY)
+        unlabeled = state.unlabeled_category
+        return [str(c) for c in state.categorical_mapping if c != unlabeled]
+
+    def _has_regression_target(self) -> bool:
+        return self._setup_arg("target_key") is not None
+
+    def _counts(self, adata: AnnData):
+        layer = self._setup_arg("layer")
+        return adata.layers[layer] if layer is not None else adata.X
+
+    def _resolve_vocab(self, vocab: VocabLike) -> GeneVocab:
+        if isinstance(vocab, dict):
+            return GeneVocab.from_dict(vocab)
+        if isinstance(vocab, GeneVocab):
+            resolved = vocab
+        elif vocab is None:
+            resolved = self._vocab_from_data()
+        elif vocab in GeneVocab.available_names():
+            resolved = GeneVocab.from_name(vocab)
+        else:
+            resolved = GeneVocab.from_file(vocab)
+        if resolved.gene_medians is None:
+            match = resolved.match(
+                self.adata, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
+            )
+            logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
+            resolved = fit_gene_medians(
+                self._counts(self.adata), match.vocab_ids, resolved,
+                target_sum=self.preprocessing.target_sum,
+            )
+        return resolved
+
+    def _vocab_from_data(self) -> GeneVocab:
+        adata = self.adata
+        gene_key = self._setup_arg("gene_key")
+        n_top = self.preprocessing.n_top_genes
+        if n_top is not None and n_top < adata.n_vars:
+            import scanpy as sc
+
+            view = AnnData(X=self._counts(adata), var=adata.var[[]].copy())
+            view.var_names = adata.var_names
+            sc.pp.normalize_total(view, target_sum=self.preprocessing.target_sum)
+            sc.pp.log1p(view)
+            hvg = sc.pp.highly_variable_genes(view, n_top_genes=n_top, inplace=False)
+            adata = adata[:, hvg["highly_variable"].to_numpy()]
+        return GeneVocab.from_adata(adata, gene_key=gene_key)
+
+    def gene_match(self, adata: AnnData | None = None):
+        """How the genes of ``adata`` map onto the model's vocabulary (coverage report)."""
+        adata = self._validate_anndata(adata)
+        return self.vocab.match(
+            adata, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
+        )
+
+    def _collator(self, adata: AnnData) -> TokenCollator:
+        return TokenCollator(self.tokenizer, self.gene_match(adata).vocab_ids, KEYS.X_KEY)
+
+    def _loader(self, adata: AnnData, indices=None, batch_size: int | None = None):
+        return self._make_data_loader(
+            adata=adata,
+            indices=indices,
+            batch_size=batch_size or 64,
+            shuffle=False,
+            load_sparse_tensor=True,
+            collate_fn=self._collator(adata),
+        )
+
+    def _apply_lora(self, settings: LoraSettings) -> None:
+        apply_lora(self.module.backbone, settings)
+        self.lora_ = settings.to_dict() if hasattr(settings, "to_dict") else vars(settings)
+        self.init_params_ = getattr(self, "init_params_", None)
+        if self.init_params_ is not None:
+            self.init_params_["non_kwargs"]["lora"] = dict(self.lora_)
+
+    # -- training ----------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int = 10,
+        *,
+        objective: Literal["pretrain", "classify", "regress"] | None = None,
+        strategy: Literal["full", "frozen", "gradual_unfreeze", "lora"] = "full",
+        batch_size: int = 32,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        backbone_lr: float | None = None,
+        head_lr: float | None = None,
+        freeze_backbone_epochs: int = 0,
+        lora: LoraSettings | dict | None = None,
+        masking: MaskingConfig | dict | None = None,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        precision: str | int = 32,
+        gradient_clip: float | None = 1.0,
+        early_stopping: bool = False,
+        patience: int = 5,
+        checkpoint_dir: str | None = None,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        num_workers: int = 0,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Pretrain (masked genes) or fine-tune (task head) the model.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the training cells.
+        objective
+            ``"pretrain"``, ``"classify"`` or ``"regress"``. Default: ``"classify"`` when
+            labels are registered, ``"regress"`` when a target is, else ``"pretrain"``.
+        strategy
+            Fine-tuning strategy: ``"full"``, ``"frozen"`` (head only), ``"gradual_unfreeze"``
+            (head first, backbone from epoch ``freeze_backbone_epochs``) or ``"lora"``.
+        batch_size
+            Cells per minibatch.
+        lr
+            Peak learning rate (pretraining; default for ``backbone_lr`` and ``head_lr``).
+        weight_decay
+            AdamW weight decay on >= 2-D weights (not biases, norms or embeddings).
+        warmup_steps, min_lr_ratio
+            Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+        backbone_lr, head_lr
+            Discriminative learning rates for fine-tuning.
+        freeze_backbone_epochs
+            Epochs with a frozen backbone for ``strategy="gradual_unfreeze"``.
+        lora
+            LoRA settings for ``strategy="lora"`` (default: rank 8 on every attention
+            projection and both feed-forward linears).
+        masking
+            Masking of the pretraining objective.
+        train_size, validation_size
+            Fractions of cells for training and validation (the rest is a test set, never
+            used for training or model selection). Splits are stratified by label when
+            fine-tuning a classifier.
+        precision
+            Lightning precision, e.g. ``32`` or ``"bf16-mixed"`` on a GPU.
+        gradient_clip
+            Gradient-norm clipping value (``None``: off).
+        early_stopping, patience
+            Stop when the validation loss has not improved for ``patience`` epochs.
+        checkpoint_dir
+            Write resumable ``best.ckpt`` and ``last.ckpt`` there (atomically).
+        seed
+            Seeds the split, the initialisation of new layers' data order, and the masks.
+        accelerator, devices
+            Lightning hardware selection.
+        num_workers
+            Data-loader worker processes (tokenisation runs there).
+        **trainer_kwargs
+            Passed to the Lightning trainer.
+
+        Notes
+        -----
+        The weights of the epoch with the lowest validation loss are restored at the end:
+        :meth:`embed` and :meth:`predict` use the best model.
+        """
+        from lightning.pytorch import seed_everything
+        import scvi
+
+        objective = objective or self._default_objective()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+        if objective == "classify" and not self.class_names_:
+            raise ValueError(
+                "objective='classify' needs labels: call "
+                "ScForge.setup_anndata(adata, labels_key=...) before creating the model."
+            )
+        scvi.settings.seed = seed
+        seed_everything(seed, workers=True, verbose=False)
+        callbacks = list(trainer_kwargs.pop("callbacks", []))
+        best = BestCheckpoint(monitor="val_loss", dirpath=checkpoint_dir)
+        callbacks.append(best)
+        if early_stopping:
+            callbacks.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
+        self._configure_strategy(objective, strategy, freeze_backbone_epochs, lora, callbacks)
+
+        train_idx, val_idx, test_idx = self._split(train_size, validation_size, seed, objective)
+        splitter = self._data_splitter_cls(
+            self.adata_manager,
+            batch_size=batch_size,
+            load_sparse_tensor=True,
+            external_indexing=[train_idx, val_idx, test_idx],
+            collate_fn=self._collator(self.adata),
+            num_workers=num_workers,
+        )
+        if isinstance(masking, dict):
+            masking = MaskingConfig(**masking)
+        plan = self._training_plan_cls(
+            self.module,
+            objective=objective,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            masking=masking,
+            backbone_lr=backbone_lr,
+            head_lr=head_lr,
+            seed=seed,
+        )
+        trainable, total = count_parameters(self.module)
+        logger.info(
+            f"Training ({objective}, strategy={strategy}): {trainable:,} of {total:,} "
+            f"parameters trainable; {len(train_idx)} training, {len(val_idx)} validation, "
+            f"{len(test_idx)} held-out test cells."
+        )
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            callbacks=callbacks,
+            check_val_every_n_epoch=1,
+            gradient_clip_val=gradient_clip,
+            precision=precision,
+            **trainer_kwargs,
+        )
+        runner()
+        self.module.requires_grad_(True) if strategy == "full" else None
+        self.train_indices_, self.validation_indices_, self.test_indices_ = (
+            train_idx, val_idx, test_idx
+        )
+        self.best_epoch_ = best.best_epoch
+        self.module.eval()
+
+    def _default_objective(self) -> str:
+        if self.class_names_:
+            return "classify"
+        if self._has_regression_target():
+            return "regress"
+        return "pretrain"
+
+    def _configure_strategy(self, objective, strategy, freeze_epochs, lora, callbacks) -> None:
+        backbone = self.module.backbone
+        if objective == "pretrain" or strategy == "full":
+            backbone.requires_grad_(True)
+        elif strategy == "frozen":
+            backbone.requires_grad_(False)
+        elif strategy == "gradual_unfreeze":
+            if freeze_epochs <= 0:
+                warnings.warn(
+                    "strategy='gradual_unfreeze' with freeze_backbone_epochs=0 trains the "
+                    "backbone from the start (same as 'full').", UserWarning, stacklevel=3,
+                )
+            callbacks.append(GradualUnfreezing(freeze_epochs))
+        elif strategy == "lora":
+            if freeze_epochs:
+                warnings.warn(
+                    "freeze_backbone_epochs is ignored with strategy='lora': the backbone "
+                    "stays frozen and only the adapters and the head train.",
+                    UserWarning, stacklevel=3,
+                )
+            if self.lora_ is None:
+                settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
+                self._apply_lora(settings)
+        for head in self.module.heads:
+            head.requires_grad_(True)
+
+    def _split(self, train_size, validation_size, seed, objective):
+        """Seeded train/validation/test split, stratified by label for classification."""
+        from sklearn.model_selection import train_test_split
+
+        n = self.adata.n_obs
+        validation_size = 1.0 - train_size if validation_size is None else validation_size
+        if not 0 < train_size < 1 or validation_size <= 0 or train_size + validation_size > 1 + 1e-9:
+            raise ValueError(
+                f"Need 0 < train_size < 1, validation_size > 0 and train_size + validation_size "
+                f"<= 1; got train_size={train_size}, validation_size={validation_size}."
+            )
+        idx = np.arange(n)
+        strata = None
+        if objective == "classify":
+            strata = self._labels_for_split()
+        test_size = 1.0 - train_size - validation_size
+        rest, test = (idx, np.array([], dtype=int))
+        if test_size > 1e-9:
+            rest, test = train_test_split(idx, test_size=test_size, random_state=seed,
+                                          stratify=None if strata is None else strata)
+        val_frac = validation_size / (train_size + validation_size)
+        sub_strata = None if strata is None else strata[rest]
+        train, val = train_test_split(rest, test_size=val_frac, random_state=seed + 1,
+                                      stratify=sub_strata)
+        return np.sort(train), np.sort(val), np.sort(test)
+
+    def _labels_for_split(self) -> np.ndarray | None:
+        codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel()
+        strata = pd.Series(codes).astype(str).to_numpy()
+        counts = pd.Series(strata).value_counts()
+        rare = counts[counts < 3].index
+        if len(rare):
+            names = [self._label_name(int(c)) for c in rare]
+            warnings.warn(
+                f"Classes with fewer than 3 cells are kept out of stratification: {names}.",
+                UserWarning, stacklevel=4,
+            )
+            strata = np.where(np.isin(strata, rare), "__rare__", strata)
+            if (strata == "__rare__").sum() < 3:
+                strata[strata == "__rare__"] = counts.index[0]
+        return strata
+
+    def _label_name(self, code: int) -> str:
+        return self.class_names_[code] if code < len(self.class_names_) else "unlabelled"
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward_batches(self, adata, indices, batch_size):
+        self.module.eval()
+        for tensors in self._loader(adata, indices, batch_size):
+            tokens = {k: v.to(self.device) for k, v in tensors.items()}
+            yield self.module.inference(**self.module._get_inference_input(tokens))
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Cell embeddings (pooled backbone output), ``(n_cells, hidden_dim)``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the same setup (``None``: the model's). Its genes may be in any order
+            or a subset: they are mapped through the model's vocabulary.
+        indices
+            Cells to embed (default all).
+        batch_size
+            Minibatch size (default 64).
+        """
+        adata = self._validate_anndata(adata)
+        out = [o["embedding"].float().cpu() for o in self._forward_batches(adata, indices, batch_size)]
+        return torch.cat(out).numpy()
+
+    def embed(
+        self,
+        adata: AnnData | None = None,
+        *,
+        key_added: str = OUT.EMBEDDING,
+        batch_size: int | None = None,
+    ) -> None:
+        """Write cell embeddings into ``adata.obsm[key_added]`` (default ``"X_scforge"``).
+
+        Then ``sc.pp.neighbors(adata, use_rep="X_scforge")`` and ``sc.tl.umap(adata)`` work
+        as usual. Parameters are recorded in ``adata.uns["scforge"]["embed"]``.
+        """
+        adata = self._validate_anndata(adata)
+        adata.obsm[key_added] = self.get_latent_representation(adata, batch_size=batch_size)
+        self._record(adata, "embed", key_added=key_added)
+        logger.info(f"Added adata.obsm[{key_added!r}] ({adata.obsm[key_added].shape[1]} dims).")
+
+    def _record(self, adata: AnnData, what: str, **params: Any) -> None:
+        uns = adata.uns.setdefault(OUT.UNS, {})
+        uns[what] = {"params": {**params, "tokenizer": self.tokenizer.strategy}}

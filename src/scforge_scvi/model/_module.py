@@ -1,0 +1,207 @@
+"""The torch module behind :class:`~scforge_scvi.ScForge`: backbone + heads.
+
+It follows scvi-tools' module protocol (``inference`` -> ``generative`` -> ``loss``) so that
+scvi-tools' training loop and data loaders drive it, but it is not a VAE: the data loader
+tokenises the raw counts (:class:`~scforge_scvi.data.TokenCollator`); ``inference``
+optionally masks the tokens and runs the transformer;
+``generative`` is empty; ``loss`` is the objective being trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+from scforge_scvi.data._collate import GENE_IDS, PADDING_MASK, VALUES
+from scforge_scvi.data._masking import MaskingConfig, mask_tokens
+from scforge_scvi.data._tokenizers import TokenizedBatch
+from scforge_scvi.nn import (
+    BackboneConfig,
+    ClassificationHead,
+    ExpressionHead,
+    MaskedGeneHead,
+    RegressionHead,
+    ScForgeBackbone,
+)
+
+from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+
+OBJECTIVES = ("pretrain", "classify", "regress")
+
+
+class ScForgeModule(BaseModuleClass):
+    """Transformer backbone, masked-gene heads and an optional task head.
+
+    Parameters
+    ----------
+    backbone_config
+        Architecture of the transformer.
+    n_special
+        Number of special tokens at the start of the vocabulary.
+    mask_id
+        Vocabulary id of ``<mask>``.
+    expression_loss_weight
+        Weight of the masked expression loss (bin cross-entropy for binned values, MSE for
+        continuous values) added to the masked-gene cross-entropy.
+    n_classes
+        Size of the classification head (0: no classification head).
+    n_regression_outputs
+        Size of the regression head (0: no regression head).
+    head_hidden_dim, head_dropout
+        Task head shape.
+    """
+
+    def __init__(
+        self,
+        backbone_config: BackboneConfig,
+        *,
+        n_special: int,
+        mask_id: int,
+        expression_loss_weight: float = 1.0,
+        n_classes: int = 0,
+        n_regression_outputs: int = 0,
+        head_hidden_dim: int | None = 256,
+        head_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.config = backbone_config
+        self.n_special = n_special
+        self.mask_id = mask_id
+        self.expression_loss_weight = expression_loss_weight
+        self.backbone = ScForgeBackbone(backbone_config)
+        d = backbone_config.hidden_dim
+        self.gene_head = MaskedGeneHead(d, backbone_config.vocab_size, self.backbone.gene_embedding)
+        self.expression_head = None
+        if backbone_config.value_encoding == "binned":
+            self.expression_head = ExpressionHead(d, backbone_config.n_bins)
+        elif backbone_config.value_encoding == "continuous":
+            self.expression_head = ExpressionHead(d, 1)
+        self.classifier = (
+            ClassificationHead(d, n_classes, hidden_dim=head_hidden_dim, dropout=head_dropout)
+            if n_classes
+            else None
+        )
+        self.regressor = (
+            RegressionHead(d, n_regression_outputs, hidden_dim=head_hidden_dim, dropout=head_dropout)
+            if n_regression_outputs
+            else None
+        )
+
+    @property
+    def heads(self) -> list[torch.nn.Module]:
+        """Modules that are not the backbone (trained with the head learning rate)."""
+        return [m for m in (self.classifier, self.regressor) if m is not None]
+
+    # -- scvi-tools module protocol ----------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {
+            "tokens": TokenizedBatch(
+                gene_ids=tensors[GENE_IDS],
+                values=tensors.get(VALUES),
+                padding_mask=tensors[PADDING_MASK],
+            )
+        }
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict[str, Any]:
+        return {}
+
+    @auto_move_data
+    def inference(
+        self,
+        tokens: TokenizedBatch,
+        masking: MaskingConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """Mask (when ``masking`` is given) and encode a tokenised minibatch."""
+        masked = None
+        gene_ids, value_mask = tokens.gene_ids, None
+        if masking is not None:
+            masked = mask_tokens(
+                tokens,
+                masking,
+                vocab_size=self.config.vocab_size,
+                n_special=self.n_special,
+                mask_id=self.mask_id,
+                generator=generator,
+            )
+            gene_ids = masked.gene_ids
+            if tokens.values is not None:  # hide the value wherever the gene is a target
+                value_mask = masked.target_mask
+        out = self.backbone(gene_ids, tokens.padding_mask, tokens.values, value_mask)
+        return {
+            "tokens": tokens,
+            "masked": masked,
+            "hidden": out.hidden,
+            "embedding": out.cell_embedding,
+        }
+
+    def generative(self, **kwargs: Any) -> dict[str, Any]:
+        return {}
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, Any],
+        generative_outputs: dict[str, Any],
+        objective: str = "pretrain",
+        class_weights: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Objective of the current training stage, as an scvi-tools ``LossOutput``."""
+        if objective == "pretrain":
+            return self._masked_gene_loss(inference_outputs)
+        if objective == "classify":
+            return self._classification_loss(tensors, inference_outputs, class_weights)
+        if objective == "regress":
+            return self._regression_loss(tensors, inference_outputs)
+        raise ValueError(f"Unknown objective {objective!r}; choose one of {OBJECTIVES}.")
+
+    # -- objectives --------------------------------------------------------------------------
+    def _masked_gene_loss(self, outputs: dict[str, Any]) -> LossOutput:
+        masked = outputs["masked"]
+        if masked is None:
+            raise ValueError("The pretraining objective needs masked inputs (masking=None).")
+        h = outputs["hidden"][masked.target_mask]  # (M, d): logits only at masked positions
+        n_cells = outputs["hidden"].shape[0]
+        gene_loss = F.cross_entropy(self.gene_head(h), masked.target_ids)
+        extra = {"gene_loss": gene_loss.detach()}
+        loss = gene_loss
+        if self.expression_head is not None and self.expression_loss_weight > 0:
+            pred = self.expression_head(h)
+            if self.config.value_encoding == "binned":
+                expr_loss = F.cross_entropy(pred, masked.target_values)
+            else:
+                expr_loss = F.mse_loss(pred.squeeze(-1), masked.target_values)
+            loss = loss + self.expression_loss_weight * expr_loss
+            extra["expression_loss"] = expr_loss.detach()
+        return LossOutput(loss=loss, n_obs_minibatch=n_cells, extra_metrics=extra)
+
+    def _classification_loss(self, tensors, outputs, class_weights) -> LossOutput:
+        if self.classifier is None:
+            raise ValueError("This model has no classification head.")
+        logits = self.classifier(outputs["embedding"])
+        labels = tensors[KEYS.LABELS_KEY].view(-1).long()
+        # codes past the last class mark unlabelled cells: predicted, never in the loss
+        labelled = labels < logits.shape[-1]
+        if labelled.any():
+            loss = F.cross_entropy(logits[labelled], labels[labelled], weight=class_weights)
+            acc = (logits[labelled].argmax(-1) == labels[labelled]).float().mean()
+        else:
+            loss = logits.sum() * 0.0
+            acc = torch.zeros((), device=logits.device)
+        return LossOutput(
+            loss=loss,
+            n_obs_minibatch=int(labelled.sum()),
+            extra_metrics={"accuracy": acc.detach()},
+        )
+
+    def _regression_loss(self, tensors, outputs) -> LossOutput:
+        if self.regressor is None:
+            raise ValueError("This model has no regression head.")
+        pred = self.regressor(outputs["embedding"])
+        target = tensors[KEYS.TARGET_KEY].view(pred.shape[0], -1).float()
+        observed = torch.isfinite(target).all(-1)
+        loss = F.mse_loss(pred[observed], target[observed]) if observed.any() else pred.sum() * 0
+        return LossOutput(loss=loss, n_obs_minibatch=int(observed.sum()))

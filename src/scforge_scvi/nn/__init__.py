@@ -1,0 +1,25 @@
+"""Plain-torch building blocks: the transformer backbone and its heads (no AnnData here)."""
+
+from ._attention import MultiHeadSelfAttention, key_padding_attention_mask
+from ._backbone import (
+    BackboneConfig,
+    BackboneOutput,
+    FeedForward,
+    ScForgeBackbone,
+    TransformerBlock,
+)
+from ._heads import ClassificationHead, ExpressionHead, MaskedGeneHead, RegressionHead
+
+__all__ = [
+    "BackboneConfig",
+    "BackboneOutput",
+    "ClassificationHead",
+    "ExpressionHead",
+    "FeedForward",
+    "MaskedGeneHead",
+    "MultiHeadSelfAttention",
+    "RegressionHead",
+    "ScForgeBackbone",
+    "TransformerBlock",
+    "key_padding_attention_mask",
+]

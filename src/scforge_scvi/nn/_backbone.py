@@ -1,0 +1,399 @@
+"""The scForge backbone: a pre-LayerNorm transformer encoder over gene tokens.
+
+Read top to bottom: :class:`BackboneConfig`, :class:`FeedForward`, :class:`TransformerBlock`,
+:class:`ScForgeBackbone`. Plain ``torch``: the inputs are token ids, a padding mask and
+(optionally) expression values; nothing here knows about AnnData.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._attention import MultiHeadSelfAttention
+
+ACTIVATIONS = ("gelu", "relu")
+POOLINGS = ("cls", "mean")
+VALUE_ENCODINGS = ("none", "binned", "continuous")
+
+
+@dataclass
+class BackboneConfig:
+    """Hyper-parameters of :class:`ScForgeBackbone`.
+
+    Parameters
+    ----------
+    vocab_size
+        Number of gene tokens, special tokens (pad, CLS, mask) included.
+    hidden_dim
+        Width of the hidden states; must be divisible by ``num_heads``.
+    num_layers
+        Number of transformer blocks.
+    num_heads
+        Number of attention heads.
+    ffn_dim
+        Inner width of the feed-forward network; ``None`` means ``4 * hidden_dim``.
+    dropout
+        Dropout on embeddings, feed-forward and residual branches.
+    attention_dropout
+        Dropout on attention probabilities. Off by default: it costs a random draw per
+        (head, query, key) triple, the dominant cost of a CPU training step, for little gain.
+    activation
+        Feed-forward non-linearity: ``"gelu"`` or ``"relu"``.
+    max_seq_len
+        Longest accepted sequence (tokens, CLS included); size of the position table.
+    pooling
+        Cell embedding from the hidden states: ``"cls"`` (position 0) or ``"mean"``.
+    value_encoding
+        How expression values enter: ``"none"`` (gene identity and order only), ``"binned"``
+        (integer bin ids ``0..n_bins-1`` through an embedding table) or ``"continuous"``
+        (a float per token through a small MLP).
+    n_bins
+        Number of expression bins for ``"binned"``; bin 0 means zero expression or padding.
+    use_positions
+        Add a learned position embedding (for tokenizers whose order carries meaning, such as
+        rank-value tokenization).
+    pad_token_id
+        Token id used for padding; its gene embedding row is kept at zero.
+    layer_norm_eps
+        Epsilon of every LayerNorm.
+    """
+
+    vocab_size: int
+    hidden_dim: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    ffn_dim: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: str = "gelu"
+    max_seq_len: int = 2048
+    pooling: str = "cls"
+    value_encoding: str = "none"
+    n_bins: int = 51
+    use_positions: bool = True
+    pad_token_id: int = 0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"BackboneConfig.{name} must be a positive integer, got {value!r}."
+                )
+
+        for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "max_seq_len"):
+            positive(name)
+        if self.ffn_dim is not None:
+            positive("ffn_dim")
+        if self.hidden_dim % self.num_heads != 0:
+            raise ValueError(
+                f"BackboneConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"num_heads ({self.num_heads})."
+            )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"BackboneConfig.{name} must be in [0, 1), got {value!r}.")
+        for name, choices in (
+            ("activation", ACTIVATIONS),
+            ("pooling", POOLINGS),
+            ("value_encoding", VALUE_ENCODINGS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"BackboneConfig.{name} must be one of {choices}, got {getattr(self, name)!r}."
+                )
+        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 2:
+            raise ValueError(f"BackboneConfig.n_bins must be an integer >= 2, got {self.n_bins!r}.")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"BackboneConfig.pad_token_id ({self.pad_token_id}) must be a valid token id "
+                f"in [0, vocab_size={self.vocab_size})."
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(
+                f"BackboneConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}."
+            )
+
+    @property
+    def resolved_ffn_dim(self) -> int:
+        """Feed-forward inner width actually used (``4 * hidden_dim`` when ``ffn_dim`` is None)."""
+        return 4 * self.hidden_dim if self.ffn_dim is None else self.ffn_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of all fields (``ffn_dim`` stays ``None`` if unset)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown BackboneConfig key(s) {unknown}; valid keys are {sorted(known)}."
+            )
+        if "vocab_size" not in d:
+            raise ValueError("BackboneConfig needs the key 'vocab_size'.")
+        return cls(**d)
+
+
+@dataclass
+class BackboneOutput:
+    """What :meth:`ScForgeBackbone.forward` returns.
+
+    Attributes
+    ----------
+    hidden
+        Token hidden states after the final LayerNorm, shape ``(B, L, d)``; zero at padding.
+    cell_embedding
+        One vector per cell from :meth:`ScForgeBackbone.pool`, shape ``(B, d)``.
+    """
+
+    hidden: torch.Tensor
+    cell_embedding: torch.Tensor
+
+
+def _activation(name: str) -> nn.Module:
+    return nn.GELU() if name == "gelu" else nn.ReLU()
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: ``linear1 -> activation -> dropout -> linear2``."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(config.hidden_dim, config.resolved_ffn_dim)
+        self.activation = _activation(config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+        self.linear2 = nn.Linear(config.resolved_ffn_dim, config.hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block.
+
+    ``h = h + drop(attn(norm1(h)))`` then ``h = h + drop(ffn(norm2(h)))``.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.attn = MultiHeadSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.dropout(self.attn(self.norm1(h), padding_mask))  # (B, L, d)
+        h = h + self.dropout(self.ffn(self.norm2(h)))  # (B, L, d)
+        return h
+
+
+class ScForgeBackbone(nn.Module):
+    """Transformer encoder over gene tokens, optionally with expression values.
+
+    The input embedding of a token is the sum of its gene embedding, its value encoding (if
+    ``value_encoding != "none"``) and its position embedding (if ``use_positions``).
+
+    Parameters
+    ----------
+    config
+        The :class:`BackboneConfig`.
+
+    Examples
+    --------
+    >>> config = BackboneConfig(vocab_size=100, hidden_dim=32, num_layers=2, num_heads=4)
+    >>> backbone = ScForgeBackbone(config)
+    >>> gene_ids = torch.randint(1, 100, (3, 10))
+    >>> out = backbone(gene_ids, torch.ones(3, 10, dtype=torch.bool))
+    >>> out.hidden.shape, out.cell_embedding.shape
+    (torch.Size([3, 10, 32]), torch.Size([3, 32]))
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_dim
+        self.gene_embedding = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        if config.value_encoding == "binned":
+            # Bins 0..n_bins-1 are expression levels; index n_bins is the learned MASK bin.
+            self.value_embedding = nn.Embedding(config.n_bins + 1, d)
+        elif config.value_encoding == "continuous":
+            self.value_encoder = nn.Sequential(
+                nn.Linear(1, d), _activation(config.activation), nn.Linear(d, d)
+            )
+            self.value_mask_embedding = nn.Parameter(torch.zeros(d))
+        if config.use_positions:
+            self.position_embedding = nn.Embedding(config.max_seq_len, d)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise all weights (normal, std 0.02; residual projections scaled down)."""
+        self.apply(self._init_weights)
+        if self.config.value_encoding == "continuous":
+            nn.init.normal_(self.value_mask_embedding, std=0.02)
+        # Residual projections add into the stream once per layer and branch: scale them so
+        # that the variance of the residual stream does not grow with depth.
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("out_proj.weight", "linear2.weight")):
+                nn.init.normal_(param, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        padding_mask: torch.Tensor,
+        values: torch.Tensor | None = None,
+        value_mask: torch.Tensor | None = None,
+    ) -> BackboneOutput:
+        """Encode a padded batch of cells.
+
+        Parameters
+        ----------
+        gene_ids
+            Token ids, integer ``(B, L)``.
+        padding_mask
+            Boolean ``(B, L)``, ``True`` for real tokens (non-bool masks are read as ``!= 0``).
+        values
+            Expression per token, ``(B, L)``: integer bin ids in ``[0, n_bins)`` for
+            ``value_encoding="binned"``, floats for ``"continuous"``. Must be ``None`` for
+            ``"none"``.
+        value_mask
+            Boolean ``(B, L)``, ``True`` where the expression value is hidden from the model
+            (masked-gene pretraining): the MASK bin (binned) or the learned mask embedding
+            (continuous) replaces the value. Not accepted with ``value_encoding="none"``.
+
+        Returns
+        -------
+        :class:`BackboneOutput` with ``hidden`` ``(B, L, d)`` and ``cell_embedding`` ``(B, d)``.
+        """
+        padding_mask = self._check_inputs(gene_ids, padding_mask, values, value_mask)
+        length = gene_ids.shape[1]
+        h = self.gene_embedding(gene_ids)  # (B, L, d)
+        if self.config.value_encoding != "none":
+            h = h + self._encode_values(values, value_mask)  # (B, L, d)
+        if self.config.use_positions:
+            positions = torch.arange(length, device=gene_ids.device)  # (L,)
+            h = h + self.position_embedding(positions)  # (L, d) broadcast over B
+        h = self.embedding_dropout(h)
+        for block in self.blocks:
+            h = block(h, padding_mask)  # (B, L, d)
+        h = self.norm(h)
+        # Padded rows carry finite but meaningless values; zero them so nothing downstream
+        # can pick them up by accident.
+        h = h.masked_fill(~padding_mask[..., None], 0.0)  # (B, L, d)
+        return BackboneOutput(hidden=h, cell_embedding=self.pool(h, padding_mask))
+
+    def _encode_values(
+        self, values: torch.Tensor, value_mask: torch.Tensor | None
+    ) -> torch.Tensor:  # (B, L) -> (B, L, d)
+        if self.config.value_encoding == "binned":
+            bins = values.long()
+            if value_mask is not None:
+                bins = bins.masked_fill(value_mask, self.config.n_bins)  # MASK bin
+            return self.value_embedding(bins)
+        encoded = self.value_encoder(values.to(self.value_mask_embedding.dtype)[..., None])
+        if value_mask is not None:
+            encoded = torch.where(value_mask[..., None], self.value_mask_embedding, encoded)
+        return encoded
+
+    def _check_inputs(
+        self,
+        gene_ids: torch.Tensor,
+        padding_mask: torch.Tensor,
+        values: torch.Tensor | None,
+        value_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Validate shapes and value arguments; return the padding mask as bool."""
+        if gene_ids.dim() != 2:
+            raise ValueError(f"gene_ids must have shape (B, L), got {tuple(gene_ids.shape)}.")
+        if gene_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"Sequence length {gene_ids.shape[1]} exceeds max_seq_len="
+                f"{self.config.max_seq_len}; tokenize with a smaller max_length or build the "
+                "backbone with a larger max_seq_len."
+            )
+        same_shape = {"padding_mask": padding_mask, "values": values, "value_mask": value_mask}
+        for name, tensor in same_shape.items():
+            if tensor is not None and tensor.shape != gene_ids.shape:
+                raise ValueError(
+                    f"{name} must have the shape of gene_ids {tuple(gene_ids.shape)}, "
+                    f"got {tuple(tensor.shape)}."
+                )
+        encoding = self.config.value_encoding
+        if encoding == "none" and (values is not None or value_mask is not None):
+            raise ValueError(
+                "This backbone has value_encoding='none': pass neither values nor value_mask "
+                "(mask genes through their token ids instead)."
+            )
+        if encoding != "none" and values is None:
+            raise ValueError(f"value_encoding={encoding!r} needs `values` of shape (B, L).")
+        if value_mask is not None and value_mask.dtype != torch.bool:
+            raise TypeError(f"value_mask must be a bool tensor, got {value_mask.dtype}.")
+        if encoding == "binned":
+            if values.is_floating_point():
+                raise TypeError(f"Binned values must be integer bin ids, got {values.dtype}.")
+            if ((values < 0) | (values >= self.config.n_bins)).any():
+                raise ValueError(
+                    f"Binned values must lie in [0, n_bins={self.config.n_bins}), got range "
+                    f"[{int(values.min())}, {int(values.max())}]."
+                )
+        return padding_mask if padding_mask.dtype == torch.bool else padding_mask != 0
+
+    # ---------------------------------------------------------------------------- pooling
+    def pool(self, hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """Reduce token states to one vector per cell.
+
+        Parameters
+        ----------
+        hidden
+            ``(B, L, d)`` hidden states.
+        padding_mask
+            Boolean ``(B, L)``, ``True`` for real tokens.
+
+        Returns
+        -------
+        ``(B, d)``. ``"cls"``: the state at position 0 (the tokenizer must put a CLS token
+        there). ``"mean"``: the mean over all real tokens, excluding padding; a CLS token at
+        position 0 counts as a real token and is included.
+        """
+        if self.config.pooling == "cls":
+            return hidden[:, 0]  # (B, d)
+        weights = padding_mask.to(hidden.dtype)[..., None]  # (B, L, 1)
+        total = (hidden * weights).sum(dim=1)  # (B, d)
+        count = weights.sum(dim=1).clamp(min=1.0)  # (B, 1)
+        return total / count
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,179 @@
+"""Output heads that sit on top of :class:`~scforge_scvi.nn.ScForgeBackbone`.
+
+Pretraining heads (:class:`MaskedGeneHead`, :class:`ExpressionHead`) take hidden states
+already gathered at the masked positions, shape ``(M, d)``, so the cost is ``M x vocab``
+rather than ``batch x seq x vocab``. Fine-tuning heads (:class:`ClassificationHead`,
+:class:`RegressionHead`) take cell embeddings ``(B, d)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Transform(nn.Module):
+    """``dense -> GELU -> LayerNorm``, the usual transform in front of a prediction layer."""
+
+    def __init__(self, hidden_dim: int, layer_norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_dim, hidden_dim)
+        self.activation = nn.GELU()
+        self.norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, d) -> (M, d)
+        return self.norm(self.activation(self.dense(x)))
+
+
+class MaskedGeneHead(nn.Module):
+    """Predict the gene identity at masked positions.
+
+    Parameters
+    ----------
+    hidden_dim
+        Width of the backbone hidden states.
+    vocab_size
+        Number of gene tokens.
+    embedding
+        The backbone's gene embedding to tie the output weights to, or ``None`` for an
+        untied output matrix owned by the head. A tied embedding is referenced, not
+        registered: its weight appears once in ``state_dict()`` and ``parameters()`` (under
+        the backbone), and the head owns only its transform and the output bias.
+    layer_norm_eps
+        Epsilon of the transform's LayerNorm.
+
+    Notes
+    -----
+    Call it only on hidden states gathered at the masked positions, e.g.
+    ``head(out.hidden[mask])``: the output is ``(M, vocab_size)``.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        vocab_size: int,
+        embedding: nn.Embedding | None = None,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.transform = _Transform(hidden_dim, layer_norm_eps)
+        if embedding is not None:
+            if tuple(embedding.weight.shape) != (vocab_size, hidden_dim):
+                raise ValueError(
+                    f"Tied embedding has shape {tuple(embedding.weight.shape)}, expected "
+                    f"(vocab_size={vocab_size}, hidden_dim={hidden_dim})."
+                )
+            self.decoder = None
+            # Bypass nn.Module.__setattr__ so the embedding is not registered a second time.
+            object.__setattr__(self, "_tied_embedding", embedding)
+        else:
+            self.decoder = nn.Linear(hidden_dim, vocab_size, bias=False)
+            object.__setattr__(self, "_tied_embedding", None)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output weights are the backbone's gene embedding."""
+        return self._tied_embedding is not None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over genes, ``(M, d) -> (M, vocab_size)``."""
+        h = self.transform(hidden)  # (M, d)
+        if self._tied_embedding is not None:
+            return F.linear(h, self._tied_embedding.weight, self.bias)  # (M, V)
+        return self.decoder(h) + self.bias  # (M, V)
+
+
+class ExpressionHead(nn.Module):
+    """Predict the expression value at masked positions.
+
+    Parameters
+    ----------
+    hidden_dim
+        Width of the backbone hidden states.
+    n_outputs
+        ``n_bins`` for a bin cross-entropy objective, ``1`` for a mean-squared-error one.
+    layer_norm_eps
+        Epsilon of the transform's LayerNorm.
+
+    Notes
+    -----
+    ``(M, d) -> (M, n_outputs)``; with ``n_outputs=1`` the caller squeezes the last axis.
+    """
+
+    def __init__(self, hidden_dim: int, n_outputs: int, layer_norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if n_outputs < 1:
+            raise ValueError(f"ExpressionHead needs n_outputs >= 1, got {n_outputs}.")
+        self.transform = _Transform(hidden_dim, layer_norm_eps)
+        self.output = nn.Linear(hidden_dim, n_outputs)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (M, d) -> (M, n_outputs)
+        return self.output(self.transform(hidden))
+
+
+def _mlp(in_dim: int, out_dim: int, hidden_dim: int | None, dropout: float) -> nn.Sequential:
+    """``in -> hidden -> GELU -> dropout -> out``, or one Linear if ``hidden_dim`` is falsy."""
+    if not hidden_dim:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class ClassificationHead(nn.Module):
+    """Cell-type (or any label) classifier on cell embeddings.
+
+    Parameters
+    ----------
+    in_dim
+        Width of the cell embedding.
+    n_classes
+        Number of classes; the head returns unnormalised logits ``(B, n_classes)``.
+    hidden_dim
+        Width of the hidden layer; ``None`` or ``0`` gives a single linear layer (a probe).
+    dropout
+        Dropout after the hidden activation.
+    """
+
+    def __init__(
+        self, in_dim: int, n_classes: int, hidden_dim: int | None = 256, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"ClassificationHead needs n_classes >= 2, got {n_classes}.")
+        self.net = _mlp(in_dim, n_classes, hidden_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, n_classes)
+        return self.net(x)
+
+
+class RegressionHead(nn.Module):
+    """Regression on cell embeddings (e.g. a perturbation response per gene).
+
+    Parameters
+    ----------
+    in_dim
+        Width of the cell embedding.
+    n_outputs
+        Number of predicted values per cell; output ``(B, n_outputs)``.
+    hidden_dim
+        Width of the hidden layer; ``None`` or ``0`` gives a single linear layer.
+    dropout
+        Dropout after the hidden activation.
+    """
+
+    def __init__(
+        self, in_dim: int, n_outputs: int = 1, hidden_dim: int | None = 256, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if n_outputs < 1:
+            raise ValueError(f"RegressionHead needs n_outputs >= 1, got {n_outputs}.")
+        self.net = _mlp(in_dim, n_outputs, hidden_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, n_outputs)
+        return self.net(x)

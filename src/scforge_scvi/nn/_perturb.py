@@ -1,0 +1,414 @@
+"""Perturbation-response set model in the style of a State Transition model.
+
+Read top to bottom: :class:`PerturbConfig`, :class:`MLPEncoder`, :class:`PerturbationEncoder`,
+:class:`PerturbationSetModel`. The model sees *sets* of cells: a set of ``S`` control cells
+(the basal state) and one perturbation. Each basal cell is encoded, the perturbation encoding
+(and an optional batch embedding) is added to every cell of the set, a bidirectional
+transformer mixes the cells of the set, and a decoder predicts, per cell, a change that is
+added to the basal expression::
+
+    h = basal_encoder(basal) + pert_encoder(pert) [+ batch_embedding(batch)]   # (B, S, d)
+    h = transformer(h)                                                         # no positions
+    prediction = relu(basal_log1p + decoder(h))                                # (B, S, G)
+
+There is no positional encoding, so permuting the cells of a set permutes the output in the
+same way. The output lives in the gene space that is evaluated (log1p-normalised expression of
+the registered genes), whatever the basal encoder reads. Plain ``torch``: nothing here knows
+about AnnData.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._backbone import ACTIVATIONS, BackboneConfig, TransformerBlock
+
+PERTURBATION_FEATURES = ("one_hot", "table")
+
+
+@dataclass
+class PerturbConfig:
+    """Hyper-parameters of :class:`PerturbationSetModel`.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes of the output (and of the log1p basal expression).
+    n_perturbations
+        Number of perturbation categories, the control included.
+    control_index
+        Index of the control among the perturbation categories.
+    perturbation_features
+        ``"one_hot"``: each category (the control included) has its own learned vector.
+        ``"table"``: a fixed table of feature vectors (e.g. protein-language-model embeddings)
+        is read through an MLP; the control row is a learned vector instead.
+    perturbation_dim
+        Width of the feature vectors of a ``"table"``; ignored (``n_perturbations``) for
+        ``"one_hot"``.
+    n_batches
+        Number of batches; ``0`` means no batch embedding.
+    basal_dim
+        Width of the basal encoder's input: ``n_genes`` (log1p expression) for the default MLP.
+        For a pluggable encoder (see :class:`PerturbationSetModel`) it is that encoder's
+        output width, projected to ``hidden_dim``.
+    hidden_dim
+        Width of the cell tokens of the set transformer.
+    num_layers, num_heads, ffn_dim, activation
+        Shape of the set transformer (``ffn_dim=None`` means ``4 * hidden_dim``).
+    encoder_hidden_dim
+        Inner width of the perturbation and basal MLP encoders and of the decoder.
+    dropout
+        Dropout in the encoders, the transformer and the decoder.
+    cell_set_len
+        Number of cells per set (training and prediction).
+    """
+
+    n_genes: int
+    n_perturbations: int
+    control_index: int = 0
+    perturbation_features: str = "one_hot"
+    perturbation_dim: int | None = None
+    n_batches: int = 0
+    basal_dim: int | None = None
+    hidden_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_dim: int | None = None
+    activation: str = "gelu"
+    encoder_hidden_dim: int = 256
+    dropout: float = 0.1
+    cell_set_len: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("n_genes", "n_perturbations", "hidden_dim", "num_layers", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PerturbConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("encoder_hidden_dim", "cell_set_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PerturbConfig.{name} must be a positive integer, got {value!r}.")
+        if not 0 <= self.control_index < self.n_perturbations:
+            raise ValueError(
+                f"PerturbConfig.control_index ({self.control_index}) must lie in "
+                f"[0, n_perturbations={self.n_perturbations})."
+            )
+        if self.perturbation_features not in PERTURBATION_FEATURES:
+            raise ValueError(
+                f"PerturbConfig.perturbation_features must be one of {PERTURBATION_FEATURES}, "
+                f"got {self.perturbation_features!r}."
+            )
+        if self.perturbation_features == "table" and not (
+            isinstance(self.perturbation_dim, int) and self.perturbation_dim > 0
+        ):
+            raise ValueError(
+                "PerturbConfig.perturbation_dim must be a positive integer (the width of the "
+                f"feature table) when perturbation_features='table', got {self.perturbation_dim!r}."
+            )
+        if self.n_batches < 0:
+            raise ValueError(f"PerturbConfig.n_batches must be >= 0, got {self.n_batches}.")
+        if self.hidden_dim % self.num_heads != 0:
+            raise ValueError(
+                f"PerturbConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"num_heads ({self.num_heads})."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"PerturbConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PerturbConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+
+    @property
+    def resolved_perturbation_dim(self) -> int:
+        """Width of the perturbation feature vectors actually read."""
+        if self.perturbation_features == "one_hot":
+            return self.n_perturbations
+        return int(self.perturbation_dim)
+
+    @property
+    def resolved_basal_dim(self) -> int:
+        """Width of the basal encoder input (``n_genes`` unless a pluggable encoder is used)."""
+        return self.n_genes if self.basal_dim is None else self.basal_dim
+
+    def transformer_config(self) -> BackboneConfig:
+        """The :class:`BackboneConfig` of the set transformer's blocks (no positions)."""
+        return BackboneConfig(
+            vocab_size=1,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            ffn_dim=self.ffn_dim,
+            dropout=self.dropout,
+            activation=self.activation,
+            max_seq_len=self.cell_set_len,
+            use_positions=False,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PerturbConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown PerturbConfig key(s) {unknown}; valid keys are {sorted(known)}."
+            )
+        return cls(**d)
+
+
+@dataclass
+class PerturbOutput:
+    """What :meth:`PerturbationSetModel.forward` returns.
+
+    Attributes
+    ----------
+    prediction
+        Predicted log1p expression of the perturbed cells, ``(B, S, G)``, non-negative.
+    delta
+        The decoder's change added to the basal expression, ``(B, S, G)``.
+    hidden
+        Cell tokens after the set transformer, ``(B, S, d)``.
+    """
+
+    prediction: torch.Tensor
+    delta: torch.Tensor
+    hidden: torch.Tensor
+
+
+def _activation(name: str) -> nn.Module:
+    return nn.GELU() if name == "gelu" else nn.ReLU()
+
+
+class MLPEncoder(nn.Module):
+    """Two-layer MLP ``linear -> activation -> dropout -> linear`` (acts on the last axis)."""
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, activation: str, dropout: float
+    ) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, hidden_dim)
+        self.activation = _activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(hidden_dim, out_dim)
+        self.output_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class PerturbationEncoder(nn.Module):
+    """Perturbation id -> feature vector -> MLP -> ``hidden_dim``.
+
+    With ``"one_hot"`` features the first linear layer of the MLP on a one-hot vector is an
+    embedding lookup, which is what is computed. With a ``"table"`` the features are a fixed
+    buffer (saved with the weights) and the control's row is the learned ``control_vector``.
+    """
+
+    def __init__(self, config: PerturbConfig, table: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.mode = config.perturbation_features
+        self.control_index = config.control_index
+        d_in, d_hidden = config.resolved_perturbation_dim, config.encoder_hidden_dim
+        if self.mode == "one_hot":
+            if table is not None:
+                raise ValueError("A perturbation table was given but perturbation_features='one_hot'.")
+            self.embedding = nn.Embedding(config.n_perturbations, d_hidden)
+        else:
+            expected = (config.n_perturbations, d_in)
+            if table is None:
+                table = torch.zeros(expected)  # filled by load_state_dict
+            if tuple(table.shape) != expected:
+                raise ValueError(
+                    f"The perturbation table has shape {tuple(table.shape)}; expected {expected} "
+                    "(one row per perturbation category, control included)."
+                )
+            self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32).clone())
+            self.control_vector = nn.Parameter(torch.zeros(d_in))
+            self.linear_in = nn.Linear(d_in, d_hidden)
+        self.activation = _activation(config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+        self.linear_out = nn.Linear(d_hidden, config.hidden_dim)
+
+    def forward(self, perturbation: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, d)
+        if self.mode == "one_hot":
+            h = self.embedding(perturbation)  # (B, hidden)
+        else:
+            features = self.table[perturbation]  # (B, F)
+            is_control = (perturbation == self.control_index)[:, None]
+            features = torch.where(is_control, self.control_vector, features)
+            h = self.linear_in(features)
+        return self.linear_out(self.dropout(self.activation(h)))
+
+
+class PerturbationSetModel(nn.Module):
+    """Predict a perturbed cell set from a set of control cells and a perturbation.
+
+    Parameters
+    ----------
+    config
+        The :class:`PerturbConfig`.
+    perturbation_table
+        ``(n_perturbations, perturbation_dim)`` feature table for
+        ``perturbation_features="table"`` (rows in category order; the control's row is
+        ignored and replaced by a learned vector).
+    basal_encoder
+        Optional pluggable encoder of the basal cells, e.g. a pretrained ScForge backbone
+        wrapped to map a ``(N, ...)`` tensor of cells (whatever ``basal_input`` the caller
+        passes to :meth:`forward`, typically raw counts) to ``(N, config.basal_dim)`` cell
+        embeddings. Its output is projected to ``hidden_dim``. ``None`` uses an MLP on the
+        log1p expression (``basal_dim`` must then be ``None`` or ``n_genes``). A pluggable
+        encoder counts as part of the backbone (see :meth:`backbone_modules`).
+
+    Examples
+    --------
+    >>> config = PerturbConfig(n_genes=50, n_perturbations=4, hidden_dim=32, num_heads=4)
+    >>> model = PerturbationSetModel(config)
+    >>> basal = torch.rand(2, 8, 50)
+    >>> out = model(basal, torch.tensor([1, 3]))
+    >>> out.prediction.shape
+    torch.Size([2, 8, 50])
+    """
+
+    def __init__(
+        self,
+        config: PerturbConfig,
+        perturbation_table: torch.Tensor | None = None,
+        basal_encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_dim
+        self.perturbation_encoder = PerturbationEncoder(config, perturbation_table)
+        self.external_basal_encoder = basal_encoder is not None
+        if basal_encoder is None:
+            if config.basal_dim not in (None, config.n_genes):
+                raise ValueError(
+                    f"PerturbConfig.basal_dim={config.basal_dim} needs a pluggable basal_encoder; "
+                    f"the default MLP reads the {config.n_genes} log1p genes."
+                )
+            self.basal_encoder = MLPEncoder(
+                config.n_genes, config.encoder_hidden_dim, d, config.activation, config.dropout
+            )
+            self.basal_projection = nn.Identity()
+        else:
+            if config.basal_dim is None:
+                raise ValueError(
+                    "A pluggable basal_encoder needs PerturbConfig.basal_dim (its output width)."
+                )
+            self.basal_encoder = basal_encoder
+            self.basal_projection = nn.Linear(config.basal_dim, d)
+        self.batch_embedding = nn.Embedding(config.n_batches, d) if config.n_batches else None
+        block_config = config.transformer_config()
+        self.blocks = nn.ModuleList(TransformerBlock(block_config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(d)
+        self.decoder = MLPEncoder(
+            d, config.encoder_hidden_dim, config.n_genes, config.activation, config.dropout
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise weights (normal, std 0.02); the decoder's last layer starts at zero.
+
+        With a zero last layer the untrained model returns its basal cells unchanged, i.e. it
+        starts from the control-mean baseline and learns the change.
+        """
+        for name, module in self.named_modules():
+            if self.external_basal_encoder and name.startswith("basal_encoder"):
+                continue  # a pretrained encoder keeps its weights
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if hasattr(self.perturbation_encoder, "control_vector"):
+            nn.init.normal_(self.perturbation_encoder.control_vector, std=0.02)
+        nn.init.zeros_(self.decoder.linear2.weight)
+        nn.init.zeros_(self.decoder.linear2.bias)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """Modules frozen by ``freeze_backbone``: the set transformer (and a pluggable encoder)."""
+        modules: list[nn.Module] = [self.blocks, self.norm]
+        if self.external_basal_encoder:
+            modules.append(self.basal_encoder)
+        return modules
+
+    def head_modules(self) -> list[nn.Module]:
+        """Every other module: encoders, batch embedding, projection and decoder."""
+        backbone = {id(p) for m in self.backbone_modules() for p in m.parameters()}
+        return [
+            m
+            for m in self.children()
+            if any(id(p) not in backbone for p in m.parameters())
+        ]
+
+    def forward(
+        self,
+        basal: torch.Tensor,
+        perturbation: torch.Tensor,
+        batch: torch.Tensor | None = None,
+        basal_input: torch.Tensor | None = None,
+    ) -> PerturbOutput:
+        """Predict the perturbed expression of a batch of cell sets.
+
+        Parameters
+        ----------
+        basal
+            log1p-normalised expression of the control cells, ``(B, S, G)``.
+        perturbation
+            Perturbation category per set, integer ``(B,)``.
+        batch
+            Batch category per set, integer ``(B,)``; required iff ``n_batches > 0``.
+        basal_input
+            What the basal encoder reads, ``(B, S, ...)``; ``None`` means ``basal``. A
+            pluggable encoder of raw counts gets the counts here.
+
+        Returns
+        -------
+        :class:`PerturbOutput`.
+        """
+        if basal.dim() != 3 or basal.shape[-1] != self.config.n_genes:
+            raise ValueError(
+                f"basal must have shape (B, S, n_genes={self.config.n_genes}), "
+                f"got {tuple(basal.shape)}."
+            )
+        n_sets, set_len, _ = basal.shape
+        if perturbation.shape != (n_sets,):
+            raise ValueError(
+                f"perturbation must have shape ({n_sets},), got {tuple(perturbation.shape)}."
+            )
+        if (self.batch_embedding is None) != (batch is None):
+            raise ValueError(
+                f"This model has n_batches={self.config.n_batches}: pass `batch` "
+                "if and only if n_batches > 0."
+            )
+        cells = basal if basal_input is None else basal_input
+        flat = cells.reshape(n_sets * set_len, *cells.shape[2:])  # (B*S, ...)
+        h = self.basal_projection(self.basal_encoder(flat)).view(n_sets, set_len, -1)  # (B, S, d)
+        h = h + self.perturbation_encoder(perturbation)[:, None, :]  # (B, S, d)
+        if self.batch_embedding is not None:
+            h = h + self.batch_embedding(batch)[:, None, :]
+        for block in self.blocks:
+            h = block(h, None)  # (B, S, d), every cell attends to every cell of its set
+        h = self.norm(h)
+        delta = self.decoder(h)  # (B, S, G)
+        prediction = torch.relu(basal + delta)
+        return PerturbOutput(prediction=prediction, delta=delta, hidden=h)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

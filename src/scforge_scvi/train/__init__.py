@@ -1,0 +1,33 @@
+"""Training: the Lightning plan, schedules, optimizer groups, callbacks and LoRA."""
+
+from ._callbacks import BestCheckpoint, GradualUnfreezing, atomic_save_checkpoint
+from ._lora import (
+    LoraSettings,
+    apply_lora,
+    count_parameters,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+)
+from ._optim import build_adamw, parameter_group_summary, parameter_groups
+from ._plans import STRATEGIES, ScForgeTrainingPlan
+from ._schedules import cosine_with_warmup, make_lr_scheduler
+
+__all__ = [
+    "STRATEGIES",
+    "BestCheckpoint",
+    "GradualUnfreezing",
+    "LoraSettings",
+    "ScForgeTrainingPlan",
+    "apply_lora",
+    "atomic_save_checkpoint",
+    "build_adamw",
+    "cosine_with_warmup",
+    "count_parameters",
+    "load_lora_state_dict",
+    "lora_state_dict",
+    "make_lr_scheduler",
+    "merge_lora",
+    "parameter_group_summary",
+    "parameter_groups",
+]

@@ -1,0 +1,110 @@
+"""Lightning callbacks: best-weights tracking with atomic checkpoints, gradual unfreezing."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from scforge_scvi._logging import logger
+
+
+def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
+    """Write a Lightning checkpoint to a temporary file, then rename it over ``path``.
+
+    A crash mid-write leaves the previous checkpoint intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class BestCheckpoint(Callback):
+    """Track the epoch of minimum validation loss; restore its weights when training ends.
+
+    Parameters
+    ----------
+    monitor
+        Logged metric to minimise.
+    dirpath
+        If given, ``best.ckpt`` (minimum ``monitor``) and ``last.ckpt`` (end of every
+        validation) are written there atomically; both are resumable Lightning checkpoints.
+    restore_best
+        Load the best weights into the module at the end of training, so that embedding and
+        prediction use them.
+    """
+
+    def __init__(
+        self, monitor: str = "val_loss", dirpath: str | os.PathLike | None = None,
+        restore_best: bool = True,
+    ) -> None:
+        self.monitor = monitor
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.restore_best = restore_best
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if self.best_score is None or value < self.best_score:
+            self.best_score, self.best_epoch = value, trainer.current_epoch
+            self._best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()
+            }
+            self._save(trainer, "best.ckpt")
+        self._save(trainer, "last.ckpt")
+
+    @rank_zero_only
+    def _save(self, trainer: Trainer, name: str) -> None:
+        if self.dirpath is not None:
+            atomic_save_checkpoint(trainer, self.dirpath / name)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.restore_best and self._best_state is not None:
+            pl_module.module.load_state_dict(self._best_state)
+            logger.info(
+                f"Restored the best weights (epoch {self.best_epoch}, "
+                f"{self.monitor}={self.best_score:.4f})."
+            )
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_epoch = state_dict.get("best_epoch")
+
+
+class GradualUnfreezing(Callback):
+    """Keep the backbone frozen for ``freeze_backbone_epochs`` epochs, then train it.
+
+    The backbone's parameters are in the optimizer from the start (their own group and
+    learning rate), so unfreezing only flips ``requires_grad``.
+    """
+
+    def __init__(self, freeze_backbone_epochs: int) -> None:
+        self.freeze_backbone_epochs = int(freeze_backbone_epochs)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        frozen = trainer.current_epoch < self.freeze_backbone_epochs
+        backbone = pl_module.module.backbone
+        was_frozen = not any(p.requires_grad for p in backbone.parameters())
+        backbone.requires_grad_(not frozen)
+        if was_frozen and not frozen and trainer.current_epoch > 0:
+            logger.info(f"Unfreezing backbone at epoch {trainer.current_epoch}")

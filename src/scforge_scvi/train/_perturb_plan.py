@@ -1,0 +1,301 @@
+"""Lightning training plan for :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`.
+
+A batch is a stack of cell sets: ``basal`` control cells, the observed ``target`` cells of the
+same perturbation and cell type, and the perturbation (and batch) of each set. The loss is a
+weighted sum of the per-set energy distance and the MSE of the set means, both in the gene
+space that is evaluated; each term is logged on its own.
+
+Optimisation: AdamW with two parameter sets, ``heads`` (encoders, decoder) and ``backbone``
+(the set transformer, and a pluggable basal encoder), both in the optimizer from the first
+step. The learning rate of each follows :func:`~scforge_scvi.train._schedules.cosine_with_warmup`.
+With ``freeze_backbone`` the backbone is frozen (``requires_grad=False`` and a zero learning
+rate) for ``freeze_backbone_epochs`` epochs, or for good when that is ``None``; when it
+unfreezes, its learning rate starts a warmup + cosine of its own from that step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbOutput
+
+from ._optim import build_adamw, format_parameter_summary, parameter_group_summary
+from ._perturb_losses import PerturbLossWeights, perturbation_set_loss
+from ._schedules import cosine_with_warmup
+
+logger = logging.getLogger(__name__)
+
+#: metadata key written into Lightning checkpoints (configuration of the run)
+CHECKPOINT_KEY = "scforge_perturb"
+
+
+@dataclass
+class PerturbTrainingConfig:
+    """Optimisation settings of :class:`PerturbTrainingPlan` (all plain values, JSON-able).
+
+    Parameters
+    ----------
+    lr
+        Peak learning rate of the heads.
+    backbone_lr
+        Peak learning rate of the backbone; ``None`` means ``lr``.
+    weight_decay
+        AdamW weight decay of >= 2-D weights (never biases, norms or embedding tables).
+    warmup_steps
+        Linear warmup of the heads (and of an unfrozen-from-the-start backbone).
+    min_lr_ratio
+        Floor of the cosine as a fraction of the peak; it stays there after the last step.
+    energy_weight, mean_mse_weight
+        Weights of the energy distance and of the set-mean MSE.
+    freeze_backbone
+        Start with the backbone frozen.
+    freeze_backbone_epochs
+        Epochs before the backbone unfreezes; ``None`` keeps it frozen for the whole run.
+    unfreeze_warmup_steps
+        Warmup of the backbone after it unfreezes; ``None`` means ``warmup_steps``.
+    """
+
+    lr: float = 1e-3
+    backbone_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    energy_weight: float = 1.0
+    mean_mse_weight: float = 1.0
+    freeze_backbone: bool = False
+    freeze_backbone_epochs: int | None = None
+    unfreeze_warmup_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+        if self.backbone_lr is not None and not self.backbone_lr > 0:
+            raise ValueError(f"backbone_lr must be positive or None, got {self.backbone_lr}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.freeze_backbone_epochs is not None:
+            if not self.freeze_backbone:
+                raise ValueError(
+                    "freeze_backbone_epochs is set but freeze_backbone=False; set "
+                    "freeze_backbone=True to freeze first, or drop freeze_backbone_epochs."
+                )
+            if self.freeze_backbone_epochs < 0:
+                raise ValueError(
+                    f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs}."
+                )
+        if self.unfreeze_warmup_steps is not None and self.unfreeze_warmup_steps < 0:
+            raise ValueError(
+                f"unfreeze_warmup_steps must be >= 0, got {self.unfreeze_warmup_steps}."
+            )
+        self.loss_weights  # validates the weights  # noqa: B018
+
+    @property
+    def loss_weights(self) -> PerturbLossWeights:
+        """The loss weights as a :class:`PerturbLossWeights`."""
+        return PerturbLossWeights(energy=self.energy_weight, mean_mse=self.mean_mse_weight)
+
+    def frozen_at_epoch(self, epoch: int) -> bool:
+        """Whether the backbone is frozen during ``epoch``."""
+        if not self.freeze_backbone:
+            return False
+        return self.freeze_backbone_epochs is None or epoch < self.freeze_backbone_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of all fields."""
+        return asdict(self)
+
+
+class GroupSchedule:
+    """Learning-rate multiplier of one parameter set: zero until ``start_step``, then a
+    warmup + cosine (:func:`cosine_with_warmup`) counted from ``start_step``.
+
+    A callable object rather than a closure so that ``LambdaLR.state_dict`` saves its fields
+    and a resumed run continues the same schedule. ``start_step=None`` means never (a backbone
+    frozen for the whole run).
+    """
+
+    def __init__(
+        self, start_step: int | None, warmup_steps: int, total_steps: int, min_lr_ratio: float
+    ) -> None:
+        self.start_step = start_step
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if self.start_step is None or step < self.start_step:
+            return 0.0
+        return cosine_with_warmup(
+            step - self.start_step,
+            warmup_steps=self.warmup_steps,
+            total_steps=max(self.total_steps - self.start_step, 0),
+            min_lr_ratio=self.min_lr_ratio,
+        )
+
+
+class PerturbTrainingPlan(pl.LightningModule):
+    """Train a :class:`PerturbationSetModel` on batches of cell sets.
+
+    Parameters
+    ----------
+    module
+        The set model.
+    config
+        A :class:`PerturbTrainingConfig`.
+    run_metadata
+        Plain values written into every checkpoint under ``"scforge_perturb"`` (the model and
+        data configuration); a resumed run is checked against them.
+    """
+
+    def __init__(
+        self,
+        module: PerturbationSetModel,
+        config: PerturbTrainingConfig | None = None,
+        run_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config or PerturbTrainingConfig()
+        self.loss_weights = self.config.loss_weights
+        self.run_metadata = {"training": self.config.to_dict(), **(run_metadata or {})}
+
+    # -- steps -------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> PerturbOutput:
+        """Run the set model on a batch of sets."""
+        return self.module(
+            batch["basal"],
+            batch["perturbation"],
+            batch.get("batch"),
+            basal_input=batch.get("basal_input"),
+        )
+
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        out = self(batch)
+        terms = perturbation_set_loss(out.prediction, batch["target"], self.loss_weights)
+        n_sets = batch["basal"].shape[0]
+        for name, value in terms.items():
+            self.log(
+                f"{stage}_{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=n_sets,
+                sync_dist=True,
+            )
+        return terms["loss"]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._common_step(batch, "validation")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self.run_metadata)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, from the trainer's estimate."""
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < 1:
+            return total
+        return max(total // epochs, 1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.config
+        backbone = torch.nn.ModuleList(self.module.backbone_modules())
+        heads = torch.nn.ModuleList(self.module.head_modules())
+        optimizer = build_adamw(
+            {
+                "heads": (heads, cfg.lr),
+                "backbone": (backbone, cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr),
+            },
+            weight_decay=cfg.weight_decay,
+        )
+        logger.info("Optimizer groups:\n%s", format_parameter_summary(parameter_group_summary(optimizer)))
+        total = int(self.trainer.estimated_stepping_batches)
+        heads_schedule = GroupSchedule(0, cfg.warmup_steps, total, cfg.min_lr_ratio)
+        if not cfg.freeze_backbone:
+            backbone_schedule = heads_schedule
+        elif cfg.freeze_backbone_epochs is None:
+            backbone_schedule = GroupSchedule(None, 0, total, cfg.min_lr_ratio)
+        else:
+            warmup = cfg.warmup_steps if cfg.unfreeze_warmup_steps is None else cfg.unfreeze_warmup_steps
+            start = cfg.freeze_backbone_epochs * self.steps_per_epoch()
+            backbone_schedule = GroupSchedule(start, warmup, total, cfg.min_lr_ratio)
+        lambdas = [
+            backbone_schedule if group["param_set"] == "backbone" else heads_schedule
+            for group in optimizer.param_groups
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class BackboneFreezing(Callback):
+    """Freeze the backbone while :meth:`PerturbTrainingConfig.frozen_at_epoch` says so.
+
+    The backbone's parameters stay in the optimizer throughout (with a zero learning rate
+    while frozen); this callback only switches ``requires_grad`` at the start of each epoch
+    and logs when the backbone unfreezes.
+    """
+
+    def _apply(self, pl_module: PerturbTrainingPlan, epoch: int) -> None:
+        frozen = pl_module.config.frozen_at_epoch(epoch)
+        params = [p for m in pl_module.module.backbone_modules() for p in m.parameters()]
+        was_frozen = any(not p.requires_grad for p in params)
+        for p in params:
+            p.requires_grad_(not frozen)
+        if was_frozen and not frozen:
+            logger.info("Epoch %d: backbone unfrozen (%d tensors).", epoch, len(params))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
+        self._apply(pl_module, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
+        self._apply(pl_module, trainer.current_epoch)
+
+
+class BestWeights(Callback):
+    """Keep, in memory, the weights with the lowest ``monitor`` seen after a validation epoch.
+
+    Parameters
+    ----------
+    monitor
+        Logged metric to minimise (the validation loss in gene space).
+    """
+
+    def __init__(self, monitor: str = "validation_loss") -> None:
+        self.monitor = monitor
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if self.best_score is None or score < self.best_score:
+            self.best_score = score
+            self.best_epoch = trainer.current_epoch
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_epoch = state_dict.get("best_epoch")

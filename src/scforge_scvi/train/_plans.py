@@ -1,0 +1,147 @@
+"""Lightning training plan for pretraining and fine-tuning :class:`ScForgeModule`.
+
+One plan serves every stage; what differs is the objective (``pretrain``: masked genes,
+``classify`` / ``regress``: a task head) and the fine-tuning strategy, which only decides what
+is trainable and at which learning rate:
+
+============== ===================================================================
+strategy       trainable parameters
+============== ===================================================================
+``full``       everything, backbone at ``backbone_lr``, heads at ``head_lr``
+``frozen``     heads only (the backbone never unfreezes)
+``gradual``    heads first; the backbone joins after ``freeze_backbone_epochs``
+``lora``       heads and LoRA adapters (backbone weights frozen)
+============== ===================================================================
+
+Backbone parameters are in the optimizer from the first step in their own group, so that
+gradual unfreezing actually trains them (a parameter without gradient is skipped by AdamW).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from scvi.train import TrainingPlan
+
+from scforge_scvi.data._masking import MaskingConfig
+
+from ._optim import build_adamw
+from ._schedules import make_lr_scheduler
+
+STRATEGIES = ("full", "frozen", "gradual_unfreeze", "lora")
+
+
+class ScForgeTrainingPlan(TrainingPlan):
+    """Training plan for :class:`~scforge_scvi.model.ScForgeModule`.
+
+    Parameters
+    ----------
+    module
+        The module to train.
+    objective
+        ``"pretrain"`` (masked-gene modelling), ``"classify"`` or ``"regress"``.
+    lr
+        Peak learning rate of pretraining (and of the heads when ``head_lr`` is None).
+    weight_decay
+        AdamW weight decay for >= 2-D weights (never biases, norms or embeddings).
+    warmup_steps
+        Linear warmup steps of the warmup + cosine schedule.
+    min_lr_ratio
+        Floor of the cosine schedule as a fraction of the peak; the schedule stays there
+        after its last step.
+    masking
+        Masking of the pretraining objective.
+    backbone_lr, head_lr
+        Discriminative learning rates for fine-tuning.
+    seed
+        Seeds the masks: validation masks are identical every epoch, training masks are
+        reproducible.
+    class_weights
+        Optional per-class weights of the classification loss.
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        objective: str = "pretrain",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        masking: MaskingConfig | None = None,
+        backbone_lr: float | None = None,
+        head_lr: float | None = None,
+        seed: int = 0,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW")
+        self.objective = objective
+        self.warmup_steps = int(warmup_steps)
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.masking = masking or MaskingConfig()
+        self.backbone_lr = lr if backbone_lr is None else backbone_lr
+        self.head_lr = lr if head_lr is None else head_lr
+        self.seed = int(seed)
+        self.class_weights = class_weights
+
+    # -- steps -------------------------------------------------------------------------------
+    def _mask_generator(self, stage: str, batch_idx: int) -> torch.Generator:
+        """Masks depend on (seed, stage, epoch for training, batch index) only."""
+        epoch = self.current_epoch if stage == "train" else 0
+        key = (self.seed * 1_000_003 + epoch) * 1_000_003 + batch_idx
+        key = key * 2 + (stage == "train")
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
+    def _common_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str):
+        inference_kwargs: dict[str, Any] = {}
+        if self.objective == "pretrain":
+            inference_kwargs = {
+                "masking": self.masking,
+                "generator": self._mask_generator(stage, batch_idx),
+            }
+        loss_kwargs: dict[str, Any] = {"objective": self.objective}
+        if self.class_weights is not None:
+            loss_kwargs["class_weights"] = self.class_weights.to(self.device)
+        _, _, out = self.forward(batch, inference_kwargs=inference_kwargs, loss_kwargs=loss_kwargs)
+        prefix = "train" if stage == "train" else "val"
+        n = out.n_obs_minibatch
+        on_step = stage == "train"
+        self.log(f"{prefix}_loss", out.loss, prog_bar=True, on_step=on_step, on_epoch=True,
+                 batch_size=n, sync_dist=not on_step)
+        for name, value in out.extra_metrics.items():
+            short = {"accuracy": "acc"}.get(name, name)
+            self.log(f"{prefix}_{short}", value, prog_bar=short == "acc" and prefix == "val",
+                     on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        return out
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, batch_idx, "train").loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self._common_step(batch, batch_idx, "validation")
+        if self.objective == "pretrain":
+            gene_loss = out.extra_metrics["gene_loss"]
+            self.log("val_perplexity", torch.exp(gene_loss), on_epoch=True,
+                     batch_size=out.n_obs_minibatch, sync_dist=True)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        module = self.module
+        sets = {"backbone": (module.backbone, self.backbone_lr)}
+        if self.objective == "pretrain":
+            sets = {"backbone": (module.backbone, self.lr)}
+            others = [m for m in (module.gene_head, module.expression_head) if m is not None]
+            sets["pretraining_heads"] = (torch.nn.ModuleList(others), self.lr)
+        else:
+            sets["heads"] = (torch.nn.ModuleList(module.heads), self.head_lr)
+        optimizer = build_adamw(sets, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = make_lr_scheduler(
+            optimizer,
+            warmup_steps=self.warmup_steps,
+            total_steps=total,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,94 @@
+"""Learning-rate schedules as pure functions of the optimizer step."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+
+
+def cosine_with_warmup(
+    step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
+    """Learning-rate multiplier: linear warmup, cosine decay, then a constant floor.
+
+    Parameters
+    ----------
+    step
+        Optimizer step, counted from 0.
+    warmup_steps
+        Length of the linear warmup. During warmup the multiplier is
+        ``(step + 1) / (warmup_steps + 1)``: small but positive at step 0, so the first update
+        already moves the weights, and exactly 1 at ``step == warmup_steps``.
+    total_steps
+        Step at which the cosine reaches ``min_lr_ratio``. For every ``step >= total_steps``
+        the multiplier is exactly ``min_lr_ratio``: the schedule never rises again. If
+        ``total_steps <= 0`` there is no decay: warmup, then 1 for good. If
+        ``warmup_steps >= total_steps > 0`` the warmup is cut short at ``total_steps`` and the
+        floor follows.
+    min_lr_ratio
+        Floor of the multiplier, in ``[0, 1]``.
+
+    Returns
+    -------
+    The multiplier, in ``[0, 1]``.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
+    if total_steps > 0 and step >= total_steps:
+        return float(min_lr_ratio)
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if total_steps <= 0:
+        return 1.0
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Wrap :func:`cosine_with_warmup` in a ``LambdaLR`` stepped once per optimizer step.
+
+    Every parameter group keeps its own base learning rate; the multiplier scales each.
+
+    Parameters
+    ----------
+    optimizer
+        The optimizer whose groups' ``lr`` are the peak learning rates.
+    warmup_steps, total_steps, min_lr_ratio
+        See :func:`cosine_with_warmup`.
+
+    Returns
+    -------
+    The scheduler; with Lightning use ``{"scheduler": s, "interval": "step"}``.
+    """
+    if 0 < total_steps <= warmup_steps:
+        warnings.warn(
+            f"warmup_steps ({warmup_steps}) >= total_steps ({total_steps}): the learning rate "
+            f"never reaches its peak and drops to min_lr_ratio ({min_lr_ratio}) at step "
+            f"{total_steps}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    # Validate the arguments now rather than at the first step.
+    cosine_with_warmup(
+        0, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+    )
+    schedule = functools.partial(
+        cosine_with_warmup,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
