@@ -488,6 +488,7 @@ class ScForge(BaseModelClass):
             backbone_lr=backbone_lr,
             head_lr=head_lr,
             seed=seed,
+            checkpoint_metadata={"config": self.pretrained_config(), "vocab": self.vocab.to_dict()},
         )
         trainable, total = count_parameters(self.module)
         logger.info(
@@ -509,7 +510,6 @@ class ScForge(BaseModelClass):
             **trainer_kwargs,
         )
         runner()
-        self.module.requires_grad_(True) if strategy == "full" else None
         self.train_indices_, self.validation_indices_, self.test_indices_ = (
             train_idx, val_idx, test_idx
         )
@@ -535,6 +535,7 @@ class ScForge(BaseModelClass):
                     "strategy='gradual_unfreeze' with freeze_backbone_epochs=0 trains the "
                     "backbone from the start (same as 'full').", UserWarning, stacklevel=3,
                 )
+            backbone.requires_grad_(freeze_epochs <= 0)
             callbacks.append(GradualUnfreezing(freeze_epochs))
         elif strategy == "lora":
             if freeze_epochs:
@@ -644,3 +645,182 @@ class ScForge(BaseModelClass):
     def _record(self, adata: AnnData, what: str, **params: Any) -> None:
         uns = adata.uns.setdefault(OUT.UNS, {})
         uns[what] = {"params": {**params, "tokenizer": self.tokenizer.strategy}}
+
+    # -- prediction --------------------------------------------------------------------------
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        key_added: str = OUT.PREDICTION,
+        batch_size: int | None = None,
+        return_probabilities: bool = False,
+    ) -> pd.DataFrame | None:
+        """Predict labels (or regression targets) and write them into ``adata``.
+
+        Sets ``adata.obs[key_added]`` (the predicted class, categorical),
+        ``adata.obs["scforge_confidence"]`` (its probability) and
+        ``adata.obsm["scforge_probabilities"]`` (all class probabilities, columns in
+        ``model.class_names_`` order). With a regression head, ``adata.obs[key_added]`` holds
+        the predicted value. A query AnnData needs no label column; its genes may be in any
+        order or a subset (mapped through the vocabulary).
+
+        Returns
+        -------
+        The probabilities as a DataFrame when ``return_probabilities`` is True.
+        """
+        adata = self._validate_anndata(adata)
+        if self.module.classifier is None and self.module.regressor is None:
+            raise ValueError(
+                "This model has no task head: register labels with "
+                "setup_anndata(adata, labels_key=...) and fine-tune before predicting."
+            )
+        head = self.module.classifier or self.module.regressor
+        outputs = []
+        with torch.inference_mode():
+            for out in self._forward_batches(adata, None, batch_size):
+                outputs.append(head(out["embedding"]).float().cpu())
+        values = torch.cat(outputs)
+        base = key_added.removesuffix("_prediction") if key_added.endswith("_prediction") else key_added
+        if self.module.classifier is None:
+            adata.obs[key_added] = values.squeeze(-1).numpy()
+            self._record(adata, "predict", key_added=key_added)
+            return None
+        probs = torch.softmax(values, dim=-1).numpy()
+        best = probs.argmax(1)
+        names = np.asarray(self.class_names_)
+        adata.obs[key_added] = pd.Categorical(names[best], categories=self.class_names_)
+        adata.obs[f"{base}_confidence"] = probs.max(1)
+        adata.obsm[f"{base}_probabilities"] = probs
+        self._record(adata, "predict", key_added=key_added, class_names=list(self.class_names_))
+        logger.info(
+            f"Added adata.obs[{key_added!r}], adata.obs['{base}_confidence'] and "
+            f"adata.obsm['{base}_probabilities']."
+        )
+        if return_probabilities:
+            return pd.DataFrame(probs, index=adata.obs_names, columns=self.class_names_)
+        return None
+
+    def evaluate(self, adata: AnnData | None = None, indices: Sequence[int] | None = None) -> dict:
+        """Classification metrics on held-out cells (default: the test split of training).
+
+        Returns
+        -------
+        ``accuracy``, ``macro_f1``, ``weighted_f1``, ``per_class_f1`` (dict), ``n_cells`` and
+        the ``confusion`` matrix (DataFrame, rows true, columns predicted).
+        """
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+        adata = self._validate_anndata(adata)
+        if indices is None:
+            indices = getattr(self, "test_indices_", None)
+            if indices is None or len(indices) == 0:
+                raise ValueError(
+                    "No held-out test cells: train with train_size + validation_size < 1, or "
+                    "pass indices=..."
+                )
+        indices = np.asarray(indices)
+        labels_key = self._setup_arg("labels_key")
+        truth = adata.obs[labels_key].astype(str).to_numpy()[indices]
+        keep = np.isin(truth, self.class_names_)
+        sub = adata[indices[keep]].copy()
+        probs = self.predict(sub, return_probabilities=True)
+        pred = np.asarray(self.class_names_)[probs.to_numpy().argmax(1)]
+        truth = truth[keep]
+        labels = self.class_names_
+        per_class = f1_score(truth, pred, labels=labels, average=None, zero_division=0)
+        return {
+            "n_cells": int(keep.sum()),
+            "accuracy": float(accuracy_score(truth, pred)),
+            "macro_f1": float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0)),
+            "weighted_f1": float(
+                f1_score(truth, pred, labels=labels, average="weighted", zero_division=0)
+            ),
+            "per_class_f1": dict(zip(labels, map(float, per_class))),
+            "confusion": pd.DataFrame(
+                confusion_matrix(truth, pred, labels=labels), index=labels, columns=labels
+            ),
+        }
+
+    # -- pretrained directories --------------------------------------------------------------
+    def pretrained_config(self) -> dict[str, Any]:
+        """The JSON-serialisable description of this model (``config.json``)."""
+        from scforge_scvi import __version__
+
+        params = dict(self.init_params_["non_kwargs"])
+        params.pop("vocab", None)
+        params.pop("lora", None)
+        return {
+            "model_class": type(self).__name__,
+            "scforge_version": __version__,
+            "init_params": params,
+            "backbone": self.backbone_config.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "class_names": list(self.class_names_),
+            "labels_key": self._setup_arg("labels_key"),
+        }
+
+    def save_pretrained(self, path: str, *, overwrite: bool = True) -> None:
+        """Save ``config.json``, ``model.safetensors`` and ``gene_vocab.json`` to ``path``.
+
+        LoRA adapters, if any, are merged into the saved weights, so the directory loads as
+        a plain model. The write is atomic: an interrupted save leaves a previous model at
+        ``path`` intact.
+        """
+        from scforge_scvi.io import write_pretrained
+
+        write_pretrained(
+            path, self.pretrained_config(), self.vocab, self._merged_state_dict(),
+            overwrite=overwrite,
+        )
+        logger.info(f"Saved pretrained model to {path}.")
+
+    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.lora_ is None:
+            return self.module.state_dict()
+        import copy
+
+        from scforge_scvi.train import merge_lora
+
+        module = copy.deepcopy(self.module)
+        merge_lora(module.backbone)
+        return module.state_dict()
+
+    @classmethod
+    def from_pretrained(cls, path: str, adata: AnnData, **kwargs: Any) -> ScForge:
+        """Build a model on ``adata`` from a pretrained directory or scforge ``.ckpt``.
+
+        Loads weights only (a later :meth:`train` starts a fresh optimizer and schedule).
+        The saved vocabulary and per-gene statistics are used, never refitted, so genes of
+        ``adata`` in another order or a subset map correctly. A classification head fitted
+        for the same labels is kept; otherwise a new head is initialised for the labels
+        registered on ``adata``.
+
+        Parameters
+        ----------
+        path
+            Pretrained directory (``config.json`` + ``model.safetensors`` +
+            ``gene_vocab.json``) or a Lightning ``.ckpt`` written during scforge training.
+        adata
+            AnnData registered with :meth:`setup_anndata`.
+        **kwargs
+            Init arguments to override (e.g. ``dropout``). Architecture arguments that differ
+            from the checkpoint raise an error starting "Checkpoint dimension mismatch".
+        """
+        from scforge_scvi.io import check_architecture, load_weights, read_pretrained
+
+        pretrained = read_pretrained(path)
+        params = pretrained.init_params
+        check_architecture(params, kwargs, source=f"the requested {cls.__name__} arguments")
+        params.update(kwargs)
+        model = cls(adata, vocab=pretrained.vocab, **params)
+        same_labels = pretrained.class_names == model.class_names_
+        skip = () if same_labels else ("classifier.", "regressor.")
+        if not same_labels and pretrained.class_names and model.class_names_:
+            logger.info(
+                f"The checkpoint's classifier was fitted for labels {pretrained.class_names}; "
+                f"this data has {model.class_names_}: a new classification head is initialised."
+            )
+        model.load_report_ = load_weights(model.module, pretrained.state_dict, skip_prefixes=skip)
+        model.module.eval()
+        return model

@@ -59,6 +59,10 @@ class ScForgeTrainingPlan(TrainingPlan):
         reproducible.
     class_weights
         Optional per-class weights of the classification loss.
+    checkpoint_metadata
+        JSON-like description of the model (config and vocabulary) stored in every Lightning
+        checkpoint under ``"scforge"``, so that a ``.ckpt`` loads with ``weights_only=True``
+        into fine-tuning, benchmarking and export.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         head_lr: float | None = None,
         seed: int = 0,
         class_weights: torch.Tensor | None = None,
+        checkpoint_metadata: dict | None = None,
     ) -> None:
         super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW")
         self.objective = objective
@@ -85,6 +90,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         self.head_lr = lr if head_lr is None else head_lr
         self.seed = int(seed)
         self.class_weights = class_weights
+        self.checkpoint_metadata = checkpoint_metadata
 
     # -- steps -------------------------------------------------------------------------------
     def _mask_generator(self, stage: str, batch_idx: int) -> torch.Generator:
@@ -125,6 +131,10 @@ class ScForgeTrainingPlan(TrainingPlan):
             gene_loss = out.extra_metrics["gene_loss"]
             self.log("val_perplexity", torch.exp(gene_loss), on_epoch=True,
                      batch_size=out.n_obs_minibatch, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_metadata is not None:
+            checkpoint["scforge"] = self.checkpoint_metadata
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

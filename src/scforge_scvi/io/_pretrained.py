@@ -1,0 +1,213 @@
+"""Pretrained model directories: ``config.json`` + ``model.safetensors`` + ``gene_vocab.json``.
+
+Nothing here unpickles: configuration is JSON, weights are safetensors, and a Lightning
+``.ckpt`` written by scforge is read with ``torch.load(weights_only=True)``. Directories are
+written into a temporary sibling and swapped into place, so an interrupted save never leaves a
+half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scforge_scvi._logging import logger
+from scforge_scvi.data import GeneVocab
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+VOCAB_NAME = "gene_vocab.json"
+FORMAT_NAME = "scforge-pretrained"
+FORMAT_VERSION = 1
+
+# init arguments that fix tensor shapes: they must match between checkpoint and model
+ARCHITECTURE_KEYS = (
+    "tokenizer", "hidden_dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len", "n_bins",
+    "activation", "pooling", "prepend_cls", "max_genes",
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's architecture differs from the requested one."""
+
+
+@dataclass
+class Pretrained:
+    """What a pretrained directory or scforge ``.ckpt`` holds."""
+
+    config: dict[str, Any]
+    vocab: GeneVocab
+    state_dict: dict[str, torch.Tensor]
+    source: str = ""
+
+    @property
+    def init_params(self) -> dict[str, Any]:
+        return dict(self.config["init_params"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.get("class_names", []))
+
+
+@dataclass
+class LoadReport:
+    """Which parameters were loaded, skipped and newly initialised."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (
+            f"{len(self.loaded)} tensors loaded, {len(self.skipped)} skipped, "
+            f"{len(self.initialised)} newly initialised"
+        )
+        if self.initialised:
+            text += f" ({_preview(self.initialised)})"
+        if self.skipped:
+            text += f"; skipped: {_preview(self.skipped)}"
+        return text
+
+
+def _preview(keys: list[str], k: int = 4) -> str:
+    heads = sorted({key.split(".")[0] for key in keys})
+    return ", ".join(heads[:k]) + (", ..." if len(heads) > k else "")
+
+
+def _json_dump(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_pretrained(
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    vocab: GeneVocab,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Write a pretrained directory atomically (temporary sibling, then swap)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _json_dump({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **config},
+                   tmp / CONFIG_NAME)
+        vocab.save(tmp / VOCAB_NAME)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_pretrained(path: str | os.PathLike) -> Pretrained:
+    """Read a pretrained directory or an scforge Lightning checkpoint (weights only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No pretrained model at {path}.")
+    if path.is_file():
+        return _read_checkpoint(path)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME) if not (path / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a pretrained scforge directory: missing {missing} "
+            f"(expected {CONFIG_NAME}, {WEIGHTS_NAME} and {VOCAB_NAME})."
+        )
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / CONFIG_NAME} is not valid JSON: {err}") from err
+    if config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path / CONFIG_NAME} is not an scforge config (format {FORMAT_NAME!r}).")
+    try:
+        state_dict = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} is truncated or corrupt and cannot be read ({err}); "
+            "no model was built. Re-export it from the training run."
+        ) from err
+    return Pretrained(config, GeneVocab.load(path / VOCAB_NAME), state_dict, str(path))
+
+
+def _read_checkpoint(path: Path) -> Pretrained:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not ours / corrupt"
+        raise ValueError(f"{path} could not be read as a checkpoint ({err}).") from err
+    meta = ckpt.get("scforge") if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise ValueError(
+            f"{path} is not a checkpoint written by scforge (no 'scforge' metadata); pass a "
+            "pretrained directory (config.json + model.safetensors + gene_vocab.json) instead."
+        )
+    prefix = "module."
+    state_dict = {
+        k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
+    }
+    return Pretrained(meta["config"], GeneVocab.from_dict(meta["vocab"]), state_dict, str(path))
+
+
+def check_architecture(saved: dict[str, Any], requested: dict[str, Any], source: str) -> None:
+    """Raise ``CheckpointMismatchError`` naming every architecture field that differs."""
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, requested {requested[key]!r}"
+        for key in ARCHITECTURE_KEYS
+        if key in requested and requested[key] is not None and requested[key] != saved.get(key)
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"Checkpoint dimension mismatch with {source}: " + "; ".join(diffs)
+            + ". Use the checkpoint's architecture (see its config.json)."
+        )
+
+
+def load_weights(
+    module: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    skip_prefixes: tuple[str, ...] = (),
+) -> LoadReport:
+    """Load matching tensors into ``module`` and report what was loaded, skipped, initialised.
+
+    Tensors under ``skip_prefixes`` (e.g. a classifier fitted for other labels) are skipped.
+    Any other tensor of a different shape is an architecture mismatch: an error.
+    """
+    own = module.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for key, value in state_dict.items():
+        if key.startswith(skip_prefixes) or key not in own:
+            report.skipped.append(key)
+        elif own[key].shape != value.shape:
+            raise CheckpointMismatchError(
+                f"Checkpoint dimension mismatch for {key}: checkpoint {tuple(value.shape)}, "
+                f"model {tuple(own[key].shape)}."
+            )
+        else:
+            to_load[key] = value
+            report.loaded.append(key)
+    report.initialised = [k for k in own if k not in to_load]
+    missing, unexpected = module.load_state_dict(to_load, strict=False)
+    assert not unexpected, unexpected
+    logger.info(f"Loaded pretrained weights: {report.summary()}.")
+    return report

@@ -1,0 +1,1192 @@
+"""``ScForgePerturb``: perturbation-response prediction on sets of cells.
+
+The model predicts how a population of control cells of a cell type changes under a
+perturbation, in the space that is evaluated: log1p-normalised expression of the registered
+genes, computed on the fly from raw counts (:func:`~scforge_scvi.data._preprocess.log_normalize`).
+The network is :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`; training is
+:class:`~scforge_scvi.train._perturb_plan.PerturbTrainingPlan` on batches of cell sets drawn by
+:class:`PerturbSetDataModule` (standard per-cell loaders do not fit sets).
+
+Checkpoints: the weights with the lowest validation loss (``best``) and those at the end of
+training (``final``) are kept in memory, and, with ``checkpoint_dir``, written as pretrained
+directories (``config.json`` + ``model.safetensors``) beside Lightning's resumable
+``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses ``best`` by default.
+Initialising from a checkpoint (:meth:`ScForgePerturb.from_pretrained`) loads weights only;
+resuming (``train(resume_from=...)``) restores optimizer, scheduler, step and callbacks, and
+only for the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file, save_file
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass
+from scvi.train import Trainer, TrainRunner
+from scvi.utils import setup_anndata_dsp
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from scforge_scvi.data._perturb_data import (
+    normalize_split_labels,
+    sample_cell_sets,
+    validate_perturbation_adata,
+)
+from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
+from scforge_scvi.nn._perturb import PerturbConfig, PerturbationSetModel
+from scforge_scvi.train._perturb_plan import (
+    CHECKPOINT_KEY,
+    BackboneFreezing,
+    BestWeights,
+    PerturbTrainingConfig,
+    PerturbTrainingPlan,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _PerturbRegistryKeys(NamedTuple):
+    X_KEY: str = REGISTRY_KEYS.X_KEY
+    PERTURBATION_KEY: str = "perturbation"
+    CELL_TYPE_KEY: str = "cell_type"
+    BATCH_KEY: str = REGISTRY_KEYS.BATCH_KEY
+
+
+PERTURB_REGISTRY_KEYS = _PerturbRegistryKeys()
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_NAMES = ("best", "final", "last")
+BASAL_INPUTS = ("log1p", "counts")
+_KEYS = PERTURB_REGISTRY_KEYS
+
+
+class _PerturbModule(PerturbationSetModel):
+    """The set model with the two hooks scvi-tools' model class expects of a module."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def on_load(self, model: BaseModelClass, **kwargs: Any) -> None:
+        """Nothing to prepare before ``load_state_dict`` (called by ``BaseModelClass.load``)."""
+
+
+class _PerturbTrainer(Trainer):
+    """scvi-tools' Trainer that accepts a plain Lightning ``ModelCheckpoint``.
+
+    scvi's Trainer adds its own model-saving checkpoint whenever checkpointing is enabled;
+    resumable ``.ckpt`` files need Lightning's, which is attached after construction.
+    """
+
+    def __init__(
+        self, *args: Any, checkpoint_callback: ModelCheckpoint | None = None, **kwargs: Any
+    ):
+        super().__init__(*args, **kwargs)
+        if checkpoint_callback is not None:
+            self.callbacks.append(checkpoint_callback)
+
+
+class _PerturbTrainRunner(TrainRunner):
+    _trainer_cls = _PerturbTrainer
+
+
+# ------------------------------------------------------------------------------ set data
+class _Cells(NamedTuple):
+    """Everything the set loaders read, one row per cell."""
+
+    log1p: sp.csr_matrix
+    counts: sp.csr_matrix | None
+    perturbation: np.ndarray
+    cell_type: np.ndarray
+    batch: np.ndarray
+
+
+class CellSetBatches(Dataset):
+    """Batches of cell sets: item ``i`` is the ``i``-th batch of the current epoch's sets.
+
+    Parameters
+    ----------
+    cells
+        The cells.
+    groups, pools
+        Target cells and basal pool of each group (see
+        :func:`~scforge_scvi.data._perturb_data.sample_cell_sets`).
+    group_perturbation, group_batch
+        Perturbation and batch code of each group.
+    set_len, sets_per_batch
+        Cells per set and sets per batch.
+    seed
+        Seed; the sets of epoch ``e`` are drawn from ``(seed, e)``.
+    resample
+        Draw new sets every epoch (training). ``False`` keeps the sets of epoch 0, so that
+        the validation loss is measured on the same sets every epoch.
+    """
+
+    def __init__(
+        self,
+        cells: _Cells,
+        groups: list[np.ndarray],
+        pools: list[np.ndarray],
+        group_perturbation: np.ndarray,
+        group_batch: np.ndarray,
+        *,
+        set_len: int,
+        sets_per_batch: int,
+        seed: int,
+        resample: bool,
+        with_batch: bool,
+        with_counts: bool,
+    ) -> None:
+        self.cells = cells
+        self.groups, self.pools = groups, pools
+        self.group_perturbation, self.group_batch = group_perturbation, group_batch
+        self.set_len, self.sets_per_batch = set_len, sets_per_batch
+        self.seed, self.resample = seed, resample
+        self.with_batch, self.with_counts = with_batch, with_counts
+        self.epoch: int | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the sets of ``epoch`` (once only when not resampling)."""
+        if self.epoch is not None and (not self.resample or epoch == self.epoch):
+            return
+        rng = np.random.default_rng([self.seed, epoch if self.resample else 0])
+        self.target, self.basal, self.group = sample_cell_sets(
+            self.groups, self.pools, self.set_len, rng, shuffle=self.resample
+        )
+        self.epoch = epoch
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.group)
+
+    def __len__(self) -> int:
+        return -(-self.n_sets // self.sets_per_batch)
+
+    def _dense(self, matrix: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
+        x = matrix[rows.ravel()].toarray().astype(np.float32, copy=False)
+        return torch.from_numpy(x).view(*rows.shape, -1)  # (B, S, G)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sl = slice(i * self.sets_per_batch, (i + 1) * self.sets_per_batch)
+        target, basal, group = self.target[sl], self.basal[sl], self.group[sl]
+        batch = {
+            "basal": self._dense(self.cells.log1p, basal),
+            "target": self._dense(self.cells.log1p, target),
+            "perturbation": torch.as_tensor(self.group_perturbation[group], dtype=torch.long),
+        }
+        if self.with_batch:
+            batch["batch"] = torch.as_tensor(self.group_batch[group], dtype=torch.long)
+        if self.with_counts:
+            batch["basal_input"] = self._dense(self.cells.counts, basal)
+        return batch
+
+
+class _EpochSampler(Sampler[int]):
+    """Yields batch indices in order and passes Lightning's ``set_epoch`` to the dataset."""
+
+    def __init__(self, dataset: CellSetBatches) -> None:
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(range(len(self.dataset)))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class PerturbSetDataModule(pl.LightningDataModule):
+    """Training and validation cell sets drawn from one registered AnnData.
+
+    Groups are (perturbation, cell type, batch); the target cells of a group are those of the
+    stage's split. Basal cells are controls of the same cell type and batch: for training,
+    training-split controls only; for validation, every control of the group (few-shot
+    held-out perturbations keep their controls in training). Control groups are trained too
+    (their target is other control cells).
+
+    Parameters
+    ----------
+    cells
+        The cells.
+    split
+        ``"train" / "val" / "test"`` per cell.
+    control_code
+        Perturbation code of the control.
+    set_len, sets_per_batch, seed
+        See :class:`CellSetBatches`.
+    with_batch, with_counts
+        Emit the batch code per set / the basal raw counts (for a counts-reading encoder).
+    """
+
+    def __init__(
+        self,
+        cells: _Cells,
+        split: np.ndarray,
+        control_code: int,
+        *,
+        set_len: int,
+        sets_per_batch: int,
+        seed: int,
+        with_batch: bool,
+        with_counts: bool,
+    ) -> None:
+        super().__init__()
+        self.cells, self.split, self.control_code = cells, split, control_code
+        self.kwargs = {
+            "set_len": set_len,
+            "sets_per_batch": sets_per_batch,
+            "seed": seed,
+            "with_batch": with_batch,
+            "with_counts": with_counts,
+        }
+        self.train_sets = self._build("train")
+        self.val_sets = self._build("val")
+        if self.train_sets is None:
+            raise ValueError("There are no training cells: every cell is in the val/test split.")
+
+    def _build(self, stage: str) -> CellSetBatches | None:
+        cells = self.cells
+        is_control = cells.perturbation == self.control_code
+        in_stage = self.split == stage
+        if not in_stage.any():
+            return None
+        keys = pd.DataFrame(
+            {
+                "p": cells.perturbation,
+                "c": cells.cell_type,
+                "b": cells.batch,
+                "row": np.arange(len(self.split)),
+            }
+        )
+        pool_rows = is_control & (self.split == "train") if stage == "train" else is_control
+        pools = keys[pool_rows].groupby(["c", "b"])["row"].apply(np.asarray).to_dict()
+        groups, group_pools, perts, batches = [], [], [], []
+        for (p, c, b), rows in keys[in_stage].groupby(["p", "c", "b"])["row"]:
+            pool = pools.get((c, b))
+            if pool is None:
+                raise ValueError(
+                    f"Cells of the {stage} split (cell type code {c}, batch code {b}) have no "
+                    "control cells to use as basal cells in that split; keep the controls of "
+                    "held-out perturbations in training (cell-load's few-shot layout)."
+                )
+            groups.append(rows.to_numpy())
+            group_pools.append(pool)
+            perts.append(p)
+            batches.append(b)
+        return CellSetBatches(
+            cells,
+            groups,
+            group_pools,
+            np.asarray(perts),
+            np.asarray(batches),
+            resample=stage == "train",
+            **self.kwargs,
+        )
+
+    def _loader(self, dataset: CellSetBatches | None) -> DataLoader | list:
+        if dataset is None:
+            return []
+        return DataLoader(dataset, batch_size=None, sampler=_EpochSampler(dataset))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_sets)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_sets)
+
+
+# --------------------------------------------------------------------------- model class
+def _perturbation_table(
+    features: pd.DataFrame | Mapping[str, Sequence[float]], categories: Sequence[str], control: str
+) -> torch.Tensor:
+    """Rows of a user table in category order; the control's row is a placeholder."""
+    table = (
+        features
+        if isinstance(features, pd.DataFrame)
+        else pd.DataFrame.from_dict(
+            {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}, orient="index"
+        )
+    )
+    table.index = table.index.astype(str)
+    if table.index.has_duplicates:
+        dupes = sorted(set(table.index[table.index.duplicated()]))
+        raise ValueError(f"The perturbation table has duplicate rows for {dupes}.")
+    missing = [c for c in categories if c != control and c not in table.index]
+    if missing:
+        raise ValueError(
+            f"Perturbations {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"({len(missing)} in all) are missing from the perturbation feature table; every "
+            "perturbation needs a row (a missing one is never replaced by zeros). The control "
+            "needs none: it has its own learned vector."
+        )
+    values = np.zeros((len(categories), table.shape[1]), dtype=np.float32)
+    for i, name in enumerate(categories):
+        if name != control:
+            values[i] = table.loc[name].to_numpy(dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("The perturbation feature table contains NaN or infinite values.")
+    return torch.from_numpy(values)
+
+
+def _remap(
+    source: torch.Tensor, target: torch.Tensor, old: list[str], new: list[str], axis: int
+) -> tuple[torch.Tensor, int] | None:
+    """Copy the entries of ``source`` whose names (along ``axis``) recur in ``new``.
+
+    Returns the merged tensor (``target``'s values for new names) and the number of matched
+    names, or ``None`` when the other axes do not fit.
+    """
+    other = [d for d in range(source.dim()) if d != axis]
+    if source.dim() != target.dim() or any(source.shape[d] != target.shape[d] for d in other):
+        return None
+    position = {name: i for i, name in enumerate(old)}
+    pairs = [(j, position[name]) for j, name in enumerate(new) if name in position]
+    out = target.detach().clone()
+    if pairs:
+        dst, src = (torch.tensor(x, dtype=torch.long) for x in zip(*pairs))
+        out.index_copy_(axis, dst, source.index_select(axis, src).to(out.dtype))
+    return out, len(pairs)
+
+
+class ScForgePerturb(BaseModelClass):
+    """Predict perturbation responses of cell populations (a State-Transition-style model).
+
+    A set of ``cell_set_len`` control cells of one cell type (and batch) and a perturbation
+    go in; the same number of perturbed cells come out, as log1p-normalised expression of the
+    registered genes. See :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Used by :meth:`load`; leave ``None``.
+    hidden_dim, num_layers, num_heads, ffn_dim, activation
+        Shape of the set transformer.
+    encoder_hidden_dim
+        Inner width of the perturbation / basal encoders and of the decoder.
+    dropout
+        Dropout everywhere in the network.
+    cell_set_len
+        Cells per set.
+    perturbation_features
+        ``None`` for one-hot perturbations, or a table ``perturbation name -> vector``
+        (DataFrame indexed by name, or a mapping), e.g. protein-language-model embeddings of
+        the target genes. Every perturbation except the control needs a row; the control has
+        its own learned vector.
+    basal_encoder
+        Hook for a pretrained cell encoder (e.g. a ScForge backbone) as the basal encoder: a
+        module mapping ``(N, n_genes)`` tensors (see ``basal_input``) to ``(N, basal_dim)``
+        cell embeddings, differentiable so that it can be fine-tuned. ``None`` uses an MLP on
+        the log1p expression. The output stays in gene space either way. A pluggable encoder
+        belongs to the backbone (frozen by ``freeze_backbone``).
+    basal_dim
+        Output width of ``basal_encoder``.
+    basal_input
+        What ``basal_encoder`` reads: ``"log1p"`` expression or raw ``"counts"``.
+
+    Examples
+    --------
+    >>> ScForgePerturb.setup_anndata(adata, "target_gene", "non-targeting", cell_type_key="cell_type")
+    >>> model = ScForgePerturb(adata, cell_set_len=32)
+    >>> model.train(max_epochs=20, split_key="split", checkpoint_dir="runs/perturb")
+    >>> pred = model.predict(adata[adata.obs["split"] == "test"])   # uses the best checkpoint
+    """
+
+    _module_cls = _PerturbModule
+    _training_plan_cls = PerturbTrainingPlan
+    _data_module_cls = PerturbSetDataModule
+    _train_runner_cls = _PerturbTrainRunner
+
+    def __init__(
+        self,
+        adata: ad.AnnData | None = None,
+        registry: dict | None = None,
+        *,
+        hidden_dim: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ffn_dim: int | None = None,
+        encoder_hidden_dim: int = 256,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        cell_set_len: int = 32,
+        perturbation_features: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
+        basal_encoder: nn.Module | None = None,
+        basal_dim: int | None = None,
+        basal_input: str = "log1p",
+    ) -> None:
+        super().__init__(adata, registry)
+        if basal_input not in BASAL_INPUTS:
+            raise ValueError(f"basal_input must be one of {BASAL_INPUTS}, got {basal_input!r}.")
+        if basal_input == "counts" and basal_encoder is None:
+            raise ValueError("basal_input='counts' needs a basal_encoder that reads counts.")
+        setup = self.registry_["setup_args"]
+        self.control_label_ = str(setup["control_label"])
+        self.perturbations_ = [str(x) for x in self._categories(_KEYS.PERTURBATION_KEY)]
+        self.cell_types_ = [str(x) for x in self._categories(_KEYS.CELL_TYPE_KEY)]
+        self.batches_ = [str(x) for x in self._categories(_KEYS.BATCH_KEY)]
+        self.genes_ = [str(g) for g in self.adata.var_names] if self.adata is not None else []
+        table = None
+        if perturbation_features is not None:
+            table = _perturbation_table(
+                perturbation_features, self.perturbations_, self.control_label_
+            )
+        config = PerturbConfig(
+            n_genes=int(self.summary_stats.n_vars),
+            n_perturbations=len(self.perturbations_),
+            control_index=self.perturbations_.index(self.control_label_),
+            perturbation_features="one_hot" if table is None else "table",
+            perturbation_dim=None if table is None else int(table.shape[1]),
+            n_batches=len(self.batches_) if setup.get("batch_key") else 0,
+            basal_dim=basal_dim,
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            activation=activation,
+            encoder_hidden_dim=encoder_hidden_dim,
+            dropout=dropout,
+            cell_set_len=cell_set_len,
+        )
+        self.module = self._module_cls(config, table, basal_encoder)
+        self.basal_input_ = basal_input
+        self.checkpoint_paths_: dict[str, str] = {}
+        self.best_epoch_: int | None = None
+        self.best_validation_loss_: float | None = None
+        self.training_time_s_: float | None = None
+        self._weights: dict[str, dict[str, torch.Tensor]] = {}
+        # parameters that were never trained or loaded: freezing them is an error
+        self._fresh_parameters = {n for n, _ in self.module.named_parameters()}
+        if basal_encoder is not None:  # a pretrained encoder comes with its weights
+            self._fresh_parameters -= {
+                f"basal_encoder.{n}" for n, _ in basal_encoder.named_parameters()
+            }
+        self.init_report_: dict[str, list[str]] = {}
+        self._model_summary_string = (
+            f"ScForgePerturb: {config.n_perturbations} perturbations "
+            f"({config.perturbation_features}), {config.n_genes} genes, set of "
+            f"{config.cell_set_len} cells, {self.module.num_parameters():,} parameters"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # -- registration ------------------------------------------------------------------------
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        perturbation_key: str,
+        control_label: str,
+        cell_type_key: str | None = None,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData of raw counts with its perturbations.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes with raw counts in ``X`` or ``layer``.
+        perturbation_key
+            ``adata.obs`` column with each cell's perturbation (controls included).
+        control_label
+            The value of that column for control cells, e.g. ``"non-targeting"``.
+        cell_type_key
+            ``adata.obs`` column with cell types; basal cells are sampled within a cell type.
+        batch_key
+            ``adata.obs`` column with batches; adds a batch embedding, and basal cells are
+            sampled within a cell type and batch.
+        layer
+            Layer with raw counts; ``None`` reads ``X``. The model's target is the
+            log1p-normalised expression computed from these counts.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        counts = adata.X if layer is None else adata.layers[layer]
+        check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+        validate_perturbation_adata(
+            adata, perturbation_key, control_label, cell_type_key, batch_key
+        )
+        fields = [
+            LayerField(_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(_KEYS.PERTURBATION_KEY, perturbation_key),
+            CategoricalObsField(_KEYS.CELL_TYPE_KEY, cell_type_key),
+            CategoricalObsField(_KEYS.BATCH_KEY, batch_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    def _categories(self, key: str) -> np.ndarray:
+        return np.asarray(
+            self.registry_["field_registries"][key]["state_registry"]["categorical_mapping"]
+        )
+
+    def _read_cells(self, adata: ad.AnnData) -> _Cells:
+        manager = self.get_anndata_manager(adata, required=True)
+        counts = sp.csr_matrix(manager.get_from_registry(_KEYS.X_KEY), dtype=np.float32)
+
+        def codes(key: str) -> np.ndarray:
+            return np.asarray(manager.get_from_registry(key)).ravel().astype(np.int64)
+
+        return _Cells(
+            log1p=log_normalize(counts),
+            counts=counts if self.basal_input_ == "counts" else None,
+            perturbation=codes(_KEYS.PERTURBATION_KEY),
+            cell_type=codes(_KEYS.CELL_TYPE_KEY),
+            batch=codes(_KEYS.BATCH_KEY),
+        )
+
+    @property
+    def _setup(self) -> dict[str, Any]:
+        return self.registry_["setup_args"]
+
+    @property
+    def _control_code(self) -> int:
+        return self.perturbations_.index(self.control_label_)
+
+    def _check_genes(self, adata: ad.AnnData) -> None:
+        names = [str(g) for g in adata.var_names]
+        if names != self.genes_:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(names, self.genes_)) if a != b),
+                min(len(names), len(self.genes_)),
+            )
+            raise ValueError(
+                f"The AnnData's genes ({len(names)}) differ from the model's genes "
+                f"({len(self.genes_)}) in name or order, first at position {first}; subset and "
+                "reorder it with adata[:, model.genes_]."
+            )
+
+    # -- training ----------------------------------------------------------------------------
+    def _split(self, split_key: str | None, validation_size: float, seed: int) -> np.ndarray:
+        adata = self.adata
+        if split_key is not None:
+            if split_key not in adata.obs:
+                raise KeyError(
+                    f"Split column {split_key!r} is not in adata.obs; available columns: "
+                    f"{list(adata.obs.columns)}. Write one with assign_perturbation_split."
+                )
+            return normalize_split_labels(adata.obs[split_key], split_key)
+        if not 0.0 <= validation_size < 1.0:
+            raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+        # random held-out cells of every perturbed group (in-distribution validation)
+        rng = np.random.default_rng(seed)
+        split = np.full(adata.n_obs, "train", dtype=object)
+        is_val = rng.random(adata.n_obs) < validation_size
+        perts = adata.obs[self._setup["perturbation_key"]].astype(str).to_numpy()
+        split[is_val & (perts != self.control_label_)] = "val"
+        return split
+
+    def _run_metadata(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self._config_dict(), "data": data}
+
+    def train(
+        self,
+        max_epochs: int = 20,
+        *,
+        lr: float = 1e-3,
+        backbone_lr: float | None = None,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        energy_weight: float = 1.0,
+        mean_mse_weight: float = 1.0,
+        freeze_backbone: bool = False,
+        freeze_backbone_epochs: int | None = None,
+        unfreeze_warmup_steps: int | None = None,
+        gradient_clip_val: float | None = 1.0,
+        sets_per_batch: int = 16,
+        split_key: str | None = None,
+        validation_size: float = 0.1,
+        checkpoint_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Train on cell sets, keeping the weights with the lowest validation loss.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells (each cell is a target once per epoch).
+        lr, backbone_lr, weight_decay, warmup_steps, min_lr_ratio
+            AdamW and its per-step warmup + cosine schedule (``backbone_lr=None``: ``lr``).
+        energy_weight, mean_mse_weight
+            Weights of the per-set energy distance and of the set-mean MSE; both terms are
+            logged on their own (``{train,validation}_energy``, ``..._mean_mse``) beside the
+            total (``..._loss``).
+        freeze_backbone, freeze_backbone_epochs, unfreeze_warmup_steps
+            Freeze the set transformer (and a pluggable basal encoder) for
+            ``freeze_backbone_epochs`` epochs (``None``: the whole run), then unfreeze it with
+            a warmup + cosine of its own. Freezing parameters that were never trained or
+            loaded is an error.
+        gradient_clip_val
+            Gradient-norm clipping (``None``: off).
+        sets_per_batch
+            Cell sets per optimizer step.
+        split_key
+            ``adata.obs`` column with ``train`` / ``val`` / ``test`` per cell (see
+            :func:`~scforge_scvi.data._perturb_data.assign_perturbation_split`); test cells
+            are never read. ``None``: a random ``validation_size`` of each perturbation's
+            cells validates.
+        validation_size
+            See ``split_key``.
+        checkpoint_dir
+            Write ``best.ckpt`` and ``last.ckpt`` (resumable) and the pretrained directories
+            ``best/`` and ``final/`` here.
+        resume_from
+            A ``last.ckpt`` to resume: optimizer, scheduler, step and callbacks are restored.
+            Only a run with the same configuration can be resumed. To start a new fine-tuning
+            run from trained weights, use :meth:`from_pretrained` instead.
+        seed
+            Seeds the split (without ``split_key``) and the cell sets.
+        accelerator, devices, **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``, ``enable_progress_bar``).
+        """
+        config = PerturbTrainingConfig(
+            lr=lr,
+            backbone_lr=backbone_lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            energy_weight=energy_weight,
+            mean_mse_weight=mean_mse_weight,
+            freeze_backbone=freeze_backbone,
+            freeze_backbone_epochs=freeze_backbone_epochs,
+            unfreeze_warmup_steps=unfreeze_warmup_steps,
+        )
+        if freeze_backbone:
+            self._check_freezable()
+        data_config = {
+            "split_key": split_key,
+            "validation_size": validation_size,
+            "sets_per_batch": sets_per_batch,
+            "seed": seed,
+            "max_epochs": max_epochs,
+        }
+        metadata = self._run_metadata(data_config)
+        if resume_from is not None:
+            self._check_resumable(resume_from, {"training": config.to_dict(), **metadata})
+        split = self._split(split_key, validation_size, seed)
+        datamodule = self._data_module_cls(
+            self._read_cells(self.adata),
+            split,
+            self._control_code,
+            set_len=self.module.config.cell_set_len,
+            sets_per_batch=sets_per_batch,
+            seed=seed,
+            with_batch=self.module.config.n_batches > 0,
+            with_counts=self.basal_input_ == "counts",
+        )
+        plan = self._training_plan_cls(self.module, config, run_metadata=metadata)
+        best = BestWeights("validation_loss")
+        callbacks = [BackboneFreezing(), best, *trainer_kwargs.pop("callbacks", [])]
+        has_val = datamodule.val_sets is not None
+        checkpoint_callback = None
+        if checkpoint_dir is not None:
+            checkpoint_dir = Path(checkpoint_dir)
+            checkpoint_callback = ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                filename="best",
+                monitor="validation_loss" if has_val else None,
+                mode="min",
+                save_top_k=1 if has_val else 0,
+                save_last=True,
+                enable_version_counter=False,
+            )
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+        if has_val:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=datamodule,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            gradient_clip_val=gradient_clip_val,
+            callbacks=callbacks,
+            checkpoint_callback=checkpoint_callback,
+            ckpt_path=None if resume_from is None else str(resume_from),
+            **trainer_kwargs,
+        )
+        start = time.perf_counter()
+        runner()
+        self.training_time_s_ = time.perf_counter() - start
+        self._after_training(best, checkpoint_dir, has_val)
+
+    def _after_training(
+        self, best: BestWeights, checkpoint_dir: Path | None, has_val: bool
+    ) -> None:
+        final = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        best_state = best.best_state
+        if best_state is None and best.best_score is not None and checkpoint_dir is not None:
+            # resumed run whose best epoch came before the resume: read it back
+            best_state = self._state_from_lightning(checkpoint_dir / "best.ckpt")
+        if best_state is None:
+            if has_val:
+                logger.warning("No validation loss was recorded; 'best' is the final weights.")
+            else:
+                logger.warning(
+                    "No validation cells (no 'val' split): 'best' is the final weights. Declare "
+                    "held-out perturbations to select the checkpoint by validation loss."
+                )
+            best_state = final
+        self._weights = {"best": best_state, "final": final}
+        self.best_epoch_ = best.best_epoch
+        self.best_validation_loss_ = best.best_score
+        self._fresh_parameters = set()
+        self.module.load_state_dict(best_state)
+        self.module.eval()
+        for p in self.module.parameters():  # freezing is a training-time policy
+            p.requires_grad_(True)
+        if best.best_epoch is not None:
+            logger.info(
+                "Best validation loss %.4f at epoch %d; predict() uses these weights.",
+                best.best_score,
+                best.best_epoch,
+            )
+        if checkpoint_dir is not None:
+            self.checkpoint_paths_ = {"last": str(checkpoint_dir / "last.ckpt")}
+            for name in ("best", "final"):
+                path = checkpoint_dir / name
+                self.save_pretrained(path, checkpoint=name, overwrite=True)
+                self.checkpoint_paths_[name] = str(path)
+
+    def _check_freezable(self) -> None:
+        backbone = {
+            name
+            for name, p in self.module.named_parameters()
+            if any(p is q for m in self.module.backbone_modules() for q in m.parameters())
+        }
+        fresh = sorted(backbone & self._fresh_parameters)
+        if fresh:
+            raise ValueError(
+                f"freeze_backbone=True would freeze {len(fresh)} newly initialised backbone "
+                f"parameter tensors (e.g. {fresh[:3]}): they were never trained or loaded. "
+                "Initialise the backbone with ScForgePerturb.from_pretrained (checking the load "
+                "report), or train without freezing."
+            )
+
+    def _check_resumable(self, path: str | Path, expected: dict[str, Any]) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No checkpoint to resume at {path}.")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError(
+                f"{path} was not written by ScForgePerturb.train; it cannot be resumed."
+            )
+        differences = []
+        for section in ("training", "model", "data"):
+            old, new = saved.get(section, {}), expected.get(section, {})
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    differences.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        if differences:
+            raise ValueError(
+                "Cannot resume: the configuration differs from the checkpoint's "
+                f"({'; '.join(differences)}). Resuming restores optimizer and scheduler state and "
+                "is only valid for the same run; to fine-tune with new settings, start a new run "
+                "with ScForgePerturb.from_pretrained(checkpoint, adata) (weights only, fresh "
+                "optimizer and schedule)."
+            )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @staticmethod
+    def _state_from_lightning(path: Path) -> dict[str, torch.Tensor]:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        prefix = "module."
+        return {
+            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+        }
+
+    def use_checkpoint(self, checkpoint: str) -> None:
+        """Load the ``best``, ``final`` or ``last`` weights into the module.
+
+        ``best`` and ``final`` are kept in memory after :meth:`train` (and on disk with
+        ``checkpoint_dir``); ``last`` reads Lightning's ``last.ckpt``.
+        """
+        if checkpoint not in CHECKPOINT_NAMES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {checkpoint!r}.")
+        if checkpoint in self._weights:
+            state = self._weights[checkpoint]
+        elif checkpoint == "last" and "last" in self.checkpoint_paths_:
+            state = self._state_from_lightning(Path(self.checkpoint_paths_["last"]))
+        elif checkpoint in self.checkpoint_paths_:
+            state = load_file(str(Path(self.checkpoint_paths_[checkpoint]) / WEIGHTS_NAME))
+        else:
+            raise ValueError(
+                f"The {checkpoint!r} weights are not available: they exist after train() in "
+                "this session, or on disk when training had a checkpoint_dir."
+            )
+        self.module.load_state_dict(state)
+
+    def _config_dict(self) -> dict[str, Any]:
+        setup = self._setup
+        return {
+            "perturb_config": self.module.config.to_dict(),
+            "basal_input": self.basal_input_,
+            "genes": list(self.genes_),
+            "perturbations": list(self.perturbations_),
+            "batches": list(self.batches_),
+            "control_label": self.control_label_,
+            "setup": {
+                k: setup.get(k) for k in ("perturbation_key", "cell_type_key", "batch_key", "layer")
+            },
+        }
+
+    def save_pretrained(
+        self, path: str | Path, *, checkpoint: str | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write a pretrained directory: ``config.json`` and ``model.safetensors`` (no pickle).
+
+        Parameters
+        ----------
+        path
+            Directory to create.
+        checkpoint
+            ``"best"`` or ``"final"`` weights kept after training; ``None``: the weights in the
+            module now.
+        overwrite
+            Replace an existing directory's files.
+        """
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True.")
+        path.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            state = self.module.state_dict()
+        elif checkpoint in self._weights:
+            state = self._weights[checkpoint]
+        else:
+            raise ValueError(
+                f"No {checkpoint!r} weights in memory; available: {sorted(self._weights)} "
+                "(or pass checkpoint=None for the current weights)."
+            )
+        if self.module.external_basal_encoder:
+            raise NotImplementedError(
+                "save_pretrained does not yet write a pluggable basal encoder's definition; "
+                "use model.save() for such models."
+            )
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / WEIGHTS_NAME)
+        )
+        (path / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        adata: ad.AnnData,
+        **overrides: Any,
+    ) -> ScForgePerturb:
+        """Initialise a new model from trained weights: weights only, never training state.
+
+        The optimizer, schedule and step of the next :meth:`train` start fresh. Tensors indexed
+        by genes, perturbations or batches are matched by name (a new gene or perturbation gets
+        a fresh row); tensors whose shape does not fit are skipped. Everything is reported in
+        ``model.init_report_`` and the log; freezing a newly initialised backbone parameter
+        later is an error.
+
+        Parameters
+        ----------
+        pretrained
+            A pretrained directory (``config.json`` + ``model.safetensors``), e.g.
+            ``checkpoint_dir/best``, or a Lightning ``.ckpt`` written by :meth:`train` (only
+            its weights are read).
+        adata
+            AnnData registered with :meth:`setup_anndata`.
+        **overrides
+            Constructor arguments that replace the saved ones (e.g. ``dropout``).
+        """
+        pretrained = Path(pretrained)
+        if pretrained.is_dir():
+            for name in (CONFIG_NAME, WEIGHTS_NAME):
+                if not (pretrained / name).exists():
+                    raise FileNotFoundError(f"{pretrained} has no {name}.")
+            saved = json.loads((pretrained / CONFIG_NAME).read_text())
+            state = load_file(str(pretrained / WEIGHTS_NAME))
+        elif pretrained.is_file():
+            checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
+            if CHECKPOINT_KEY not in checkpoint:
+                raise ValueError(f"{pretrained} was not written by ScForgePerturb.train.")
+            saved = checkpoint[CHECKPOINT_KEY]["model"]
+            state = cls._state_from_lightning(pretrained)
+        else:
+            raise FileNotFoundError(f"No pretrained model at {pretrained}.")
+        arch = saved["perturb_config"]
+        kwargs = {
+            k: arch[k]
+            for k in (
+                "hidden_dim",
+                "num_layers",
+                "num_heads",
+                "ffn_dim",
+                "encoder_hidden_dim",
+                "dropout",
+                "activation",
+                "cell_set_len",
+            )
+        }
+        kwargs.update(overrides)
+        if arch["perturbation_features"] == "table" and kwargs.get("perturbation_features") is None:
+            table = state["perturbation_encoder.table"].numpy()
+            kwargs["perturbation_features"] = pd.DataFrame(table, index=saved["perturbations"])
+        model = cls(adata, **kwargs)
+        model.init_report_ = model._load_matching(state, saved)
+        return model
+
+    def _load_matching(
+        self, state: dict[str, torch.Tensor], saved: dict[str, Any]
+    ) -> dict[str, list[str]]:
+        """Load what fits; return and log what was loaded, remapped, skipped and initialised."""
+        axes = {
+            "decoder.linear2.weight": (0, "genes"),
+            "decoder.linear2.bias": (0, "genes"),
+            "perturbation_encoder.embedding.weight": (0, "perturbations"),
+            "perturbation_encoder.table": (0, "perturbations"),
+            "batch_embedding.weight": (0, "batches"),
+        }
+        if not self.module.external_basal_encoder:
+            axes["basal_encoder.linear1.weight"] = (1, "genes")
+        new_names = {
+            "genes": self.genes_,
+            "perturbations": self.perturbations_,
+            "batches": self.batches_,
+        }
+        current = self.module.state_dict()
+        merged = dict(current)
+        report: dict[str, list[str]] = {
+            "loaded": [],
+            "remapped": [],
+            "skipped_shape": [],
+            "initialised": [],
+            "unexpected": [],
+        }
+        for key, target in current.items():
+            if key not in state:
+                report["initialised"].append(key)
+                continue
+            source = state[key]
+            if key in axes:
+                axis, what = axes[key]
+                old, new = list(saved.get(what, [])), new_names[what]
+                if old != new:
+                    if key == "perturbation_encoder.table":
+                        report["loaded"].append(key)  # rebuilt from the feature table
+                        continue
+                    remapped = _remap(source, target, old, new, axis)
+                    if remapped is not None:
+                        merged[key], n_shared = remapped
+                        report["remapped"].append(f"{key} ({n_shared}/{len(new)} {what} matched)")
+                        continue
+            if tuple(source.shape) != tuple(target.shape):
+                report["skipped_shape"].append(
+                    f"{key} (checkpoint {tuple(source.shape)}, model {tuple(target.shape)})"
+                )
+                continue
+            merged[key] = source
+            report["loaded"].append(key)
+        report["unexpected"] = sorted(set(state) - set(current))
+        self.module.load_state_dict(merged)
+        fresh = {k.split(" ")[0] for k in report["initialised"] + report["skipped_shape"]}
+        self._fresh_parameters = {n for n, _ in self.module.named_parameters() if n in fresh}
+        logger.info(
+            "Loaded %d tensors, remapped %d by name, skipped %d for shape, initialised %d, "
+            "ignored %d unexpected.",
+            *(
+                len(report[k])
+                for k in ("loaded", "remapped", "skipped_shape", "initialised", "unexpected")
+            ),
+        )
+        for kind in ("remapped", "skipped_shape", "initialised", "unexpected"):
+            if report[kind]:
+                logger.warning("%s: %s", kind, ", ".join(report[kind]))
+        self.is_trained_ = not (report["skipped_shape"] or report["initialised"])
+        return report
+
+    # -- prediction --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        perturbations: Sequence[str] | None = None,
+        n_cells: int | None = None,
+        checkpoint: str = "best",
+        sets_per_batch: int = 64,
+        seed: int = 0,
+    ) -> ad.AnnData:
+        """Predict perturbed cells from the control cells of ``adata``.
+
+        For every cell type (and batch) of ``adata`` and every perturbation to predict, control
+        cells of that group are drawn as basal cells (without replacement while they last),
+        cut into sets of ``cell_set_len`` and passed through the model.
+
+        Parameters
+        ----------
+        adata
+            Cells with the model's genes, in the same order; its controls are the basal cells
+            and are copied, unchanged, into the result. Default: the registered AnnData.
+        perturbations
+            Perturbations to predict in every cell type; default: the perturbed groups present
+            in ``adata`` (each cell type with its own perturbations).
+        n_cells
+            Cells to predict per group; default: as many as ``adata`` has for that group, or,
+            when it has none, as many as the group's controls.
+        checkpoint
+            ``"best"`` (lowest validation loss; default), ``"final"`` or ``"last"``. A model
+            that was loaded rather than trained in this session predicts with its loaded
+            weights when ``"best"`` is asked for.
+        sets_per_batch
+            Sets per forward pass.
+        seed
+            Seeds the choice of basal cells.
+
+        Returns
+        -------
+        AnnData with the genes of ``adata`` in the same order; ``obs`` holds the perturbation
+        and cell type (and batch) columns under their registered names and
+        ``obs["scforge_predicted"]`` (``False`` for the real controls); ``X`` holds
+        non-negative log1p-normalised values.
+        """
+        adata = self.adata if adata is None else adata
+        self._check_genes(adata)
+        adata = self._validate_anndata(adata)
+        if checkpoint != "best" or "best" in self._weights:
+            self.use_checkpoint(checkpoint)
+        self.module.eval()
+        cells = self._read_cells(adata)
+        control = self._control_code
+        if perturbations is not None:
+            unknown = sorted(set(map(str, perturbations)) - set(self.perturbations_))
+            if unknown:
+                raise ValueError(
+                    f"Unknown perturbations {unknown}; the model knows {len(self.perturbations_)}: "
+                    f"{self.perturbations_[:20]}{' ...' if len(self.perturbations_) > 20 else ''}."
+                )
+            wanted_codes = [
+                self.perturbations_.index(str(p))
+                for p in perturbations
+                if str(p) != self.control_label_
+            ]
+        frame = pd.DataFrame({"p": cells.perturbation, "c": cells.cell_type, "b": cells.batch})
+        pools = {
+            k: v.to_numpy()
+            for k, v in frame[frame["p"] == control].groupby(["c", "b"]).groups.items()
+        }
+        perturbed = frame[frame["p"] != control].groupby(["p", "c", "b"]).size()
+        missing = sorted({(c, b) for (_, c, b) in perturbed.index} - set(pools))
+        if missing:
+            names = [f"{self.cell_types_[c]} / {self.batches_[b]}" for c, b in missing]
+            raise ValueError(
+                f"No {self.control_label_!r} control cells for cell type / batch {names} in the "
+                "AnnData to predict; its controls are the basal cells."
+            )
+        jobs: list[tuple[int, int, int, int]] = []
+        if perturbations is None:
+            jobs = [(p, c, b, n_cells or int(n)) for (p, c, b), n in perturbed.items()]
+        else:
+            for (c, b), pool in sorted(pools.items()):
+                for p in wanted_codes:
+                    n = perturbed.get((p, c, b), 0) or len(pool)
+                    jobs.append((p, c, b, n_cells or int(n)))
+        if not jobs:
+            raise ValueError(
+                "Nothing to predict: the AnnData has no perturbed cells and no "
+                "`perturbations` were requested."
+            )
+        rng = np.random.default_rng(seed)
+        set_len = self.module.config.cell_set_len
+        basal_sets, set_meta, n_keep = [], [], []
+        for p, c, b, n in jobs:
+            pool = pools[(c, b)]
+            n_sets = -(-n // set_len)
+            if len(pool) >= n:
+                draw = rng.choice(pool, size=n, replace=False)
+            else:
+                draw = rng.choice(pool, size=n, replace=True)
+            pad = rng.choice(pool, size=n_sets * set_len - n, replace=True)
+            basal_sets.append(np.concatenate([draw, pad]).reshape(n_sets, set_len))
+            set_meta.append(np.tile([p, b], (n_sets, 1)))
+            n_keep.append(n)
+        basal_idx = np.concatenate(basal_sets)
+        meta = np.concatenate(set_meta)
+        outputs = []
+        device = self.module.device
+        for start in range(0, len(basal_idx), sets_per_batch):
+            rows = basal_idx[start : start + sets_per_batch]
+            basal = torch.from_numpy(cells.log1p[rows.ravel()].toarray()).view(*rows.shape, -1)
+            basal_input = None
+            if cells.counts is not None:
+                basal_input = torch.from_numpy(cells.counts[rows.ravel()].toarray()).view(
+                    *rows.shape, -1
+                )
+                basal_input = basal_input.to(device)
+            pert = torch.as_tensor(meta[start : start + sets_per_batch, 0], device=device)
+            batch = None
+            if self.module.config.n_batches:
+                batch = torch.as_tensor(meta[start : start + sets_per_batch, 1], device=device)
+            out = self.module(basal.to(device), pert, batch, basal_input=basal_input)
+            outputs.append(out.prediction.cpu().numpy())
+        pred = np.concatenate(outputs).reshape(-1, len(self.genes_))
+        # keep the first n cells of each job
+        keep, offset = [], 0
+        for (_, _, _, n), sets in zip(jobs, basal_sets):
+            keep.append(np.arange(offset, offset + n))
+            offset += sets.size
+        pred = pred[np.concatenate(keep)]
+        return self._prediction_anndata(adata, cells, jobs, pred)
+
+    def _prediction_anndata(
+        self,
+        adata: ad.AnnData,
+        cells: _Cells,
+        jobs: list[tuple[int, int, int, int]],
+        pred: np.ndarray,
+    ) -> ad.AnnData:
+        setup = self._setup
+        columns = {setup["perturbation_key"]: (self.perturbations_, 0)}
+        if setup.get("cell_type_key"):
+            columns[setup["cell_type_key"]] = (self.cell_types_, 1)
+        if setup.get("batch_key"):
+            columns[setup["batch_key"]] = (self.batches_, 2)
+        codes = np.concatenate([np.tile(job[:3], (job[3], 1)) for job in jobs])
+        obs_pred = pd.DataFrame(
+            {key: np.asarray(names)[codes[:, axis]] for key, (names, axis) in columns.items()},
+            index=[f"predicted_{i}" for i in range(len(codes))],
+        )
+        obs_pred["scforge_predicted"] = True
+        is_control = cells.perturbation == self._control_code
+        obs_ctrl = adata.obs.loc[is_control, list(columns)].astype(str)
+        obs_ctrl["scforge_predicted"] = False
+        obs = pd.concat([obs_pred, obs_ctrl])
+        for key, (names, _) in columns.items():
+            obs[key] = pd.Categorical(obs[key], categories=names)
+        x = np.vstack([pred.astype(np.float32), cells.log1p[np.flatnonzero(is_control)].toarray()])
+        return ad.AnnData(X=x, obs=obs, var=adata.var.copy())
