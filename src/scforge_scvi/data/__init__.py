@@ -1,5 +1,7 @@
 """Data layer: gene vocabulary, preprocessing, tokenizers and masking."""
 
+from ._collate import TokenCollator
+from ._datasets import pbmc68k_counts
 from ._masking import MaskedBatch, MaskingConfig, mask_tokens
 from ._preprocess import (
     Preprocessing,
@@ -32,6 +34,7 @@ __all__ = [
     "Preprocessing",
     "RankValueTokenizer",
     "TokenizedBatch",
+    "TokenCollator",
     "Tokenizer",
     "VocabCoverageError",
     "build_tokenizer",
@@ -41,4 +44,5 @@ __all__ = [
     "log_normalize",
     "mask_tokens",
     "nonzero_column_medians",
+    "pbmc68k_counts",
 ]
