@@ -51,7 +51,11 @@ def run_demo(
     )
     print(model)
     model.train(
-        max_epochs=max_epochs, batch_size=32, lr=1e-3, warmup_steps=20, seed=seed,
+        max_epochs=max_epochs,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=20,
+        seed=seed,
         checkpoint_dir=str(output / "checkpoints"),
     )
     model.save_pretrained(str(output / "best"))

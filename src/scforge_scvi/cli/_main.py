@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
             "bulk_labels, and print a kNN accuracy of the embedding."
         ),
     )
-    demo.add_argument("--output", default="scforge_demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--max-epochs", type=int, default=8, help="pretraining epochs (default: %(default)s)")
+    demo.add_argument(
+        "--output", default="scforge_demo", help="output folder (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--max-epochs", type=int, default=8, help="pretraining epochs (default: %(default)s)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(func=_demo)
     return parser

@@ -131,8 +131,11 @@ class Tokenizer:
             if counts.layout == torch.sparse_csr:
                 shape = tuple(counts.shape)
                 counts = sp.csr_matrix(
-                    (counts.values().numpy(), counts.col_indices().numpy(),
-                     counts.crow_indices().numpy()),
+                    (
+                        counts.values().numpy(),
+                        counts.col_indices().numpy(),
+                        counts.crow_indices().numpy(),
+                    ),
                     shape=shape,
                 )
             else:
@@ -295,7 +298,8 @@ class ContinuousTokenizer(Tokenizer):
 
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {
-    cls.strategy: cls for cls in (RankValueTokenizer, BinnedExpressionTokenizer, ContinuousTokenizer)
+    cls.strategy: cls
+    for cls in (RankValueTokenizer, BinnedExpressionTokenizer, ContinuousTokenizer)
 }
 
 

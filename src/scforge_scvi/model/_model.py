@@ -235,8 +235,11 @@ class ScForge(BaseModelClass):
                 f"Layer {layer!r} not found; available layers: {sorted(adata.layers)} "
                 "(use layer=None for adata.X)."
             )
-        for key, name in ((labels_key, "labels_key"), (batch_key, "batch_key"),
-                          (target_key, "target_key")):
+        for key, name in (
+            (labels_key, "labels_key"),
+            (batch_key, "batch_key"),
+            (target_key, "target_key"),
+        ):
             if key is not None and key not in adata.obs:
                 raise KeyError(
                     f"{name}={key!r} is not a column of adata.obs; available columns: "
@@ -314,7 +317,9 @@ class ScForge(BaseModelClass):
             )
             logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
             resolved = fit_gene_medians(
-                self._counts(self.adata), match.vocab_ids, resolved,
+                self._counts(self.adata),
+                match.vocab_ids,
+                resolved,
                 target_sum=self.preprocessing.target_sum,
             )
         return resolved
@@ -446,8 +451,8 @@ class ScForge(BaseModelClass):
         The weights of the epoch with the lowest validation loss are restored at the end:
         :meth:`embed` and :meth:`predict` use the best model.
         """
-        from lightning.pytorch import seed_everything
         import scvi
+        from lightning.pytorch import seed_everything
 
         objective = objective or self._default_objective()
         if strategy not in STRATEGIES:
@@ -511,7 +516,9 @@ class ScForge(BaseModelClass):
         )
         runner()
         self.train_indices_, self.validation_indices_, self.test_indices_ = (
-            train_idx, val_idx, test_idx
+            train_idx,
+            val_idx,
+            test_idx,
         )
         self.best_epoch_ = best.best_epoch
         self.module.eval()
@@ -533,7 +540,9 @@ class ScForge(BaseModelClass):
             if freeze_epochs <= 0:
                 warnings.warn(
                     "strategy='gradual_unfreeze' with freeze_backbone_epochs=0 trains the "
-                    "backbone from the start (same as 'full').", UserWarning, stacklevel=3,
+                    "backbone from the start (same as 'full').",
+                    UserWarning,
+                    stacklevel=3,
                 )
             backbone.requires_grad_(freeze_epochs <= 0)
             callbacks.append(GradualUnfreezing(freeze_epochs))
@@ -542,7 +551,8 @@ class ScForge(BaseModelClass):
                 warnings.warn(
                     "freeze_backbone_epochs is ignored with strategy='lora': the backbone "
                     "stays frozen and only the adapters and the head train.",
-                    UserWarning, stacklevel=3,
+                    UserWarning,
+                    stacklevel=3,
                 )
             if self.lora_ is None:
                 settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
@@ -556,7 +566,11 @@ class ScForge(BaseModelClass):
 
         n = self.adata.n_obs
         validation_size = 1.0 - train_size if validation_size is None else validation_size
-        if not 0 < train_size < 1 or validation_size <= 0 or train_size + validation_size > 1 + 1e-9:
+        if (
+            not 0 < train_size < 1
+            or validation_size <= 0
+            or train_size + validation_size > 1 + 1e-9
+        ):
             raise ValueError(
                 f"Need 0 < train_size < 1, validation_size > 0 and train_size + validation_size "
                 f"<= 1; got train_size={train_size}, validation_size={validation_size}."
@@ -568,12 +582,17 @@ class ScForge(BaseModelClass):
         test_size = 1.0 - train_size - validation_size
         rest, test = (idx, np.array([], dtype=int))
         if test_size > 1e-9:
-            rest, test = train_test_split(idx, test_size=test_size, random_state=seed,
-                                          stratify=None if strata is None else strata)
+            rest, test = train_test_split(
+                idx,
+                test_size=test_size,
+                random_state=seed,
+                stratify=None if strata is None else strata,
+            )
         val_frac = validation_size / (train_size + validation_size)
         sub_strata = None if strata is None else strata[rest]
-        train, val = train_test_split(rest, test_size=val_frac, random_state=seed + 1,
-                                      stratify=sub_strata)
+        train, val = train_test_split(
+            rest, test_size=val_frac, random_state=seed + 1, stratify=sub_strata
+        )
         return np.sort(train), np.sort(val), np.sort(test)
 
     def _labels_for_split(self) -> np.ndarray | None:
@@ -585,7 +604,8 @@ class ScForge(BaseModelClass):
             names = [self._label_name(int(c)) for c in rare]
             warnings.warn(
                 f"Classes with fewer than 3 cells are kept out of stratification: {names}.",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
             strata = np.where(np.isin(strata, rare), "__rare__", strata)
             if (strata == "__rare__").sum() < 3:
@@ -622,7 +642,9 @@ class ScForge(BaseModelClass):
             Minibatch size (default 64).
         """
         adata = self._validate_anndata(adata)
-        out = [o["embedding"].float().cpu() for o in self._forward_batches(adata, indices, batch_size)]
+        out = [
+            o["embedding"].float().cpu() for o in self._forward_batches(adata, indices, batch_size)
+        ]
         return torch.cat(out).numpy()
 
     def embed(
@@ -680,7 +702,11 @@ class ScForge(BaseModelClass):
             for out in self._forward_batches(adata, None, batch_size):
                 outputs.append(head(out["embedding"]).float().cpu())
         values = torch.cat(outputs)
-        base = key_added.removesuffix("_prediction") if key_added.endswith("_prediction") else key_added
+        base = (
+            key_added.removesuffix("_prediction")
+            if key_added.endswith("_prediction")
+            else key_added
+        )
         if self.module.classifier is None:
             adata.obs[key_added] = values.squeeze(-1).numpy()
             self._record(adata, "predict", key_added=key_added)
@@ -731,7 +757,9 @@ class ScForge(BaseModelClass):
         return {
             "n_cells": int(keep.sum()),
             "accuracy": float(accuracy_score(truth, pred)),
-            "macro_f1": float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0)),
+            "macro_f1": float(
+                f1_score(truth, pred, labels=labels, average="macro", zero_division=0)
+            ),
             "weighted_f1": float(
                 f1_score(truth, pred, labels=labels, average="weighted", zero_division=0)
             ),
@@ -770,7 +798,10 @@ class ScForge(BaseModelClass):
         from scforge_scvi.io import write_pretrained
 
         write_pretrained(
-            path, self.pretrained_config(), self.vocab, self._merged_state_dict(),
+            path,
+            self.pretrained_config(),
+            self.vocab,
+            self._merged_state_dict(),
             overwrite=overwrite,
         )
         logger.info(f"Saved pretrained model to {path}.")

@@ -85,7 +85,9 @@ class ScForgeModule(BaseModuleClass):
             else None
         )
         self.regressor = (
-            RegressionHead(d, n_regression_outputs, hidden_dim=head_hidden_dim, dropout=head_dropout)
+            RegressionHead(
+                d, n_regression_outputs, hidden_dim=head_hidden_dim, dropout=head_dropout
+            )
             if n_regression_outputs
             else None
         )

@@ -22,7 +22,7 @@ def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # resumable: optimizer, schedule, loops
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -45,7 +45,9 @@ class BestCheckpoint(Callback):
     """
 
     def __init__(
-        self, monitor: str = "val_loss", dirpath: str | os.PathLike | None = None,
+        self,
+        monitor: str = "val_loss",
+        dirpath: str | os.PathLike | None = None,
         restore_best: bool = True,
     ) -> None:
         self.monitor = monitor

@@ -114,12 +114,26 @@ class ScForgeTrainingPlan(TrainingPlan):
         prefix = "train" if stage == "train" else "val"
         n = out.n_obs_minibatch
         on_step = stage == "train"
-        self.log(f"{prefix}_loss", out.loss, prog_bar=True, on_step=on_step, on_epoch=True,
-                 batch_size=n, sync_dist=not on_step)
+        self.log(
+            f"{prefix}_loss",
+            out.loss,
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=n,
+            sync_dist=not on_step,
+        )
         for name, value in out.extra_metrics.items():
             short = {"accuracy": "acc"}.get(name, name)
-            self.log(f"{prefix}_{short}", value, prog_bar=short == "acc" and prefix == "val",
-                     on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log(
+                f"{prefix}_{short}",
+                value,
+                prog_bar=short == "acc" and prefix == "val",
+                on_step=False,
+                on_epoch=True,
+                batch_size=n,
+                sync_dist=True,
+            )
         return out
 
     def training_step(self, batch, batch_idx):
@@ -129,8 +143,13 @@ class ScForgeTrainingPlan(TrainingPlan):
         out = self._common_step(batch, batch_idx, "validation")
         if self.objective == "pretrain":
             gene_loss = out.extra_metrics["gene_loss"]
-            self.log("val_perplexity", torch.exp(gene_loss), on_epoch=True,
-                     batch_size=out.n_obs_minibatch, sync_dist=True)
+            self.log(
+                "val_perplexity",
+                torch.exp(gene_loss),
+                on_epoch=True,
+                batch_size=out.n_obs_minibatch,
+                sync_dist=True,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.checkpoint_metadata is not None:
@@ -154,4 +173,7 @@ class ScForgeTrainingPlan(TrainingPlan):
             total_steps=total,
             min_lr_ratio=self.min_lr_ratio,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
