@@ -53,8 +53,12 @@ def build_dataset(quick: bool, seed: int):
         source, cell_type_key = pbmc68k_counts(), "bulk_labels"
         cell_types = ["CD14+ Monocyte", "Dendritic", "CD19+ B", "CD4+/CD25 T Reg"]
         fewshot = ["CD14+ Monocyte", "CD19+ B"]
-        sizes = {"n_genes": 300, "n_perturbations": 20, "n_cells_per_perturbation": 40,
-                 "n_controls_per_cell_type": 200}
+        sizes = {
+            "n_genes": 300,
+            "n_perturbations": 20,
+            "n_cells_per_perturbation": 40,
+            "n_controls_per_cell_type": 200,
+        }
     else:
         try:
             source, cell_type_key = load_pbmc3k_counts(), "louvain"
@@ -63,16 +67,30 @@ def build_dataset(quick: bool, seed: int):
             return build_dataset(True, seed)
         cell_types = ["CD4 T cells", "CD14+ Monocytes", "B cells", "CD8 T cells"]
         fewshot = ["CD14+ Monocytes", "B cells"]
-        sizes = {"n_genes": 1000, "n_perturbations": 40, "n_cells_per_perturbation": 50,
-                 "n_controls_per_cell_type": 300}
+        sizes = {
+            "n_genes": 1000,
+            "n_perturbations": 40,
+            "n_cells_per_perturbation": 50,
+            "n_controls_per_cell_type": 300,
+        }
     adata = make_semisynthetic_perturbation_data(
-        source, cell_type_key, cell_types=cell_types, perturbation_key=PERT,
-        control_label=CONTROL, seed=seed, **sizes,
+        source,
+        cell_type_key,
+        cell_types=cell_types,
+        perturbation_key=PERT,
+        control_label=CONTROL,
+        seed=seed,
+        **sizes,
     )
-    perts = np.random.default_rng(seed).permutation(adata.uns["perturbation_truth"]["perturbations"])
+    perts = np.random.default_rng(seed).permutation(
+        adata.uns["perturbation_truth"]["perturbations"]
+    )
     n_test = len(perts) // 4
     assign_perturbation_split(
-        adata, PERT, CONTROL, cell_type_key,
+        adata,
+        PERT,
+        CONTROL,
+        cell_type_key,
         test_perturbations=perts[:n_test],
         val_perturbations=perts[n_test : n_test + max(2, len(perts) // 10)],
         fewshot_cell_types=fewshot,
@@ -118,13 +136,24 @@ def main() -> None:
 
     ScForgePerturb.setup_anndata(adata, PERT, CONTROL, cell_type_key=cell_type_key)
     model = ScForgePerturb(
-        adata, hidden_dim=128, num_layers=2, num_heads=4, encoder_hidden_dim=512,
-        dropout=0.1, cell_set_len=32,
+        adata,
+        hidden_dim=128,
+        num_layers=2,
+        num_heads=4,
+        encoder_hidden_dim=512,
+        dropout=0.1,
+        cell_set_len=32,
     )
     epochs = args.epochs or (20 if args.quick else 40)
     model.train(
-        max_epochs=epochs, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.05,
-        sets_per_batch=16, split_key="split", seed=args.seed,
+        max_epochs=epochs,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=50,
+        min_lr_ratio=0.05,
+        sets_per_batch=16,
+        split_key="split",
+        seed=args.seed,
     )
     seconds["ScForgePerturb"] = model.training_time_s_
     held_out_counts = adata[held_out.to_numpy()].copy()
@@ -142,7 +171,13 @@ def main() -> None:
         ]
     table["train s"] = pd.Series(seconds)
 
-    n_groups = int((real.obs[PERT] != CONTROL).groupby(real.obs[cell_type_key], observed=True).sum().gt(0).sum())
+    n_groups = int(
+        (real.obs[PERT] != CONTROL)
+        .groupby(real.obs[cell_type_key], observed=True)
+        .sum()
+        .gt(0)
+        .sum()
+    )
     n_test = real.obs.loc[real.obs[PERT] != CONTROL, PERT].nunique()
     print(
         f"\nSemi-synthetic screen: {adata.n_obs} cells x {adata.n_vars} genes, "
@@ -150,15 +185,17 @@ def main() -> None:
         f"cell types (built in {data_s:.1f} s). Held out (few-shot): {n_test} perturbations in "
         f"{n_groups} cell types; best epoch {model.best_epoch_} of {epochs}.\n"
     )
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
-                           "display.float_format", "{:.4f}".format):
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format
+    ):
         print(table)
     ours = rows["ScForgePerturb"]
     print()
     for base in ("control mean", "perturbation mean", "linear (Ahlmann-Eltze)"):
         other = rows[base]
         wins = [
-            m for m in ours.index
+            m
+            for m in ours.index
             if (ours[m] < other[m] if m in ("mae", "mse") else ours[m] > other[m])
         ]
         score = normalized_score(ours, other)["avg_score"]

@@ -6,7 +6,7 @@ annotation, and write embeddings and predictions back into ``AnnData``.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, nn, train
+from . import data, nn, pl, train
 from .data import GeneVocab
 from .model import ScForge
 
@@ -15,4 +15,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["GeneVocab", "ScForge", "data", "nn", "train"]
+__all__ = ["GeneVocab", "ScForge", "data", "nn", "pl", "train"]

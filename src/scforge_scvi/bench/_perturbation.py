@@ -46,7 +46,9 @@ _ALL_CELLS = "all"
 
 
 # ------------------------------------------------------------------------------- helpers
-def log1p_anndata(adata: ad.AnnData, layer: str | None = None, target_sum: float = 1e4) -> ad.AnnData:
+def log1p_anndata(
+    adata: ad.AnnData, layer: str | None = None, target_sum: float = 1e4
+) -> ad.AnnData:
     """A new AnnData with ``X = log1p(counts / library size * target_sum)`` (CSR).
 
     ``obs`` and ``var`` are copied; the input is not modified.
@@ -145,7 +147,9 @@ def _training_effects(
     effects_groups = groups.iloc[perturbed].reset_index(drop=True)
     missing = sorted(set(effects_groups["cell_type"]) - set(control_means))
     if missing:
-        raise ValueError(f"The training data has no {control_label!r} cells for cell types {missing}.")
+        raise ValueError(
+            f"The training data has no {control_label!r} cells for cell types {missing}."
+        )
     effects = means[perturbed] - np.stack([control_means[c] for c in effects_groups["cell_type"]])
     return effects_groups, effects, control_means
 
@@ -157,7 +161,9 @@ def _requested_groups(
     _perturbations(real, perturbation_key, control_label)
     groups, means = group_means(real, perturbation_key, cell_type_key)
     control = (groups["perturbation"] == control_label).to_numpy()
-    control_means = {c: means[i] for i, c in zip(np.flatnonzero(control), groups["cell_type"][control])}
+    control_means = {
+        c: means[i] for i, c in zip(np.flatnonzero(control), groups["cell_type"][control])
+    }
     wanted = groups[~control].reset_index(drop=True)
     missing = sorted(set(wanted["cell_type"]) - set(control_means))
     if missing:
@@ -190,7 +196,9 @@ def control_mean_baseline(
     The prediction, in the layout of ``real`` (same cells, genes and obs columns).
     """
     wanted, control_means = _requested_groups(real, perturbation_key, control_label, cell_type_key)
-    predicted = {(c, p): control_means[c] for c, p in zip(wanted["cell_type"], wanted["perturbation"])}
+    predicted = {
+        (c, p): control_means[c] for c, p in zip(wanted["cell_type"], wanted["perturbation"])
+    }
     return _assemble_prediction(real, predicted, perturbation_key, control_label, cell_type_key)
 
 
@@ -322,9 +330,7 @@ def linear_baseline(
 
 
 # -------------------------------------------------------------------------------- metrics
-def wilcoxon_de(
-    x: np.ndarray, reference: np.ndarray, fdr_threshold: float = 0.05
-) -> pd.DataFrame:
+def wilcoxon_de(x: np.ndarray, reference: np.ndarray, fdr_threshold: float = 0.05) -> pd.DataFrame:
     """Differential expression of ``x`` against ``reference`` cells, as cell-eval calls it.
 
     Parameters
@@ -452,10 +458,14 @@ def evaluate_perturbation_predictions(
                 f"{sorted(perts_real - perts_pred)}, without cells in the real data "
                 f"{sorted(perts_pred - perts_real)}; both must hold the same perturbations."
             )
-        for name, present in (("real", control_label in set(real_pert[r_in])),
-                              ("predicted", control_label in set(pred_pert[p_in]))):
+        for name, present in (
+            ("real", control_label in set(real_pert[r_in])),
+            ("predicted", control_label in set(pred_pert[p_in])),
+        ):
             if not present:
-                raise ValueError(f"Cell type {context!r} has no {control_label!r} cells in the {name} data.")
+                raise ValueError(
+                    f"Cell type {context!r} has no {control_label!r} cells in the {name} data."
+                )
         perts = np.array(sorted(perts_real))
         if len(perts) == 0:
             continue
@@ -472,8 +482,9 @@ def evaluate_perturbation_predictions(
         if "mse" in metrics:
             table["mse"] = ((pred_bulk - real_bulk) ** 2).mean(axis=1)
         if "pearson_delta" in metrics:
+            # a change below float32 resolution is no change: the correlation is undefined
             table["pearson_delta"] = [
-                stats.pearsonr(a, b).statistic if np.std(a) > 0 and np.std(b) > 0 else np.nan
+                stats.pearsonr(a, b).statistic if min(np.std(a), np.std(b)) > 1e-6 else np.nan
                 for a, b in zip(pred_effect, real_effect)
             ]
         if "discrimination_score_l1" in metrics:
@@ -513,7 +524,8 @@ def normalized_score(user: Mapping[str, float], baseline: Mapping[str, float]) -
     user, baseline
         Aggregated metrics (e.g. :func:`aggregate_metrics`) of the model and the baseline.
     """
-    names = [m for m in user.keys() if m in baseline.keys()]
+    user, baseline = pd.Series(user, dtype=float), pd.Series(baseline, dtype=float)
+    names = [m for m in user.index if m in baseline.index]
     scores = {}
     with np.errstate(divide="ignore", invalid="ignore"):
         for m in names:

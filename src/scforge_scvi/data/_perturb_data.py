@@ -376,7 +376,7 @@ def _gene_programs(logn: np.ndarray, n_programs: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     z = (logn - logn.mean(0)) / (logn.std(0) + 1e-6)  # cells x genes
-    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
     loadings = (vt[:20] * s[:20, None]).T  # genes x 20
     loadings /= np.linalg.norm(loadings, axis=1, keepdims=True) + 1e-9
     km = KMeans(n_clusters=n_programs, n_init=4, random_state=seed)
@@ -506,7 +506,7 @@ def make_semisynthetic_perturbation_data(
         lfc[cell_type] = effect
 
     obs_perts, obs_types, rows_lfc, sources = [], [], [], []
-    for c, cell_type in enumerate(cell_types):
+    for cell_type in cell_types:
         pool = np.flatnonzero(labels == cell_type)
         n_total = n_controls_per_cell_type + n_perturbations * n_cells_per_perturbation
         sources.append(rng.choice(pool, size=n_total, replace=True))

@@ -99,14 +99,12 @@ class Tokenizer:
         """Positive score ordering genes within a cell (higher first)."""
         return normalized
 
-    def _token_values(
-        self,
-        row: np.ndarray,
-        score: np.ndarray,
-        pos: np.ndarray,
-        n_in_cell: np.ndarray,
-    ) -> np.ndarray | None:
-        """Value of every expressed gene, given in sorted order (``pos`` = rank in its cell)."""
+    def _token_values(self, score: np.ndarray, n_in_cell: np.ndarray) -> np.ndarray | None:
+        """Value of every expressed gene, from its score in sorted order.
+
+        ``score`` holds the cells one after another (``n_in_cell`` genes each), each cell's
+        genes in token order: descending score, ties by vocabulary id.
+        """
         return None
 
     # -- shared path -------------------------------------------------------------------------
@@ -160,58 +158,70 @@ class Tokenizer:
         """Tokenise the CSR arrays of a ``(n_cells, G)`` count matrix."""
         if n_cells > _MAX_CELLS:  # the sort key holds the row in the top bits
             raise ValueError(f"Tokenise at most {_MAX_CELLS} cells at once, got {n_cells}.")
-        row = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(indptr))
+        indptr = np.asarray(indptr, dtype=np.int64)
         val = np.asarray(data, dtype=np.float32)
+        vid = np.asarray(gene_index, dtype=np.int64)[indices]
 
         # library size over all registered genes, as in scanpy's normalize_total
-        libsize = np.bincount(row, weights=val, minlength=n_cells).astype(np.float32)
-        vid = np.asarray(gene_index, dtype=np.int64)[indices]
-        kept = np.flatnonzero((vid >= 0) & (val > 0))
-        row, vid, val = row[kept], vid[kept], val[kept]
+        libsize = _row_sums(val, indptr, np.float64).astype(np.float32)
+        n_in_cell = np.diff(indptr)
+        if val.size and (vid.min() < 0 or not val.min() > 0):  # unknown genes, stored zeros
+            keep = (vid >= 0) & (val > 0)
+            n_in_cell = _row_sums(keep, indptr, np.int64)
+            vid, val = vid[keep], val[keep]
         if self.preprocessing.normalize == "library_size":
-            val = val * (np.float32(self.preprocessing.target_sum) / libsize[row])
+            target = np.float32(self.preprocessing.target_sum)
+            scale = np.divide(target, libsize, out=np.zeros_like(libsize), where=libsize > 0)
+            val = val * np.repeat(scale, n_in_cell)
         score = np.asarray(self._score(val, vid), dtype=np.float32)
 
         # One sort orders every cell: by row, then descending score, then vocabulary id (so a
         # cell's tokens never depend on the gene order of the AnnData). The bit pattern of a
-        # positive float32 is monotonic in its value, so the key is exact and unique.
-        inv_score = _SCORE_MASK - score.view(np.int32).astype(np.int64)
-        key = np.sort((row << _ROW_SHIFT) | (inv_score << _VOCAB_BITS) | vid)
-        row = key >> _ROW_SHIFT
-        vid = key & _VOCAB_MASK
-        score = (_SCORE_MASK - ((key >> _VOCAB_BITS) & _SCORE_MASK)).astype(np.int32)
-        score = score.view(np.float32)
+        # positive float32 is monotonic in its value, so the key is exact and unique:
+        # key = row << _ROW_SHIFT | (_SCORE_MASK - score bits) << _VOCAB_BITS | vid.
+        key = score.view(np.int32).astype(np.int64)
+        key <<= _VOCAB_BITS
+        base = (np.arange(n_cells, dtype=np.int64) << _ROW_SHIFT) | (_SCORE_MASK << _VOCAB_BITS)
+        np.subtract(np.repeat(base, n_in_cell), key, out=key)
+        key |= vid
+        key.sort()  # rows keep their places and sizes: n_in_cell still holds
+        np.bitwise_and(key, _VOCAB_MASK, out=vid)
 
-        n_in_cell = np.bincount(row, minlength=n_cells)
-        start = np.cumsum(n_in_cell) - n_in_cell
-        pos = np.arange(row.size) - start[row]
-        values = self._token_values(row, score, pos, n_in_cell)
+        values = None
+        if self.value_encoding != "none":
+            bits = key >> _VOCAB_BITS
+            bits &= _SCORE_MASK
+            np.subtract(_SCORE_MASK, bits, out=bits)
+            values = self._token_values(bits.astype(np.int32).view(np.float32), n_in_cell)
+        if n_in_cell.max(initial=0) > self.max_genes:  # keep each cell's first max_genes
+            start = np.cumsum(n_in_cell) - n_in_cell
+            kept = np.arange(key.size) - np.repeat(start, n_in_cell) < self.max_genes
+            vid = vid[kept]
+            values = None if values is None else values[kept]
 
+        # Scatter into (B, L): a cell's tokens fill its row from the left, in order, so a
+        # boolean mask of the gene slots takes them in exactly the sorted order.
         offset = int(self.prepend_cls)
         n_tokens = np.minimum(n_in_cell, self.max_genes) + offset
-        # an empty cell (no expressed vocabulary gene) keeps one <cls> token, never zero tokens
-        length = max(int(n_tokens.max()) if n_cells else 1, 1)
-        kept = slice(None)
-        if n_in_cell.max(initial=0) > self.max_genes:
-            kept = np.flatnonzero(pos < self.max_genes)
-        flat = row[kept] * length + pos[kept] + offset  # position in the (B, L) output
-        gene_ids = np.full(n_cells * length, self.pad_id, dtype=np.int64)
-        padding_mask = np.zeros(n_cells * length, dtype=bool)
-        gene_ids[flat] = vid[kept]
-        padding_mask[flat] = True
-        cls_rows = np.ones(n_cells, dtype=bool) if self.prepend_cls else n_in_cell == 0
-        gene_ids[np.flatnonzero(cls_rows) * length] = self.cls_id
-        padding_mask[np.flatnonzero(cls_rows) * length] = True
-
+        length = max(int(n_tokens.max(initial=0)), 1)
+        slots = np.arange(length) < n_tokens[:, None]
+        slots[:, :offset] = False
+        gene_ids = np.full((n_cells, length), self.pad_id, dtype=np.int64)
+        gene_ids[slots] = vid
         out_values = None
         if values is not None:
-            out_values = np.zeros(n_cells * length, dtype=values.dtype)
-            out_values[flat] = values[kept]
-            out_values = torch.from_numpy(out_values.reshape(n_cells, length))
+            out_values = np.zeros((n_cells, length), dtype=values.dtype)
+            out_values[slots] = values
+            out_values = torch.from_numpy(out_values)
+        # an empty cell (no expressed vocabulary gene) keeps one <cls> token, never zero tokens
+        cls_rows = slice(None) if self.prepend_cls else n_in_cell == 0
+        gene_ids[cls_rows, 0] = self.cls_id
+        padding_mask = slots
+        padding_mask[cls_rows, 0] = True
         return TokenizedBatch(
-            gene_ids=torch.from_numpy(gene_ids.reshape(n_cells, length)),
+            gene_ids=torch.from_numpy(gene_ids),
             values=out_values,
-            padding_mask=torch.from_numpy(padding_mask.reshape(n_cells, length)),
+            padding_mask=torch.from_numpy(padding_mask),
         )
 
     # -- serialisation -----------------------------------------------------------------------
@@ -271,16 +281,24 @@ class BinnedExpressionTokenizer(Tokenizer):
             raise ValueError(f"tokenizer.n_bins must be >= 2, got {n_bins}.")
         self.n_bins = int(n_bins)
 
-    def _token_values(self, row, score, pos, n_in_cell) -> np.ndarray:
-        # last rank of each run of equal values, so that equal values share a bin
-        run_start = np.ones(row.size, dtype=bool)
-        run_start[1:] = (row[1:] != row[:-1]) | (score[1:] != score[:-1])
+    def _token_values(self, score: np.ndarray, n_in_cell: np.ndarray) -> np.ndarray:
+        if score.size == 0:  # no cell of the batch expresses a vocabulary gene
+            return np.zeros(0, dtype=np.int64)
+        # Runs of equal values within a cell share one bin, that of the run's last rank; the
+        # bin is computed once per run.
+        cell_start = np.cumsum(n_in_cell) - n_in_cell
+        run_start = np.empty(score.size, dtype=bool)
+        run_start[0] = True
+        np.not_equal(score[1:], score[:-1], out=run_start[1:])
+        run_start[cell_start[n_in_cell > 0]] = True
         starts = np.flatnonzero(run_start)
-        ends = np.append(starts[1:], row.size) - 1
-        run_end = np.repeat(pos[ends], ends - starts + 1)
-        n = n_in_cell[row]
-        frac = (n - 1 - run_end) / n  # fraction of the cell's genes with a strictly lower value
-        return 1 + np.minimum((frac * (self.n_bins - 1)).astype(np.int64), self.n_bins - 2)
+        lengths = np.diff(starts, append=score.size)
+        cell = np.searchsorted(cell_start, starts, side="right") - 1  # empty cells share starts
+        n = n_in_cell[cell]
+        last_rank = starts + lengths - 1 - cell_start[cell]
+        frac = (n - 1 - last_rank) / n  # fraction of the cell's genes with a strictly lower value
+        bins = 1 + np.minimum((frac * (self.n_bins - 1)).astype(np.int64), self.n_bins - 2)
+        return np.repeat(bins, lengths)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "n_bins": self.n_bins}
@@ -293,8 +311,17 @@ class ContinuousTokenizer(Tokenizer):
     value_encoding = "continuous"
     ordered = False
 
-    def _token_values(self, row, score, pos, n_in_cell) -> np.ndarray:
+    def _token_values(self, score: np.ndarray, n_in_cell: np.ndarray) -> np.ndarray:
         return np.log1p(score) if self.preprocessing.log1p else score
+
+
+def _row_sums(values: np.ndarray, indptr: np.ndarray, dtype: type) -> np.ndarray:
+    """Sum of the stored values of each CSR row (0 for an empty row), accumulated in ``dtype``."""
+    sums = np.zeros(indptr.size - 1, dtype=dtype)
+    nonempty = np.flatnonzero(indptr[1:] > indptr[:-1])
+    if nonempty.size:
+        sums[nonempty] = np.add.reduceat(values, indptr[nonempty], dtype=dtype)
+    return sums
 
 
 TOKENIZERS: dict[str, type[Tokenizer]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,9 @@ from scvi.data.fields import (
     CategoricalObsField,
     LabelsWithUnlabeledObsField,
     LayerField,
+    MuDataCategoricalObsField,
+    MuDataLabelsWithUnlabeledObsField,
+    MuDataLayerField,
     NumericalObsField,
 )
 from scvi.dataloaders import DataSplitter
@@ -42,7 +45,25 @@ from ._constants import SCFORGE_OUTPUT_KEYS as OUT
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
 from ._module import ScForgeModule
 
+if TYPE_CHECKING:
+    from mudata import MuData
+
 VocabLike = GeneVocab | str | dict | None
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _check_counts(counts, where: str) -> None:
+    """Reject anything but raw counts; warn about cells without any count."""
+    check_raw_counts(counts, where)
+    n_empty = int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} cells have zero counts in {where}; they are kept and tokenised to "
+            "the <cls> token alone (their embedding carries no expression information).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class ScForge(BaseModelClass):
@@ -83,6 +104,9 @@ class ScForge(BaseModelClass):
     lora
         LoRA settings (a dict of :class:`~scforge_scvi.train.LoraSettings` fields) when the
         model carries adapters; set by ``train(strategy="lora")``.
+    class_names
+        Classes of the classification head when ``adata`` has no labels registered (a query
+        loaded with :meth:`from_pretrained` keeps the fine-tuned classifier this way).
 
     Notes
     -----
@@ -134,6 +158,7 @@ class ScForge(BaseModelClass):
         head_dropout: float = 0.1,
         min_coverage: float = 0.5,
         lora: dict | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(adata, registry)
         self.preprocessing = Preprocessing(normalize, target_sum, log1p, n_top_genes)
@@ -170,7 +195,7 @@ class ScForge(BaseModelClass):
             )
         if pooling == "cls" and not prepend_cls:
             raise ValueError("pooling='cls' needs prepend_cls=True; use pooling='mean' instead.")
-        self.class_names_ = self._registered_class_names()
+        self.class_names_ = self._registered_class_names() or list(class_names or [])
         self.module = self._module_cls(
             self.backbone_config,
             n_special=self.vocab.n_special,
@@ -217,8 +242,8 @@ class ScForge(BaseModelClass):
             integers; normalised or log-transformed values are rejected.
         labels_key
             ``adata.obs`` column of cell-type (or other class) labels for fine-tuning. Cells
-            whose label is NaN or ``unlabeled_category`` are left out of the loss but still
-            predicted.
+            labelled ``unlabeled_category`` are left out of the loss but still predicted;
+            missing values (NaN) are refused with a message saying to mark them that way.
         %(param_batch_key)s
         target_key
             Numeric ``adata.obs`` column to regress (fine-tuning a regression head).
@@ -251,15 +276,7 @@ class ScForge(BaseModelClass):
                 f"{list(adata.var.columns)}."
             )
         counts = adata.layers[layer] if layer is not None else adata.X
-        check_raw_counts(counts, where)
-        n_empty = int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())
-        if n_empty:
-            warnings.warn(
-                f"{n_empty} cells have zero counts in {where}; they are kept and tokenised to "
-                "the <cls> token alone (their embedding carries no expression information).",
-                UserWarning,
-                stacklevel=2,
-            )
+        _check_counts(counts, where)
         fields = [
             LayerField(KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(KEYS.BATCH_KEY, batch_key),
@@ -282,7 +299,128 @@ class ScForge(BaseModelClass):
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        rna_layer: str | None = None,
+        labels_key: str | None = None,
+        batch_key: str | None = None,
+        unlabeled_category: str = "Unknown",
+        modalities: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """%(summary_mdata)s.
+
+        The raw counts are read from one modality (``modalities["rna_layer"]``); labels and
+        batches from that modality's ``obs`` or, when no modality is given for them, from
+        ``mdata.obs``.
+
+        Parameters
+        ----------
+        %(param_mdata)s
+        rna_layer
+            Layer of the RNA modality holding the raw counts (``None``: its ``.X``). Counts
+            must be non-negative integers; normalised or log-transformed values are rejected.
+        labels_key
+            ``obs`` column of cell-type (or other class) labels for fine-tuning. Cells whose
+            label is ``unlabeled_category`` are left out of the loss but still predicted.
+        %(param_batch_key)s
+        unlabeled_category
+            Label value marking unlabelled cells.
+        %(param_modalities)s
+            ``"rna_layer"`` is required, e.g. ``{"rna_layer": "rna", "labels_key": "rna"}``.
+
+        Examples
+        --------
+        >>> sf.ScForge.setup_mudata(mdata, rna_layer="counts", modalities={"rna_layer": "rna"})
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        available = list(mdata.mod)
+        if not modalities or "rna_layer" not in modalities:
+            raise ValueError(
+                "setup_mudata needs modalities={'rna_layer': <modality with the counts>}; "
+                f"available modalities: {available}."
+            )
+        modalities = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        for arg, mod in modalities.items():
+            if mod is not None and mod not in mdata.mod:
+                raise KeyError(
+                    f"modalities[{arg!r}]={mod!r} is not a modality of the MuData; available "
+                    f"modalities: {available}."
+                )
+        rna = mdata.mod[modalities.rna_layer]
+        where = f"mdata.mod[{modalities.rna_layer!r}]"
+        if rna_layer is not None and rna_layer not in rna.layers:
+            raise KeyError(
+                f"Layer {rna_layer!r} not found in {where}; available layers: "
+                f"{sorted(rna.layers)} (use rna_layer=None for its .X)."
+            )
+        for key, name in ((labels_key, "labels_key"), (batch_key, "batch_key")):
+            mod = modalities[name]
+            obs = mdata.obs if mod is None else mdata.mod[mod].obs
+            obs_where = "mdata.obs" if mod is None else f"mdata.mod[{mod!r}].obs"
+            if key is not None and key not in obs:
+                raise KeyError(
+                    f"{name}={key!r} is not a column of {obs_where}; available columns: "
+                    f"{list(obs.columns)}."
+                )
+            if name == "labels_key" and key is not None and obs[key].isna().any():
+                raise ValueError(
+                    f"{obs_where}[{key!r}] has missing values; mark unlabelled cells with "
+                    f"{unlabeled_category!r} (or pass unlabeled_category=...)."
+                )
+        counts = rna.layers[rna_layer] if rna_layer is not None else rna.X
+        _check_counts(counts, f"{where}.layers[{rna_layer!r}]" if rna_layer else f"{where}.X")
+        fields = [
+            MuDataLayerField(
+                KEYS.X_KEY,
+                rna_layer,
+                mod_key=modalities.rna_layer,
+                is_count_data=True,
+                mod_required=True,
+            ),
+            MuDataCategoricalObsField(KEYS.BATCH_KEY, batch_key, mod_key=modalities.batch_key),
+        ]
+        if labels_key is None:
+            fields.append(MuDataCategoricalObsField(KEYS.LABELS_KEY, None))
+        else:
+            fields.append(
+                MuDataLabelsWithUnlabeledObsField(
+                    KEYS.LABELS_KEY, labels_key, unlabeled_category, mod_key=modalities.labels_key
+                )
+            )
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(mdata, **kwargs)
+        cls.register_manager(manager)
+
     # -- helpers -----------------------------------------------------------------------------
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        """Like scvi-tools', but a query keeps its own registration and needs no labels.
+
+        Genes are matched through the vocabulary, so a query registered with
+        :meth:`setup_anndata` may hold its genes in another order or a subset of them (the
+        transfer of the training setup by scvi-tools would reject a different gene count). A
+        query without the label column is registered label-free: scvi-tools would otherwise
+        fail on the missing column; a query only needs counts to be embedded or predicted.
+        """
+        labels_key = self._setup_arg("labels_key")
+        if adata is not None and self.get_anndata_manager(adata) is None:
+            if adata.is_view and copy_if_view:
+                adata = adata.copy()
+            manager = self._get_most_recent_anndata_manager(adata)
+            if manager is None and labels_key is not None and labels_key not in adata.obs:
+                # not set up by the user: use the model's setup minus labels
+                skip = {"labels_key", "unlabeled_category", "target_key"}
+                args = self.adata_manager.registry["setup_args"]
+                type(self).setup_anndata(adata, **{k: v for k, v in args.items() if k not in skip})
+                manager = self._get_most_recent_anndata_manager(adata, required=True)
+                logger.info(f"Registered the query AnnData without labels ({labels_key!r} absent).")
+            if manager is not None:
+                self._register_manager_for_instance(manager)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
     def _setup_arg(self, name: str) -> Any:
         return self.adata_manager.registry["setup_args"].get(name)
 
@@ -311,10 +449,11 @@ class ScForge(BaseModelClass):
             resolved = GeneVocab.from_name(vocab)
         else:
             resolved = GeneVocab.from_file(vocab)
+        # checked for every vocabulary, pretrained ones included: too few matching genes fail here
+        match = resolved.match(
+            self.adata, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
+        )
         if resolved.gene_medians is None:
-            match = resolved.match(
-                self.adata, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
-            )
             logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
             resolved = fit_gene_medians(
                 self._counts(self.adata),
@@ -457,7 +596,7 @@ class ScForge(BaseModelClass):
         objective = objective or self._default_objective()
         if strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
-        if objective == "classify" and not self.class_names_:
+        if objective == "classify" and self._setup_arg("labels_key") is None:
             raise ValueError(
                 "objective='classify' needs labels: call "
                 "ScForge.setup_anndata(adata, labels_key=...) before creating the model."
@@ -514,6 +653,7 @@ class ScForge(BaseModelClass):
             precision=precision,
             **trainer_kwargs,
         )
+        self.module.train()  # Lightning keeps a module's mode; from_pretrained leaves it eval
         runner()
         self.train_indices_, self.validation_indices_, self.test_indices_ = (
             train_idx,
@@ -524,7 +664,7 @@ class ScForge(BaseModelClass):
         self.module.eval()
 
     def _default_objective(self) -> str:
-        if self.class_names_:
+        if self._setup_arg("labels_key") is not None:
             return "classify"
         if self._has_regression_target():
             return "regress"
@@ -775,8 +915,8 @@ class ScForge(BaseModelClass):
         from scforge_scvi import __version__
 
         params = dict(self.init_params_["non_kwargs"])
-        params.pop("vocab", None)
-        params.pop("lora", None)
+        for key in ("vocab", "lora", "class_names"):  # stored on their own below
+            params.pop(key, None)
         return {
             "model_class": type(self).__name__,
             "scforge_version": __version__,
@@ -817,6 +957,118 @@ class ScForge(BaseModelClass):
         merge_lora(module.backbone)
         return module.state_dict()
 
+    # -- LoRA adapters -----------------------------------------------------------------------
+    def _adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from scforge_scvi.train import lora_state_dict
+
+        state = {f"backbone.{k}": v for k, v in lora_state_dict(self.module.backbone).items()}
+        for name in ("classifier", "regressor"):
+            head = getattr(self.module, name)
+            if head is not None:
+                state.update({f"{name}.{k}": v.detach() for k, v in head.state_dict().items()})
+        return state
+
+    def save_adapter(self, path: str, *, overwrite: bool = True) -> int:
+        """Save the LoRA adapters and the task head to the directory ``path``.
+
+        Writes ``adapter_config.json`` (LoRA settings, class names, labels key) and
+        ``adapter_model.safetensors`` (adapter and head weights only: a small fraction of
+        the full model). The base model is not saved; load it with :meth:`from_pretrained`,
+        then call :meth:`load_adapter`. The write is atomic.
+
+        Returns
+        -------
+        Size of ``adapter_model.safetensors`` in bytes.
+        """
+        import json
+        import os
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        if self.lora_ is None:
+            raise ValueError(
+                "This model has no LoRA adapters; train with strategy='lora' first "
+                "(or use save_pretrained for the full model)."
+            )
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = {
+            "lora": dict(self.lora_),
+            "class_names": list(self.class_names_),
+            "labels_key": self._setup_arg("labels_key"),
+            "backbone": self.backbone_config.to_dict(),
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            tensors = {k: v.cpu().contiguous() for k, v in self._adapter_state_dict().items()}
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME))
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        size = (path / ADAPTER_WEIGHTS_NAME).stat().st_size
+        logger.info(f"Saved LoRA adapters and task head to {path} ({size / 1e6:.2f} MB).")
+        return size
+
+    def load_adapter(self, path: str) -> None:
+        """Load adapters and task head saved by :meth:`save_adapter` onto this (base) model.
+
+        The model must have been built on the same base weights (e.g. with
+        :meth:`from_pretrained` of the base directory) and for the same class names.
+        """
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from scforge_scvi.train import load_lora_state_dict
+
+        path = Path(path)
+        config_file = path / ADAPTER_CONFIG_NAME
+        if not config_file.exists():
+            raise FileNotFoundError(f"No {ADAPTER_CONFIG_NAME} in {path}.")
+        config = json.loads(config_file.read_text())
+        if config["class_names"] != list(self.class_names_):
+            raise ValueError(
+                f"The adapter's head was fitted for labels {config['class_names']}; this model "
+                f"has {list(self.class_names_)}."
+            )
+        settings = LoraSettings.from_dict(config["lora"])
+        if self.lora_ is None:
+            self._apply_lora(settings)
+        elif self.lora_ != settings.to_dict():
+            raise ValueError(
+                f"This model already carries LoRA adapters {self.lora_}, not {settings.to_dict()}."
+            )
+        state = load_file(str(path / ADAPTER_WEIGHTS_NAME))
+        prefix = "backbone."
+        load_lora_state_dict(
+            self.module.backbone,
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+        )
+        heads = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        expected = {
+            k for k in self.module.state_dict() if k.startswith(("classifier.", "regressor."))
+        }
+        if set(heads) != expected:
+            raise KeyError(
+                f"Adapter head weights do not match the model: missing "
+                f"{sorted(expected - set(heads))}, unexpected {sorted(set(heads) - expected)}."
+            )
+        self.module.load_state_dict(heads, strict=False)  # key sets were compared above
+        self.module.eval()
+        logger.info(f"Loaded LoRA adapters and task head from {path}.")
+
     @classmethod
     def from_pretrained(cls, path: str, adata: AnnData, **kwargs: Any) -> ScForge:
         """Build a model on ``adata`` from a pretrained directory or scforge ``.ckpt``.
@@ -844,6 +1096,10 @@ class ScForge(BaseModelClass):
         params = pretrained.init_params
         check_architecture(params, kwargs, source=f"the requested {cls.__name__} arguments")
         params.update(kwargs)
+        manager = cls._get_most_recent_anndata_manager(adata, required=True)
+        if manager.registry["setup_args"].get("labels_key") is None and pretrained.class_names:
+            # a query without labels keeps the fine-tuned classifier and its classes
+            params["class_names"] = pretrained.class_names
         model = cls(adata, vocab=pretrained.vocab, **params)
         same_labels = pretrained.class_names == model.class_names_
         skip = () if same_labels else ("classifier.", "regressor.")

@@ -48,7 +48,7 @@ from scforge_scvi.data._perturb_data import (
     validate_perturbation_adata,
 )
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
-from scforge_scvi.nn._perturb import PerturbConfig, PerturbationSetModel
+from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
 from scforge_scvi.train._perturb_plan import (
     CHECKPOINT_KEY,
     BackboneFreezing,
@@ -481,6 +481,7 @@ class ScForgePerturb(BaseModelClass):
                 f"basal_encoder.{n}" for n, _ in basal_encoder.named_parameters()
             }
         self.init_report_: dict[str, list[str]] = {}
+        self.active_checkpoint_: str | None = None  # which kept weights the module holds
         self._model_summary_string = (
             f"ScForgePerturb: {config.n_perturbations} perturbations "
             f"({config.perturbation_features}), {config.n_genes} genes, set of "
@@ -759,6 +760,7 @@ class ScForgePerturb(BaseModelClass):
         self.best_validation_loss_ = best.best_score
         self._fresh_parameters = set()
         self.module.load_state_dict(best_state)
+        self.active_checkpoint_ = "best"
         self.module.eval()
         for p in self.module.parameters():  # freezing is a training-time policy
             p.requires_grad_(True)
@@ -844,6 +846,7 @@ class ScForgePerturb(BaseModelClass):
                 "this session, or on disk when training had a checkpoint_dir."
             )
         self.module.load_state_dict(state)
+        self.active_checkpoint_ = checkpoint
 
     def _config_dict(self) -> dict[str, Any]:
         setup = self._setup
@@ -897,6 +900,16 @@ class ScForgePerturb(BaseModelClass):
         )
         (path / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2))
         return path
+
+    @classmethod
+    def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> ScForgePerturb:
+        """Load a model written by :meth:`save` (scvi-tools' format; see its caveats on pickle).
+
+        Takes the arguments of :meth:`scvi.model.base.BaseModelClass.load`.
+        """
+        model = super().load(dir_path, adata=adata, **kwargs)
+        model._fresh_parameters = set()  # saved weights count as trained
+        return model
 
     @classmethod
     def from_pretrained(
@@ -1037,7 +1050,7 @@ class ScForgePerturb(BaseModelClass):
         adata: ad.AnnData | None = None,
         *,
         perturbations: Sequence[str] | None = None,
-        n_cells: int | None = None,
+        n_cells: int | str = "controls",
         checkpoint: str = "best",
         sets_per_batch: int = 64,
         seed: int = 0,
@@ -1057,8 +1070,11 @@ class ScForgePerturb(BaseModelClass):
             Perturbations to predict in every cell type; default: the perturbed groups present
             in ``adata`` (each cell type with its own perturbations).
         n_cells
-            Cells to predict per group; default: as many as ``adata`` has for that group, or,
-            when it has none, as many as the group's controls.
+            Cells to predict per (perturbation, cell type, batch) group: ``"controls"``
+            (default) perturbs every control cell of the group once, i.e. predicts the whole
+            control population under the perturbation (the most cells, hence the least
+            sampling noise in pseudobulks); ``"observed"`` predicts as many cells as ``adata``
+            has for the group (the controls' number when it has none); an integer fixes it.
         checkpoint
             ``"best"`` (lowest validation loss; default), ``"final"`` or ``"last"``. A model
             that was loaded rather than trained in this session predicts with its loaded
@@ -1078,8 +1094,11 @@ class ScForgePerturb(BaseModelClass):
         adata = self.adata if adata is None else adata
         self._check_genes(adata)
         adata = self._validate_anndata(adata)
-        if checkpoint != "best" or "best" in self._weights:
-            self.use_checkpoint(checkpoint)
+        if checkpoint != self.active_checkpoint_:
+            if checkpoint == "best" and self.active_checkpoint_ is None:
+                logger.info("Predicting with the loaded weights (this model was not trained here).")
+            else:
+                self.use_checkpoint(checkpoint)
         self.module.eval()
         cells = self._read_cells(adata)
         control = self._control_code
@@ -1108,14 +1127,25 @@ class ScForgePerturb(BaseModelClass):
                 f"No {self.control_label_!r} control cells for cell type / batch {names} in the "
                 "AnnData to predict; its controls are the basal cells."
             )
-        jobs: list[tuple[int, int, int, int]] = []
+        if isinstance(n_cells, str) and n_cells not in ("controls", "observed"):
+            raise ValueError(
+                f"n_cells must be 'controls', 'observed' or an integer, got {n_cells!r}."
+            )
+        if not isinstance(n_cells, str) and int(n_cells) < 1:
+            raise ValueError(f"n_cells must be positive, got {n_cells}.")
+
+        def size(p: int, c: int, b: int) -> int:
+            if n_cells == "controls":
+                return len(pools[(c, b)])
+            if n_cells == "observed":
+                return int(perturbed.get((p, c, b), 0)) or len(pools[(c, b)])
+            return int(n_cells)
+
         if perturbations is None:
-            jobs = [(p, c, b, n_cells or int(n)) for (p, c, b), n in perturbed.items()]
+            groups = list(perturbed.index)
         else:
-            for (c, b), pool in sorted(pools.items()):
-                for p in wanted_codes:
-                    n = perturbed.get((p, c, b), 0) or len(pool)
-                    jobs.append((p, c, b, n_cells or int(n)))
+            groups = [(p, c, b) for (c, b) in sorted(pools) for p in wanted_codes]
+        jobs = [(p, c, b, size(p, c, b)) for p, c, b in groups]
         if not jobs:
             raise ValueError(
                 "Nothing to predict: the AnnData has no perturbed cells and no "

@@ -221,7 +221,9 @@ class PerturbationEncoder(nn.Module):
         d_in, d_hidden = config.resolved_perturbation_dim, config.encoder_hidden_dim
         if self.mode == "one_hot":
             if table is not None:
-                raise ValueError("A perturbation table was given but perturbation_features='one_hot'.")
+                raise ValueError(
+                    "A perturbation table was given but perturbation_features='one_hot'."
+                )
             self.embedding = nn.Embedding(config.n_perturbations, d_hidden)
         else:
             expected = (config.n_perturbations, d_in)
@@ -309,7 +311,9 @@ class PerturbationSetModel(nn.Module):
             self.basal_projection = nn.Linear(config.basal_dim, d)
         self.batch_embedding = nn.Embedding(config.n_batches, d) if config.n_batches else None
         block_config = config.transformer_config()
-        self.blocks = nn.ModuleList(TransformerBlock(block_config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(block_config) for _ in range(config.num_layers)
+        )
         self.norm = nn.LayerNorm(d)
         self.decoder = MLPEncoder(
             d, config.encoder_hidden_dim, config.n_genes, config.activation, config.dropout
@@ -350,11 +354,7 @@ class PerturbationSetModel(nn.Module):
     def head_modules(self) -> list[nn.Module]:
         """Every other module: encoders, batch embedding, projection and decoder."""
         backbone = {id(p) for m in self.backbone_modules() for p in m.parameters()}
-        return [
-            m
-            for m in self.children()
-            if any(id(p) not in backbone for p in m.parameters())
-        ]
+        return [m for m in self.children() if any(id(p) not in backbone for p in m.parameters())]
 
     def forward(
         self,

@@ -6,6 +6,7 @@ from ._lora import (
     apply_lora,
     count_parameters,
     load_lora_state_dict,
+    lora_layer_names,
     lora_state_dict,
     merge_lora,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "cosine_with_warmup",
     "count_parameters",
     "load_lora_state_dict",
+    "lora_layer_names",
     "lora_state_dict",
     "make_lr_scheduler",
     "merge_lora",

@@ -96,7 +96,7 @@ class PerturbTrainingConfig:
             raise ValueError(
                 f"unfreeze_warmup_steps must be >= 0, got {self.unfreeze_warmup_steps}."
             )
-        self.loss_weights  # validates the weights  # noqa: B018
+        PerturbLossWeights(energy=self.energy_weight, mean_mse=self.mean_mse_weight)  # validates
 
     @property
     def loss_weights(self) -> PerturbLossWeights:
@@ -224,7 +224,9 @@ class PerturbTrainingPlan(pl.LightningModule):
             },
             weight_decay=cfg.weight_decay,
         )
-        logger.info("Optimizer groups:\n%s", format_parameter_summary(parameter_group_summary(optimizer)))
+        logger.info(
+            "Optimizer groups:\n%s", format_parameter_summary(parameter_group_summary(optimizer))
+        )
         total = int(self.trainer.estimated_stepping_batches)
         heads_schedule = GroupSchedule(0, cfg.warmup_steps, total, cfg.min_lr_ratio)
         if not cfg.freeze_backbone:
@@ -232,7 +234,9 @@ class PerturbTrainingPlan(pl.LightningModule):
         elif cfg.freeze_backbone_epochs is None:
             backbone_schedule = GroupSchedule(None, 0, total, cfg.min_lr_ratio)
         else:
-            warmup = cfg.warmup_steps if cfg.unfreeze_warmup_steps is None else cfg.unfreeze_warmup_steps
+            warmup = (
+                cfg.warmup_steps if cfg.unfreeze_warmup_steps is None else cfg.unfreeze_warmup_steps
+            )
             start = cfg.freeze_backbone_epochs * self.steps_per_epoch()
             backbone_schedule = GroupSchedule(start, warmup, total, cfg.min_lr_ratio)
         lambdas = [
@@ -240,7 +244,10 @@ class PerturbTrainingPlan(pl.LightningModule):
             for group in optimizer.param_groups
         ]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class BackboneFreezing(Callback):

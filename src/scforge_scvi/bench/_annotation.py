@@ -1,0 +1,242 @@
+"""Cell-type annotation benchmarks: linear probes, embedding quality and the honest baseline.
+
+Every function takes plain arrays (an embedding or a count matrix and one label per cell)
+and returns a flat ``dict`` of metric name to value, ready for JSON.
+
+:func:`linear_probe`
+    Logistic regression trained on a stratified ``train_split`` of the cells' embeddings and
+    scored on the rest (accuracy, macro F1).
+:func:`baseline_logreg`
+    The same classifier on log-normalised gene expression: the reference published studies
+    found hard to beat. With the same ``seed`` and labels it uses exactly the cells of
+    :func:`linear_probe`, so the two numbers compare like for like.
+:func:`classification_scores`
+    Accuracy and macro F1 of given predictions (a fine-tuned model's own classifier head).
+:func:`embedding_quality`
+    Agreement of unsupervised clusters (KMeans with one cluster per label, and Leiden on a
+    kNN graph) with the labels (NMI, ARI), and the silhouette of the labels on the embedding.
+    The silhouettes come from ``scib-metrics`` when it is installed (rescaled to [0, 1] as
+    there), otherwise from scikit-learn with the same rescaling ``(s + 1) / 2``; the result
+    names the backend used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.metrics import (
+    accuracy_score,
+    adjusted_rand_score,
+    f1_score,
+    normalized_mutual_info_score,
+)
+
+from scforge_scvi.data import log_normalize
+
+__all__ = [
+    "baseline_logreg",
+    "classification_scores",
+    "embedding_quality",
+    "linear_probe",
+    "stratified_split",
+]
+
+
+def stratified_split(
+    labels: Sequence, train_split: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test cell indices, stratified by label.
+
+    Labels with a single cell cannot be stratified; they go to the training side.
+
+    Parameters
+    ----------
+    labels
+        One label per cell.
+    train_split
+        Fraction of cells to train on, in (0, 1).
+    seed
+        Random seed; the same labels and seed always give the same split.
+
+    Returns
+    -------
+    Sorted training and test indices.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < train_split < 1.0:
+        raise ValueError(f"train_split must be in (0, 1) to split cells, got {train_split}.")
+    labels = np.asarray(labels).astype(str)
+    idx = np.arange(len(labels))
+    values, counts = np.unique(labels, return_counts=True)
+    single = np.isin(labels, values[counts < 2])
+    train, test = train_test_split(
+        idx[~single], train_size=train_split, random_state=seed, stratify=labels[~single]
+    )
+    return np.sort(np.concatenate([train, idx[single]])), np.sort(test)
+
+
+def classification_scores(truth: Sequence, predicted: Sequence) -> dict[str, float]:
+    """Accuracy and macro F1 (over the true labels present) of predicted labels.
+
+    Returns
+    -------
+    ``n_cells``, ``accuracy`` and ``macro_f1``.
+    """
+    truth = np.asarray(truth).astype(str)
+    predicted = np.asarray(predicted).astype(str)
+    return {
+        "n_cells": len(truth),
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "macro_f1": float(
+            f1_score(truth, predicted, labels=np.unique(truth), average="macro", zero_division=0)
+        ),
+    }
+
+
+def _fit_and_score(x, labels: np.ndarray, train_split: float, seed: int) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = stratified_split(labels, train_split, seed)
+    classifier = make_pipeline(
+        StandardScaler(with_mean=not sp.issparse(x)), LogisticRegression(max_iter=1000)
+    )
+    classifier.fit(x[train], labels[train])
+    scores = classification_scores(labels[test], classifier.predict(x[test]))
+    return {"n_train": len(train), **scores}
+
+
+def linear_probe(
+    embedding: np.ndarray, labels: Sequence, *, train_split: float = 0.8, seed: int = 0
+) -> dict[str, float]:
+    """Logistic regression on cell embeddings, scored on held-out cells.
+
+    Parameters
+    ----------
+    embedding
+        ``(n_cells, dims)`` cell embeddings (e.g. ``adata.obsm["X_scforge"]``).
+    labels
+        One label per cell.
+    train_split
+        Fraction of cells (stratified by label) the classifier is trained on.
+    seed
+        Seed of the split.
+
+    Returns
+    -------
+    ``n_train``, ``n_cells`` (scored cells), ``accuracy`` and ``macro_f1``.
+    """
+    return _fit_and_score(np.asarray(embedding), np.asarray(labels).astype(str), train_split, seed)
+
+
+def baseline_logreg(
+    counts,
+    labels: Sequence,
+    *,
+    train_split: float = 0.8,
+    seed: int = 0,
+    target_sum: float = 1e4,
+) -> dict[str, float]:
+    """Logistic regression on log-normalised gene expression, scored on held-out cells.
+
+    Parameters
+    ----------
+    counts
+        ``(n_cells, n_genes)`` raw counts, dense or sparse.
+    labels
+        One label per cell.
+    train_split, seed
+        As in :func:`linear_probe` (same values give the same cells).
+    target_sum
+        Library size every cell is scaled to before ``log1p``.
+    """
+    x = log_normalize(counts, target_sum=target_sum, log1p=True)
+    return _fit_and_score(x, np.asarray(labels).astype(str), train_split, seed)
+
+
+def _silhouettes(embedding, labels, batch) -> tuple[dict[str, float], str]:
+    try:
+        import scib_metrics
+    except ImportError:
+        from sklearn.metrics import silhouette_samples, silhouette_score
+
+        result = {"silhouette_label": (float(silhouette_score(embedding, labels)) + 1) / 2}
+        if batch is not None:  # 1 - |s| per cell (batch-wise), averaged over labels as scIB
+            per_cell = 1 - np.abs(silhouette_samples(embedding, batch))
+            result["silhouette_batch"] = float(
+                np.mean([per_cell[labels == label].mean() for label in np.unique(labels)])
+            )
+        return result, "sklearn"
+    result = {"silhouette_label": float(scib_metrics.silhouette_label(embedding, labels))}
+    if batch is not None:
+        result["silhouette_batch"] = float(scib_metrics.silhouette_batch(embedding, labels, batch))
+    return result, "scib-metrics"
+
+
+def _leiden_clusters(embedding: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
+    """Leiden communities (modularity, resolution 1) of the symmetric kNN graph."""
+    import random
+
+    import igraph
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(n_neighbors, len(embedding) - 1)
+    _, neighbors = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
+    edges = np.column_stack([np.repeat(np.arange(len(embedding)), k), neighbors[:, 1:].ravel()])
+    graph = igraph.Graph(n=len(embedding), edges=edges, directed=False).simplify()
+    igraph.set_random_number_generator(random.Random(seed))
+    try:
+        partition = graph.community_leiden(objective_function="modularity", n_iterations=2)
+    finally:
+        igraph.set_random_number_generator(random)
+    return np.asarray(partition.membership)
+
+
+def embedding_quality(
+    embedding: np.ndarray,
+    labels: Sequence,
+    *,
+    batch: Sequence | None = None,
+    seed: int = 0,
+) -> dict[str, float | str]:
+    """How well an embedding separates labels, without training a classifier.
+
+    Parameters
+    ----------
+    embedding
+        ``(n_cells, dims)`` cell embeddings.
+    labels
+        One label per cell.
+    batch
+        One batch (donor, sample) per cell; adds ``silhouette_batch`` (1 = batches mixed).
+    seed
+        Seed of KMeans and Leiden.
+
+    Returns
+    -------
+    ``nmi_kmeans``, ``ari_kmeans``, ``nmi_leiden``, ``ari_leiden``, ``silhouette_label``
+    (and ``silhouette_batch``), each in [0, 1] (ARI can be slightly negative), higher is
+    better, and ``silhouette_backend``.
+    """
+    from sklearn.cluster import KMeans
+
+    embedding = np.asarray(embedding, dtype=np.float32)
+    labels = np.asarray(labels).astype(str)
+    n_labels = len(np.unique(labels))
+    kmeans = KMeans(n_clusters=n_labels, n_init=5, random_state=seed).fit_predict(embedding)
+    leiden = _leiden_clusters(embedding, seed)
+    result: dict[str, float | str] = {
+        "n_cells": len(labels),
+        "nmi_kmeans": float(normalized_mutual_info_score(labels, kmeans)),
+        "ari_kmeans": float(adjusted_rand_score(labels, kmeans)),
+        "nmi_leiden": float(normalized_mutual_info_score(labels, leiden)),
+        "ari_leiden": float(adjusted_rand_score(labels, leiden)),
+    }
+    silhouettes, backend = _silhouettes(
+        embedding, labels, None if batch is None else np.asarray(batch).astype(str)
+    )
+    return {**result, **silhouettes, "silhouette_backend": backend}

@@ -1,0 +1,332 @@
+"""From a validated config to calls of the public API: data, model, training arguments, runs.
+
+Every key of :class:`~scforge_scvi.config.ScForgeConfig` is either mapped to an argument of
+:class:`~scforge_scvi.ScForge` / :meth:`~scforge_scvi.ScForge.train` here, or rejected by
+:func:`check_supported` with a message saying why (the API lacks that feature).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from scforge_scvi.config import ScForgeConfig, TrainingConfig
+
+RUN_CONFIG = "config.yaml"
+RUN_METRICS = "metrics.csv"
+RUN_BEST = "best"
+RUN_LAST_CKPT = "last.ckpt"
+# a label column registered on query data so that a fitted classifier head is kept
+_QUERY_LABELS = "_scforge_query_labels"
+_UNLABELLED = "_scforge_unlabelled"
+
+
+class CliError(Exception):
+    """A problem with the user's input, reported as one line with exit code 2."""
+
+
+# -- config checks ---------------------------------------------------------------------------
+def check_supported(config: ScForgeConfig) -> None:
+    """Reject valid schema settings that the Python API cannot honour (never ignore them)."""
+    data, training = config.data, config.training
+    problems = []
+    if data.streaming:
+        problems.append(
+            "data.streaming: true is not supported yet (cells are read into memory); set it "
+            "to false"
+        )
+    if data.preprocessing.hvg is not None and data.gene_vocab != "data":
+        problems.append(
+            "data.preprocessing.hvg selects genes into the model's own vocabulary, which needs "
+            f"data.gene_vocab: data (got {data.gene_vocab!r}); preselect genes with "
+            "'scforge preprocess' instead"
+        )
+    if tuple(training.optimizer.betas) != (0.9, 0.999):
+        problems.append(
+            "training.optimizer.betas other than [0.9, 0.999] are not supported by the "
+            "training plan yet; remove the key"
+        )
+    if training.scheduler.name == "constant" and training.scheduler.min_lr_ratio != 0.0:
+        problems.append(
+            "training.scheduler.min_lr_ratio is only used by 'cosine_warmup'; remove it for "
+            "the 'constant' schedule"
+        )
+    if training.strategy != "auto":
+        problems.append(
+            f"training.strategy: {training.strategy!r} (multi-device strategy) is not supported "
+            "by the command line yet; use 'auto'"
+        )
+    if training.logger != "csv":
+        problems.append(
+            f"training.logger: {training.logger!r} is not supported yet; use 'csv' (metrics.csv "
+            "in the run directory)"
+        )
+    if training.val_split == 0.0:
+        problems.append(
+            "training.val_split: 0 leaves no validation cells, but the best model is chosen by "
+            "validation loss; use e.g. 0.1"
+        )
+    if problems:
+        raise CliError("; ".join(problems))
+
+
+def unused_sections(config: ScForgeConfig, used: set[str]) -> list[str]:
+    """Sections written in the config that a command does not read."""
+    return sorted(name for name in config.model_fields_set if name not in used)
+
+
+# -- data ------------------------------------------------------------------------------------
+def read_h5ad(path: str | Path) -> AnnData:
+    """Read an .h5ad (or .zarr) file, turning any failure into a one-line :class:`CliError`."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f"data file '{path}' does not exist")
+    try:
+        return ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
+    except Exception as err:  # h5py, zarr and anndata raise many kinds
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CliError(f"cannot read '{path}' as AnnData ({reason})") from None
+
+
+def read_data(config: ScForgeConfig) -> AnnData:
+    """All files of ``data.paths``, concatenated (genes in common) when there are several."""
+    import anndata as ad
+
+    adatas = [read_h5ad(path) for path in config.data.paths]
+    if len(adatas) == 1:
+        return adatas[0]
+    return ad.concat(adatas, join="inner", label="source_file", index_unique="-")
+
+
+def require_obs(adata: AnnData, key: str, what: str) -> None:
+    if key not in adata.obs:
+        raise CliError(
+            f"{what} '{key}' is not a column of the data's obs; available columns: "
+            f"{', '.join(map(str, adata.obs.columns)) or 'none'}"
+        )
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an output path that exists unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise CliError(f"output '{path}' already exists; pass --overwrite to replace it")
+    return path
+
+
+# -- model -----------------------------------------------------------------------------------
+def model_kwargs(config: ScForgeConfig) -> dict[str, Any]:
+    """``ScForge`` init arguments from ``tokenizer``, ``model``, ``data`` and ``finetune.head``."""
+    tok, prep = config.tokenizer, config.data.preprocessing
+    kwargs: dict[str, Any] = {
+        "tokenizer": tok.strategy,
+        "max_genes": tok.max_gene_tokens,  # the API counts genes only, the config counts [CLS]
+        "prepend_cls": tok.prepend_cls,
+        "n_bins": tok.n_bins,
+        "normalize": prep.normalize,
+        "target_sum": prep.target_sum,
+        "log1p": prep.log1p,
+        "n_top_genes": prep.hvg,
+        **config.model.to_backbone_kwargs(),
+    }
+    if config.finetune is not None:
+        kwargs["head_hidden_dim"] = config.finetune.head.hidden_dim
+        kwargs["head_dropout"] = config.finetune.head.dropout
+    return kwargs
+
+
+def setup_data(adata: AnnData, config: ScForgeConfig, *, labels: bool) -> None:
+    """``ScForge.setup_anndata`` with ``data.layer``, ``data.gene_key`` and the label column."""
+    from scforge_scvi import ScForge
+
+    layer, gene_key = config.data.layer, config.data.gene_key
+    if layer is not None and layer not in adata.layers:
+        raise CliError(
+            f"data.layer '{layer}' is not a layer of the data; available layers: "
+            f"{', '.join(adata.layers) or 'none (use data.layer: null for X)'}"
+        )
+    kwargs: dict[str, Any] = {"layer": layer, "gene_key": gene_key}
+    finetune = config.finetune
+    if labels and finetune is not None:
+        require_obs(adata, finetune.label_key, "finetune.label_key")
+        if finetune.head.task == "regression":
+            kwargs["target_key"] = finetune.label_key
+        else:
+            kwargs["labels_key"] = finetune.label_key
+    ScForge.setup_anndata(adata, **kwargs)
+
+
+def setup_query(
+    adata: AnnData, checkpoint: str | Path, *, layer: str | None, gene_key: str | None
+) -> None:
+    """Register query cells so that a checkpoint's fitted head (if any) is kept.
+
+    The checkpoint's class names are registered as the categories of a temporary, all
+    unlabelled column; the cells' own labels (if present) are not needed.
+    """
+    from scforge_scvi import ScForge
+    from scforge_scvi.io import read_pretrained
+
+    pretrained = read_pretrained(checkpoint)
+    kwargs: dict[str, Any] = {"layer": layer, "gene_key": gene_key}
+    if pretrained.class_names:
+        adata.obs[_QUERY_LABELS] = pd.Categorical(
+            [_UNLABELLED] * adata.n_obs, categories=[*pretrained.class_names, _UNLABELLED]
+        )
+        kwargs.update(labels_key=_QUERY_LABELS, unlabeled_category=_UNLABELLED)
+    elif any(key.startswith("regressor.") for key in pretrained.state_dict):
+        adata.obs[_QUERY_LABELS] = np.zeros(adata.n_obs, dtype=np.float32)
+        kwargs["target_key"] = _QUERY_LABELS
+    ScForge.setup_anndata(adata, **kwargs)
+
+
+def drop_query_labels(adata: AnnData) -> None:
+    if _QUERY_LABELS in adata.obs:
+        del adata.obs[_QUERY_LABELS]
+
+
+def build_model(adata: AnnData, config: ScForgeConfig, checkpoint: str | Path | None):  # -> ScForge
+    """A new model from the config, or one initialised from ``checkpoint`` (weights only)."""
+    from scforge_scvi import ScForge
+
+    kwargs = model_kwargs(config)
+    vocab = config.data.gene_vocab
+    if checkpoint is None:
+        resolved = None if vocab == "data" else (vocab or "human_protein_coding")
+        return ScForge(adata, vocab=resolved, **kwargs)
+    check_checkpoint_path(checkpoint)
+    model = ScForge.from_pretrained(str(checkpoint), adata, **kwargs)
+    own = model.vocab.name or "data"
+    if vocab is not None and vocab != own and Path(vocab).stem != own:
+        raise CliError(
+            f"data.gene_vocab is {vocab!r} but the checkpoint's vocabulary is {own!r}; the "
+            "pretrained vocabulary is always used, so set data.gene_vocab to null or to it"
+        )
+    return model
+
+
+def check_checkpoint_path(path: str | Path) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f"checkpoint '{path}' does not exist")
+
+
+# -- training --------------------------------------------------------------------------------
+def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
+    """``ScForge.train`` arguments from ``training``, ``tokenizer.masking`` and ``finetune``."""
+    training: TrainingConfig = config.training
+    scheduler = training.scheduler
+    kwargs: dict[str, Any] = {
+        "max_epochs": training.max_epochs,
+        "objective": objective,
+        "batch_size": training.batch_size,
+        "lr": training.optimizer.lr,
+        "weight_decay": training.optimizer.weight_decay,
+        "warmup_steps": scheduler.warmup_steps,
+        # a cosine that ends at the peak is the constant schedule
+        "min_lr_ratio": 1.0 if scheduler.name == "constant" else scheduler.min_lr_ratio,
+        "train_size": 1.0 - training.val_split - training.test_split,
+        "validation_size": training.val_split,
+        "precision": training.precision,
+        "gradient_clip": training.gradient_clip or None,
+        "early_stopping": training.patience is not None,
+        "patience": training.patience or 1,
+        "seed": training.seed,
+        "accelerator": training.accelerator,
+        "devices": training.devices,
+        "num_workers": config.data.num_workers,
+        "num_nodes": training.num_nodes,
+        # Lightning's per-batch bar: "Epoch 0: 100%|####| 22/22 [...] val_loss=..., val_acc=..."
+        "simple_progress_bar": False,
+        "callbacks": [TQDMProgressBar()],
+    }
+    if objective == "pretrain":
+        kwargs["masking"] = config.tokenizer.masking.model_dump()
+        return kwargs
+    finetune = config.finetune
+    kwargs["strategy"] = finetune.strategy_for(training.max_epochs)
+    kwargs["backbone_lr"], kwargs["head_lr"] = finetune.learning_rates(training.optimizer.lr)
+    kwargs["freeze_backbone_epochs"] = finetune.freeze_backbone_epochs
+    if kwargs["strategy"] != "gradual_unfreeze":
+        kwargs["freeze_backbone_epochs"] = 0
+    if finetune.lora.enabled:
+        lora = finetune.lora
+        kwargs["lora"] = {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "target_modules": tuple(lora.resolved_target_modules),
+        }
+    return kwargs
+
+
+def check_n_classes(model, config: ScForgeConfig) -> None:
+    head = config.finetune.head
+    if head.task == "classification" and head.n_classes is not None:
+        found = len(model.class_names_)
+        if found != head.n_classes:
+            raise CliError(
+                f"finetune.head.n_classes is {head.n_classes} but the label column "
+                f"'{config.finetune.label_key}' has {found} classes; set it to null to count them"
+            )
+
+
+def check_resume(run_dir: Path, config: ScForgeConfig) -> Path:
+    """The run's ``last.ckpt``, if ``config`` equals the run's own apart from max_epochs."""
+    last = run_dir / RUN_LAST_CKPT
+    saved_file = run_dir / RUN_CONFIG
+    if not last.exists() or not saved_file.exists():
+        raise CliError(
+            f"cannot resume from '{run_dir}': it needs {RUN_LAST_CKPT} and {RUN_CONFIG} "
+            "written by an earlier scforge run"
+        )
+    saved = ScForgeConfig.from_yaml(saved_file).to_dict()
+    current = config.to_dict()
+    saved["training"].pop("max_epochs")
+    current["training"].pop("max_epochs")
+    diffs = sorted(_differences(saved, current))
+    if diffs:
+        raise CliError(
+            f"cannot resume: the configuration differs from {saved_file} in {', '.join(diffs)} "
+            "(only training.max_epochs may change); start a new run with --checkpoint "
+            f"{last} to initialise from its weights instead"
+        )
+    return last
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]
+
+
+def write_metrics(model, path: Path) -> pd.DataFrame:
+    """``model.history`` (one DataFrame per metric) as one CSV with a row per epoch."""
+    frames = [
+        frame for key, frame in model.history.items() if not key.endswith("_step") and len(frame)
+    ]
+    table = pd.concat(frames, axis=1) if frames else pd.DataFrame()
+    table.index.name = "epoch"
+    table.to_csv(path)
+    return table
+
+
+def restore_best(model, run_dir: Path) -> None:
+    """Load the weights of ``best.ckpt`` (after a resumed run that found no new best)."""
+    from scforge_scvi.io import load_weights, read_pretrained
+
+    best = run_dir / "best.ckpt"
+    if best.exists():
+        state = read_pretrained(best).state_dict
+        own = model.module.state_dict()
+        load_weights(model.module, {k: v for k, v in state.items() if k in own})

@@ -1,0 +1,106 @@
+"""Pretrained directories: clear errors on bad input, complete directories on every save."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from scforge_scvi import ScForge
+from scforge_scvi.data import VocabCoverageError
+from scforge_scvi.io import CheckpointMismatchError, read_pretrained, write_pretrained
+
+TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64}
+FILES = ["config.json", "gene_vocab.json", "model.safetensors"]
+
+
+def _setup(adata):
+    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
+        adata.uns.pop(key, None)
+    ScForge.setup_anndata(adata, layer="counts")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def counts(_pbmc68k_counts_once):
+    return _setup(_pbmc68k_counts_once.copy())
+
+
+@pytest.fixture(scope="module")
+def saved(counts, tmp_path_factory):
+    """An untrained tiny model saved as a pretrained directory (weights are what matter)."""
+    torch.manual_seed(0)
+    model = ScForge(counts, **TINY)
+    path = tmp_path_factory.mktemp("pretrained") / "tiny"
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_other_architecture_names_every_differing_field(saved, counts):
+    with pytest.raises(CheckpointMismatchError) as err:
+        ScForge.from_pretrained(str(saved), counts, hidden_dim=64, num_layers=2, num_heads=2)
+    message = str(err.value)
+    assert message.startswith("Checkpoint dimension mismatch")
+    assert re.search(r"hidden_dim\D+32\D+64", message)
+    assert re.search(r"num_layers\D+1\D+2", message)
+    assert "num_heads" not in message  # equal to the checkpoint's: not a difference
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_truncated_weights_raise_and_build_no_model(saved, counts, tmp_path, monkeypatch, keep):
+    path = tmp_path / "truncated"
+    shutil.copytree(saved, path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(1, int(len(data) * keep))])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("no model may be built from a corrupt checkpoint")
+
+    monkeypatch.setattr(ScForge, "__init__", no_model)
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt"):
+        ScForge.from_pretrained(str(path), counts)
+
+
+def test_low_vocabulary_coverage_is_rejected_with_the_coverage(saved, counts):
+    query = counts.copy()
+    n_renamed = int(0.8 * query.n_vars)
+    names = query.var_names.to_numpy().astype(object)
+    names[:n_renamed] = [f"NOT_A_GENE_{i}" for i in range(n_renamed)]
+    query.var_names = names
+    _setup(query)
+    coverage = (query.n_vars - n_renamed) / query.n_vars
+    with pytest.raises(VocabCoverageError, match=re.escape(f"{coverage:.1%}")):
+        ScForge.from_pretrained(str(saved), query)
+
+
+def test_saving_over_a_directory_leaves_a_complete_one(saved, counts, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(saved, path)
+    torch.manual_seed(1)
+    other = ScForge(counts, **TINY)
+    other.save_pretrained(str(path))
+    assert sorted(p.name for p in path.iterdir()) == FILES
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary leftovers
+    reread = read_pretrained(path).state_dict
+    for key, value in other.module.state_dict().items():
+        torch.testing.assert_close(reread[key], value, rtol=0, atol=0)
+    before = read_pretrained(saved).state_dict
+    assert any(not torch.equal(before[k], reread[k]) for k in reread)
+    loaded = ScForge.from_pretrained(str(path), counts)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(indices=np.arange(64)),
+        other.get_latent_representation(indices=np.arange(64)),
+    )
+
+
+def test_no_overwrite_refuses_an_existing_path(saved, counts):
+    pretrained = read_pretrained(saved)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_pretrained(
+            saved, pretrained.config, pretrained.vocab, pretrained.state_dict, overwrite=False
+        )
+    assert sorted(p.name for p in saved.iterdir()) == FILES
