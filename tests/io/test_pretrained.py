@@ -104,3 +104,26 @@ def test_no_overwrite_refuses_an_existing_path(saved, counts):
             saved, pretrained.config, pretrained.vocab, pretrained.state_dict, overwrite=False
         )
     assert sorted(p.name for p in saved.iterdir()) == FILES
+
+
+def test_freezing_a_newly_initialised_parameter_is_an_error(saved, counts, tmp_path):
+    """A backbone tensor missing from the checkpoint is reported and may not stay frozen."""
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(saved, partial)
+    tensors = load_file(str(partial / "model.safetensors"))
+    missing = "backbone.blocks.0.attn.q_proj.weight"
+    del tensors[missing]
+    save_file(
+        tensors, str(partial / "model.safetensors"), metadata={"format": "scforge-pretrained"}
+    )
+
+    labelled = counts.copy()
+    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
+        labelled.uns.pop(key, None)
+    ScForge.setup_anndata(labelled, layer="counts", labels_key="louvain")
+    model = ScForge.from_pretrained(str(partial), labelled)
+    assert missing in model.load_report_.initialised
+    with pytest.raises(ValueError, match="still random"):
+        model.train(max_epochs=1, strategy="frozen", enable_progress_bar=False)

@@ -699,6 +699,21 @@ class ScForge(BaseModelClass):
                 self._apply_lora(settings)
         for head in self.module.heads:
             head.requires_grad_(True)
+        self._check_no_frozen_new_parameters(strategy)
+
+    def _check_no_frozen_new_parameters(self, strategy: str) -> None:
+        """A parameter that was newly initialised (not loaded) must not stay frozen."""
+        report = getattr(self, "load_report_", None)
+        if report is None or strategy in ("full", "gradual_unfreeze"):
+            return
+        params = dict(self.module.named_parameters())
+        frozen_new = [k for k in report.initialised if k in params and not params[k].requires_grad]
+        if frozen_new:
+            raise ValueError(
+                f"strategy={strategy!r} would freeze {len(frozen_new)} parameters that were not "
+                f"in the checkpoint and are still random (e.g. {frozen_new[:3]}); load a "
+                "checkpoint with these weights or use strategy='full'."
+            )
 
     def _split(self, train_size, validation_size, seed, objective):
         """Seeded train/validation/test split, stratified by label for classification."""
