@@ -26,7 +26,6 @@ Metrics, as cell-eval defines them, per cell type and perturbation
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 
 import anndata as ad
@@ -36,8 +35,6 @@ import scipy.sparse as sp
 from scipy import stats
 
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
-
-logger = logging.getLogger(__name__)
 
 METRICS = ("mae", "mse", "pearson_delta", "discrimination_score_l1", "overlap_at_N")
 #: metrics whose best value is 0 (all others are best at 1)

@@ -14,7 +14,6 @@ cell types.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._preprocess import check_raw_counts, library_size, log_normalize
+from scforge_scvi._logging import logger
 
-logger = logging.getLogger(__name__)
+from ._preprocess import check_raw_counts, library_size, log_normalize
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -327,25 +326,6 @@ def load_pbmc3k_counts(path: str | Path | None = None) -> ad.AnnData:
     return adata
 
 
-def pbmc68k_counts() -> ad.AnnData:
-    """scanpy's ``pbmc68k_reduced`` (700 cells x 765 genes) with integer counts recovered.
-
-    Its ``.raw`` holds log-normalised values; counts are
-    ``round(expm1(raw.X) * obs.n_counts / 1e4)``. Cell types are in ``obs["bulk_labels"]``.
-    """
-    import scanpy as sc
-
-    source = sc.datasets.pbmc68k_reduced()
-    raw = source.raw.to_adata()
-    x = raw.X.toarray() if sp.issparse(raw.X) else np.asarray(raw.X)
-    counts = np.rint(np.expm1(x) * source.obs["n_counts"].to_numpy()[:, None] / 1e4)
-    return ad.AnnData(
-        X=sp.csr_matrix(counts.astype(np.float32)),
-        obs=source.obs[["bulk_labels", "louvain", "n_counts"]].copy(),
-        var=pd.DataFrame(index=raw.var_names.copy()),
-    )
-
-
 # -------------------------------------------------------------- semi-synthetic benchmark
 def _select_genes(counts: sp.csr_matrix, n_genes: int, min_fraction: float) -> np.ndarray:
     """Highly variable genes (normalised dispersion of log1p CP10k) among expressed genes."""
@@ -426,7 +406,7 @@ def make_semisynthetic_perturbation_data(
     ----------
     source
         Real cells with raw counts in ``X`` (e.g. :func:`load_pbmc3k_counts` or
-        :func:`pbmc68k_counts`).
+        :func:`scforge_scvi.data._datasets.pbmc68k_counts`).
     cell_type_key
         ``source.obs`` column with cell types; written under the same name.
     cell_types
@@ -477,9 +457,9 @@ def make_semisynthetic_perturbation_data(
     # strength of each program in each cell type
     strength = rng.uniform(0.3, 1.3, size=(len(cell_types), n_programs))
 
-    # targets: well-expressed genes, several per program where possible
+    # targets: drawn among the best-expressed genes, so that a knockdown is measurable
     mean_count = np.asarray(counts.mean(axis=0)).ravel()
-    candidates = np.argsort(-mean_count)[: max(3 * n_perturbations, n_perturbations)]
+    candidates = np.argsort(-mean_count)[: 3 * n_perturbations]  # the best-expressed genes
     if len(candidates) < n_perturbations:
         raise ValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
     targets = np.sort(rng.choice(candidates, size=n_perturbations, replace=False))

@@ -19,7 +19,6 @@ only for the same configuration.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,17 +30,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
-from scvi.train import Trainer, TrainRunner
+from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
     normalize_split_labels,
     sample_cell_sets,
@@ -49,15 +48,13 @@ from scforge_scvi.data._perturb_data import (
 )
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
+from scforge_scvi.train._callbacks import BestCheckpoint
 from scforge_scvi.train._perturb_plan import (
     CHECKPOINT_KEY,
     BackboneFreezing,
-    BestWeights,
     PerturbTrainingConfig,
     PerturbTrainingPlan,
 )
-
-logger = logging.getLogger(__name__)
 
 
 class _PerturbRegistryKeys(NamedTuple):
@@ -84,25 +81,6 @@ class _PerturbModule(PerturbationSetModel):
 
     def on_load(self, model: BaseModelClass, **kwargs: Any) -> None:
         """Nothing to prepare before ``load_state_dict`` (called by ``BaseModelClass.load``)."""
-
-
-class _PerturbTrainer(Trainer):
-    """scvi-tools' Trainer that accepts a plain Lightning ``ModelCheckpoint``.
-
-    scvi's Trainer adds its own model-saving checkpoint whenever checkpointing is enabled;
-    resumable ``.ckpt`` files need Lightning's, which is attached after construction.
-    """
-
-    def __init__(
-        self, *args: Any, checkpoint_callback: ModelCheckpoint | None = None, **kwargs: Any
-    ):
-        super().__init__(*args, **kwargs)
-        if checkpoint_callback is not None:
-            self.callbacks.append(checkpoint_callback)
-
-
-class _PerturbTrainRunner(TrainRunner):
-    _trainer_cls = _PerturbTrainer
 
 
 # ------------------------------------------------------------------------------ set data
@@ -234,6 +212,8 @@ class PerturbSetDataModule(pl.LightningDataModule):
         See :class:`CellSetBatches`.
     with_batch, with_counts
         Emit the batch code per set / the basal raw counts (for a counts-reading encoder).
+    names
+        ``{"cell_type": [...], "batch": [...]}``: category names for messages.
     """
 
     def __init__(
@@ -247,9 +227,11 @@ class PerturbSetDataModule(pl.LightningDataModule):
         seed: int,
         with_batch: bool,
         with_counts: bool,
+        names: dict[str, Sequence[str]],
     ) -> None:
         super().__init__()
         self.cells, self.split, self.control_code = cells, split, control_code
+        self.names = names
         self.kwargs = {
             "set_len": set_len,
             "sets_per_batch": sets_per_batch,
@@ -282,10 +264,13 @@ class PerturbSetDataModule(pl.LightningDataModule):
         for (p, c, b), rows in keys[in_stage].groupby(["p", "c", "b"])["row"]:
             pool = pools.get((c, b))
             if pool is None:
+                where = (
+                    f"cell type {self.names['cell_type'][c]!r}, batch {self.names['batch'][b]!r}"
+                )
                 raise ValueError(
-                    f"Cells of the {stage} split (cell type code {c}, batch code {b}) have no "
-                    "control cells to use as basal cells in that split; keep the controls of "
-                    "held-out perturbations in training (cell-load's few-shot layout)."
+                    f"Cells of the {stage} split ({where}) have no training-split control cells "
+                    "to use as basal cells; keep the controls of cell types that have training "
+                    "cells in the training split (cell-load's few-shot layout)."
                 )
             groups.append(rows.to_numpy())
             group_pools.append(pool)
@@ -319,7 +304,7 @@ def _perturbation_table(
 ) -> torch.Tensor:
     """Rows of a user table in category order; the control's row is a placeholder."""
     table = (
-        features
+        features.copy()
         if isinstance(features, pd.DataFrame)
         else pd.DataFrame.from_dict(
             {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}, orient="index"
@@ -414,7 +399,7 @@ class ScForgePerturb(BaseModelClass):
     _module_cls = _PerturbModule
     _training_plan_cls = PerturbTrainingPlan
     _data_module_cls = PerturbSetDataModule
-    _train_runner_cls = _PerturbTrainRunner
+    _train_runner_cls = TrainRunner
 
     def __init__(
         self,
@@ -700,24 +685,17 @@ class ScForgePerturb(BaseModelClass):
             seed=seed,
             with_batch=self.module.config.n_batches > 0,
             with_counts=self.basal_input_ == "counts",
+            names={"cell_type": self.cell_types_, "batch": self.batches_},
         )
         plan = self._training_plan_cls(self.module, config, run_metadata=metadata)
-        best = BestWeights("validation_loss")
+        checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        # minimum validation loss (gene space): weights kept in memory; with a directory,
+        # resumable best.ckpt and last.ckpt written after every validation
+        best = BestCheckpoint("validation_loss", dirpath=checkpoint_dir, restore_best=False)
         callbacks = [BackboneFreezing(), best, *trainer_kwargs.pop("callbacks", [])]
         has_val = datamodule.val_sets is not None
-        checkpoint_callback = None
-        if checkpoint_dir is not None:
-            checkpoint_dir = Path(checkpoint_dir)
-            checkpoint_callback = ModelCheckpoint(
-                dirpath=checkpoint_dir,
-                filename="best",
-                monitor="validation_loss" if has_val else None,
-                mode="min",
-                save_top_k=1 if has_val else 0,
-                save_last=True,
-                enable_version_counter=False,
-            )
         trainer_kwargs.setdefault("enable_progress_bar", False)
+        trainer_kwargs.setdefault("log_every_n_steps", 1)  # losses are logged per epoch
         if has_val:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         runner = self._train_runner_cls(
@@ -729,7 +707,6 @@ class ScForgePerturb(BaseModelClass):
             devices=devices,
             gradient_clip_val=gradient_clip_val,
             callbacks=callbacks,
-            checkpoint_callback=checkpoint_callback,
             ckpt_path=None if resume_from is None else str(resume_from),
             **trainer_kwargs,
         )
@@ -739,10 +716,10 @@ class ScForgePerturb(BaseModelClass):
         self._after_training(best, checkpoint_dir, has_val)
 
     def _after_training(
-        self, best: BestWeights, checkpoint_dir: Path | None, has_val: bool
+        self, best: BestCheckpoint, checkpoint_dir: Path | None, has_val: bool
     ) -> None:
         final = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
-        best_state = best.best_state
+        best_state = best._best_state  # BestCheckpoint keeps it; restore_best=False above
         if best_state is None and best.best_score is not None and checkpoint_dir is not None:
             # resumed run whose best epoch came before the resume: read it back
             best_state = self._state_from_lightning(checkpoint_dir / "best.ckpt")
@@ -843,7 +820,7 @@ class ScForgePerturb(BaseModelClass):
         else:
             raise ValueError(
                 f"The {checkpoint!r} weights are not available: they exist after train() in "
-                "this session, or on disk when training had a checkpoint_dir."
+                "this Python process, or on disk when training had a checkpoint_dir."
             )
         self.module.load_state_dict(state)
         self.active_checkpoint_ = checkpoint
@@ -924,7 +901,8 @@ class ScForgePerturb(BaseModelClass):
         by genes, perturbations or batches are matched by name (a new gene or perturbation gets
         a fresh row); tensors whose shape does not fit are skipped. Everything is reported in
         ``model.init_report_`` and the log; freezing a newly initialised backbone parameter
-        later is an error.
+        later is an error. The new model counts as untrained (``is_trained_`` is ``False``)
+        until :meth:`train` runs; :meth:`predict` uses the loaded weights.
 
         Parameters
         ----------
@@ -1040,7 +1018,6 @@ class ScForgePerturb(BaseModelClass):
         for kind in ("remapped", "skipped_shape", "initialised", "unexpected"):
             if report[kind]:
                 logger.warning("%s: %s", kind, ", ".join(report[kind]))
-        self.is_trained_ = not (report["skipped_shape"] or report["initialised"])
         return report
 
     # -- prediction --------------------------------------------------------------------------
@@ -1077,7 +1054,7 @@ class ScForgePerturb(BaseModelClass):
             has for the group (the controls' number when it has none); an integer fixes it.
         checkpoint
             ``"best"`` (lowest validation loss; default), ``"final"`` or ``"last"``. A model
-            that was loaded rather than trained in this session predicts with its loaded
+            that was loaded rather than trained here predicts with its loaded
             weights when ``"best"`` is asked for.
         sets_per_batch
             Sets per forward pass.

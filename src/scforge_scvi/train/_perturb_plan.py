@@ -16,7 +16,6 @@ unfreezes, its learning rate starts a warmup + cosine of its own from that step.
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,13 +23,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from scforge_scvi._logging import logger
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbOutput
 
 from ._optim import build_adamw, format_parameter_summary, parameter_group_summary
 from ._perturb_losses import PerturbLossWeights, perturbation_set_loss
 from ._schedules import cosine_with_warmup
-
-logger = logging.getLogger(__name__)
 
 #: metadata key written into Lightning checkpoints (configuration of the run)
 CHECKPOINT_KEY = "scforge_perturb"
@@ -272,37 +270,3 @@ class BackboneFreezing(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
         self._apply(pl_module, trainer.current_epoch)
-
-
-class BestWeights(Callback):
-    """Keep, in memory, the weights with the lowest ``monitor`` seen after a validation epoch.
-
-    Parameters
-    ----------
-    monitor
-        Logged metric to minimise (the validation loss in gene space).
-    """
-
-    def __init__(self, monitor: str = "validation_loss") -> None:
-        self.monitor = monitor
-        self.best_score: float | None = None
-        self.best_epoch: int | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        score = float(trainer.callback_metrics[self.monitor])
-        if self.best_score is None or score < self.best_score:
-            self.best_score = score
-            self.best_epoch = trainer.current_epoch
-            self.best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()
-            }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_score = state_dict.get("best_score")
-        self.best_epoch = state_dict.get("best_epoch")
