@@ -719,7 +719,7 @@ class ScForgePerturb(BaseModelClass):
         self, best: BestCheckpoint, checkpoint_dir: Path | None, has_val: bool
     ) -> None:
         final = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
-        best_state = best._best_state  # BestCheckpoint keeps it; restore_best=False above
+        best_state = best.best_state  # kept by BestCheckpoint; restore_best=False above
         if best_state is None and best.best_score is not None and checkpoint_dir is not None:
             # resumed run whose best epoch came before the resume: read it back
             best_state = self._state_from_lightning(checkpoint_dir / "best.ckpt")

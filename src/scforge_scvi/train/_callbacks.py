@@ -57,6 +57,16 @@ class BestCheckpoint(Callback):
         self.best_epoch: int | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
 
+    @property
+    def best_state(self) -> dict[str, torch.Tensor] | None:
+        """CPU copy of the module's state dict at the best epoch seen in this process.
+
+        ``None`` until a validation improved on ``best_score``; also ``None`` after resuming
+        until then, because only the score and epoch are saved in checkpoints (the weights
+        are in ``best.ckpt``).
+        """
+        return self._best_state
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
