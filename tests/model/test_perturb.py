@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from scforge_scvi import ScForge
 from scforge_scvi.bench._perturbation import (
     aggregate_metrics,
     control_mean_baseline,
@@ -24,7 +25,11 @@ from scforge_scvi.data._perturb_data import (
     make_semisynthetic_perturbation_data,
     read_perturbation_h5ad,
 )
-from scforge_scvi.model._perturb_model import ScForgePerturb
+from scforge_scvi.model._perturb_model import (
+    PerturbSetDataModule,
+    ScForgeCellEncoder,
+    ScForgePerturb,
+)
 from scforge_scvi.train._schedules import cosine_with_warmup
 
 PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
@@ -345,6 +350,13 @@ def test_freeze_then_unfreeze_and_frozen_new_parameters(adata, tmp_path):
     with pytest.raises(ValueError, match="newly initialised backbone"):
         deeper.train(max_epochs=1, freeze_backbone=True)
 
+    wider = ScForgePerturb.from_pretrained(tmp_path / "pretrained", adata, ffn_dim=48)
+    skipped = wider.init_report_["skipped_shape"]
+    assert any(k.startswith("blocks.0.ffn.") and "checkpoint (" in k for k in skipped), skipped
+    assert "blocks.0.attn.q_proj.weight" in wider.init_report_["loaded"]
+    with pytest.raises(ValueError, match=r"newly initialised backbone.*blocks\.0\.ffn"):
+        wider.train(max_epochs=1, freeze_backbone=True)
+
     model = ScForgePerturb.from_pretrained(tmp_path / "pretrained", adata)
     loaded = model.module.blocks[0].attn.q_proj.weight.detach().clone()
     rates, snapshots = LearningRates(), BackboneSnapshots()
@@ -428,3 +440,83 @@ def test_from_pretrained_matches_genes_by_name(adata, tmp_path):
     old = source.module.decoder.linear2.weight.detach()
     new = model.module.decoder.linear2.weight.detach()
     torch.testing.assert_close(new, old.flip(0))  # row j of the new model is gene j's row
+
+
+def test_fewshot_split_holds_out_perturbations_in_one_cell_type(screen):
+    split = screen.obs["split"].astype(str)
+    perts = list(screen.uns["perturbation_truth"]["perturbations"])
+    in_fewshot = (screen.obs[CELL_TYPE] == FEWSHOT).to_numpy()
+    pert = screen.obs[PERT].astype(str).to_numpy()
+    assert set(split[in_fewshot & np.isin(pert, perts[:2])]) == {"test"}
+    assert set(split[in_fewshot & (pert == perts[2])]) == {"val"}
+    assert set(split[in_fewshot & (pert == CONTROL)]) == {"train"}  # controls stay in training
+    assert set(split[~in_fewshot]) == {"train"}  # other cell types see every perturbation
+
+
+def test_basal_cells_are_controls_of_the_same_cell_type_and_batch(screen):
+    data = screen.copy()
+    data.obs["batch"] = np.where(np.arange(data.n_obs) % 3 == 0, "b0", "b1")
+    ScForgePerturb.setup_anndata(data, PERT, CONTROL, cell_type_key=CELL_TYPE, batch_key="batch")
+    model = ScForgePerturb(data, **TINY)
+    cells = model._read_cells(data)
+    split = data.obs["split"].astype(str).to_numpy()
+    control = model.perturbations_.index(CONTROL)
+    module = PerturbSetDataModule(
+        cells,
+        split,
+        control,
+        set_len=16,
+        sets_per_batch=8,
+        seed=0,
+        with_batch=True,
+        with_counts=False,
+        names={"cell_type": model.cell_types_, "batch": model.batches_},
+    )
+    for stage, sets in (("train", module.train_sets), ("val", module.val_sets)):
+        target, basal, group = sets.target, sets.basal, sets.group
+        assert len(group) > 0
+        assert (split[target] == stage).all()
+        assert (cells.perturbation[basal] == control).all()
+        if stage == "train":  # training never reads a held-out cell, not even as basal input
+            assert (split[basal] == "train").all()
+        assert (cells.perturbation[target] == sets.group_perturbation[group][:, None]).all()
+        for key in ("cell_type", "batch"):
+            codes = getattr(cells, key)
+            assert (codes[basal] == codes[target][:, :1]).all(), (stage, key)
+            assert (codes[target] == codes[target][:, :1]).all(), (stage, key)
+    train = module.train_sets
+    batch = train[0]
+    assert batch["basal"].shape == batch["target"].shape == (8, 16, data.n_vars)
+    np.testing.assert_array_equal(batch["batch"].numpy(), train.group_batch[train.group[:8]])
+
+
+def test_scforge_backbone_as_basal_encoder(screen, tmp_path):
+    counts = screen.copy()
+    ScForge.setup_anndata(counts)
+    torch.manual_seed(0)
+    scforge = ScForge(counts, hidden_dim=32, num_layers=1, num_heads=2, max_genes=64, dropout=0.0)
+    source = {k: v.clone() for k, v in scforge.module.backbone.state_dict().items()}
+
+    data = screen.copy()
+    ScForgePerturb.setup_anndata(data, PERT, CONTROL, cell_type_key=CELL_TYPE)
+    encoder = ScForgeCellEncoder.from_scforge(scforge, data)
+    with pytest.raises(ValueError, match="basal_input='counts'"):
+        ScForgePerturb(data, **TINY, basal_encoder=encoder)
+    model = ScForgePerturb(data, **TINY, basal_encoder=encoder, basal_input="counts")
+    assert model.module.config.basal_dim == 32  # the backbone's cell-embedding width
+    copied = model.module.basal_encoder.backbone.state_dict()
+    assert all(torch.equal(copied[k], v) for k, v in source.items())
+    assert not any(k.startswith("basal_encoder.") for k in model._fresh_parameters)
+
+    model.train(max_epochs=1, sets_per_batch=8, split_key="split", checkpoint_dir=tmp_path, **QUIET)
+    assert (tmp_path / "best.ckpt").exists() and (tmp_path / "last.ckpt").exists()
+    assert model.trainer.gradient_clip_val == 1.0
+    decay = {g["weight_decay"] for g in model.trainer.optimizers[0].param_groups}
+    assert decay == {0.0, 0.01}  # biases, norms and embeddings are not decayed
+    tuned = model.module.basal_encoder.backbone.state_dict()
+    assert not all(torch.equal(tuned[k], source[k]) for k in source)  # fine-tuned
+    untouched = scforge.module.backbone.state_dict()
+    assert all(torch.equal(untouched[k], v) for k, v in source.items())  # the source model
+    pred = model.predict(_held_out(data), n_cells=4)
+    assert list(pred.var_names) == list(data.var_names)
+    assert (pred.X >= 0).all()

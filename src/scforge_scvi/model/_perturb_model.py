@@ -11,6 +11,7 @@ Checkpoints: the weights with the lowest validation loss (``best``) and those at
 training (``final``) are kept in memory, and, with ``checkpoint_dir``, written as pretrained
 directories (``config.json`` + ``model.safetensors``) beside Lightning's resumable
 ``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses ``best`` by default.
+A pretrained ScForge backbone can be the basal encoder (:class:`ScForgeCellEncoder`).
 Initialising from a checkpoint (:meth:`ScForgePerturb.from_pretrained`) loads weights only;
 resuming (``train(resume_from=...)``) restores optimizer, scheduler, step and callbacks, and
 only for the same configuration.
@@ -18,6 +19,7 @@ only for the same configuration.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -298,6 +300,77 @@ class PerturbSetDataModule(pl.LightningDataModule):
         return self._loader(self.val_sets)
 
 
+# ------------------------------------------------------------- pretrained basal encoder
+class ScForgeCellEncoder(nn.Module):
+    """A ScForge backbone as the basal encoder of :class:`ScForgePerturb`.
+
+    Tokenises raw counts of the perturbation AnnData's genes with the ScForge model's own
+    tokenizer and returns the backbone's cell embeddings, so that the basal cells enter the set
+    model through the pretrained representation while the prediction stays in gene space.
+    Tokenisation runs on the CPU; the backbone's weights are trained (or frozen) with the rest
+    of the set model's backbone.
+
+    Parameters
+    ----------
+    backbone
+        A :class:`~scforge_scvi.nn.ScForgeBackbone`, e.g. ``scforge_model.module.backbone``.
+    tokenizer
+        The tokenizer the backbone was trained with.
+    gene_index
+        ``(n_genes,)`` vocabulary id of each gene of the perturbation data, ``-1`` for genes
+        outside the vocabulary.
+
+    Examples
+    --------
+    >>> encoder = ScForgeCellEncoder.from_scforge(pretrained_scforge, adata)
+    >>> model = ScForgePerturb(adata, basal_encoder=encoder, basal_input="counts")
+    """
+
+    #: what :class:`ScForgePerturb` must pass to this encoder
+    basal_input = "counts"
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, gene_index: np.ndarray) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.gene_index = np.asarray(gene_index, dtype=np.int64)
+        self.output_dim = int(backbone.config.hidden_dim)
+
+    @classmethod
+    def from_scforge(
+        cls, model: BaseModelClass, adata: ad.AnnData, *, gene_key: str | None = None
+    ) -> ScForgeCellEncoder:
+        """Wrap a copy of a (pretrained) ScForge model's backbone for the genes of ``adata``.
+
+        Parameters
+        ----------
+        model
+            A :class:`~scforge_scvi.ScForge` model; its backbone is copied, so fine-tuning the
+            perturbation model leaves it unchanged.
+        adata
+            The perturbation AnnData (its genes, in order, are the encoder's input columns).
+        gene_key
+            ``adata.var`` column with the identifiers to match to the vocabulary (``None``:
+            ``var_names``, see :meth:`~scforge_scvi.data.GeneVocab.match`).
+        """
+        match = model.vocab.match(adata, gene_key=gene_key, min_coverage=model.min_coverage)
+        logger.info("Basal encoder genes: %s", match.summary())
+        backbone = copy.deepcopy(model.module.backbone).cpu()
+        return cls(backbone, model.tokenizer, match.vocab_ids)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:  # (N, n_genes) -> (N, d)
+        if counts.dim() != 2 or counts.shape[1] != len(self.gene_index):
+            raise ValueError(
+                f"ScForgeCellEncoder expects (N, {len(self.gene_index)}) raw counts, got "
+                f"{tuple(counts.shape)}."
+            )
+        tokens = self.tokenizer(counts.detach().to("cpu", torch.float32), self.gene_index)
+        device = next(self.backbone.parameters()).device
+        values = None if tokens.values is None else tokens.values.to(device)
+        out = self.backbone(tokens.gene_ids.to(device), tokens.padding_mask.to(device), values)
+        return out.cell_embedding
+
+
 # --------------------------------------------------------------------------- model class
 def _perturbation_table(
     features: pd.DataFrame | Mapping[str, Sequence[float]], categories: Sequence[str], control: str
@@ -378,13 +451,15 @@ class ScForgePerturb(BaseModelClass):
         the target genes. Every perturbation except the control needs a row; the control has
         its own learned vector.
     basal_encoder
-        Hook for a pretrained cell encoder (e.g. a ScForge backbone) as the basal encoder: a
+        A pretrained cell encoder as the basal encoder, e.g. a ScForge backbone wrapped by
+        :meth:`ScForgeCellEncoder.from_scforge` (with ``basal_input="counts"``), or any
         module mapping ``(N, n_genes)`` tensors (see ``basal_input``) to ``(N, basal_dim)``
         cell embeddings, differentiable so that it can be fine-tuned. ``None`` uses an MLP on
         the log1p expression. The output stays in gene space either way. A pluggable encoder
         belongs to the backbone (frozen by ``freeze_backbone``).
     basal_dim
-        Output width of ``basal_encoder``.
+        Output width of ``basal_encoder``; read from a :class:`ScForgeCellEncoder` when
+        ``None``.
     basal_input
         What ``basal_encoder`` reads: ``"log1p"`` expression or raw ``"counts"``.
 
@@ -420,6 +495,14 @@ class ScForgePerturb(BaseModelClass):
         basal_input: str = "log1p",
     ) -> None:
         super().__init__(adata, registry)
+        if isinstance(basal_encoder, ScForgeCellEncoder):
+            if basal_input != basal_encoder.basal_input:
+                raise ValueError(
+                    "A ScForgeCellEncoder reads raw counts: pass basal_input='counts', got "
+                    f"{basal_input!r}."
+                )
+            if basal_dim is None:
+                basal_dim = basal_encoder.output_dim
         if basal_input not in BASAL_INPUTS:
             raise ValueError(f"basal_input must be one of {BASAL_INPUTS}, got {basal_input!r}.")
         if basal_input == "counts" and basal_encoder is None:
@@ -749,6 +832,14 @@ class ScForgePerturb(BaseModelClass):
             )
         if checkpoint_dir is not None:
             self.checkpoint_paths_ = {"last": str(checkpoint_dir / "last.ckpt")}
+            if self.module.external_basal_encoder:
+                logger.warning(
+                    "A pluggable basal encoder cannot be written as a pretrained directory: "
+                    "only best.ckpt and last.ckpt are in %s; the 'best' and 'final' weights "
+                    "stay in memory.",
+                    checkpoint_dir,
+                )
+                return
             for name in ("best", "final"):
                 path = checkpoint_dir / name
                 self.save_pretrained(path, checkpoint=name, overwrite=True)
