@@ -282,6 +282,54 @@ def test_predictions_ignore_gene_order_and_need_no_labels(finetuned, _pbmc68k_co
     assert (query.obs["scforge_prediction"] == finetuned["adata"].obs["scforge_prediction"]).all()
 
 
+def test_a_gene_subset_predicts_as_if_the_missing_genes_were_not_detected(
+    finetuned, _pbmc68k_counts_once
+):
+    model = finetuned["model"]
+    keep = np.random.default_rng(2).random(_pbmc68k_counts_once.n_vars) < 0.8
+    subset = _pbmc68k_counts_once[:, keep].copy()
+    zeroed = _pbmc68k_counts_once.copy()
+    counts = zeroed.layers["counts"].tolil()
+    counts[:, np.flatnonzero(~keep)] = 0
+    zeroed.layers["counts"] = counts.tocsr()
+    for query in (subset, zeroed):
+        ScForge.setup_anndata(query, layer="counts")
+    np.testing.assert_allclose(
+        model.predict(subset, return_probabilities=True).to_numpy(),
+        model.predict(zeroed, return_probabilities=True).to_numpy(),
+        atol=1e-6,
+    )
+
+
+def test_prediction_without_overlapping_genes_is_refused(finetuned, _pbmc68k_counts_once):
+    from scforge_scvi.data import VocabCoverageError
+
+    query = _pbmc68k_counts_once.copy()
+    query.var_names = [f"UNKNOWN_{i}" for i in range(query.n_vars)]
+    ScForge.setup_anndata(query, layer="counts")
+    with pytest.raises(VocabCoverageError, match=r"Only 0\.0% \(0 of 765\)"):
+        finetuned["model"].predict(query)
+    assert "scforge_prediction" not in query.obs
+
+
+def test_rare_classes_are_warned_about_and_kept_out_of_stratification(pretrained_dir, subset):
+    labels = subset.obs["louvain"].astype(str).to_numpy()
+    labels[0] = "singleton"
+    subset.obs["cell_type"] = pd.Categorical(labels)
+    ScForge.setup_anndata(subset, layer="counts", labels_key="cell_type")
+    model = ScForge.from_pretrained(str(pretrained_dir), subset)
+    with pytest.warns(UserWarning, match=r"fewer than 3 cells.*'singleton'"):
+        model.train(max_epochs=1, train_size=0.7, validation_size=0.15, **FIT)
+    assert "singleton" in model.class_names_  # kept as a class, not dropped
+    splits = (model.train_indices_, model.validation_indices_, model.test_indices_)
+    assert sum(map(len, splits)) == subset.n_obs
+    # the other classes are still stratified: each appears in the test split in proportion
+    test_labels = pd.Series(labels[model.test_indices_]).value_counts(normalize=True)
+    overall = pd.Series(labels).value_counts(normalize=True)
+    common = overall[overall > 0.1].index
+    np.testing.assert_allclose(test_labels[common], overall[common], atol=0.03)
+
+
 def test_nan_labels_raise_a_clear_error(subset):
     subset.obs["louvain"] = subset.obs["louvain"].astype(object)
     subset.obs.iloc[:5, subset.obs.columns.get_loc("louvain")] = np.nan
@@ -361,6 +409,34 @@ def test_lora_adapter_round_trip(lora_model, pretrained_dir, tmp_path):
     np.testing.assert_allclose(
         merged.predict(adata, return_probabilities=True).to_numpy(), reference, atol=1e-5
     )
+
+
+def test_adapter_of_a_512_wide_6_layer_model_is_a_few_megabytes(subset, tmp_path):
+    """Rank-8 adapters on every attention projection and both feed-forward linears.
+
+    Per block: 4 x 8 x (512 + 512) for q/k/v/out and 2 x 8 x (512 + 2048) for the feed-forward
+    pair, 73,728 parameters; 6 blocks hold 442,368 (1.77 MB in float32). The saved file adds
+    the classification head (512 -> 256 -> classes), about 0.5 MB.
+    """
+    adata = subset[:40].copy()  # few cells and genes: the adapter size depends on neither
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # rare classes in 40 cells
+        ScForge.setup_anndata(adata, layer="counts", labels_key="louvain")
+        model = ScForge(adata, hidden_dim=512, num_layers=6, num_heads=8, max_genes=4)
+        model.train(
+            max_epochs=1,
+            strategy="lora",
+            lora={"rank": 8},
+            train_size=0.6,
+            batch_size=12,
+            enable_progress_bar=False,
+        )
+    adapter = sum(p.numel() for n, p in model.module.backbone.named_parameters() if "lora_" in n)
+    assert adapter == 6 * (4 * 8 * (512 + 512) + 2 * 8 * (512 + 2048)) == 442_368
+    head = sum(p.numel() for p in model.module.classifier.parameters())
+    size = model.save_adapter(str(tmp_path / "adapter"))
+    assert 4 * (adapter + head) <= size < 4 * (adapter + head) + 64_000  # float32 + header
+    assert size < 3e6
 
 
 def test_load_adapter_rejects_other_labels(lora_model, pretrained_dir, tmp_path, subset):
