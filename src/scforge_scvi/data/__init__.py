@@ -11,6 +11,7 @@ from ._preprocess import (
     log_normalize,
     nonzero_column_medians,
 )
+from ._streaming import CellShard, CellStream, StreamedCells, StreamedDataModule
 from ._tokenizers import (
     TOKENIZERS,
     BinnedExpressionTokenizer,
@@ -26,6 +27,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TOKENIZERS",
     "BinnedExpressionTokenizer",
+    "CellShard",
+    "CellStream",
     "ContinuousTokenizer",
     "GeneMatch",
     "GeneVocab",
@@ -33,6 +36,8 @@ __all__ = [
     "MaskingConfig",
     "Preprocessing",
     "RankValueTokenizer",
+    "StreamedCells",
+    "StreamedDataModule",
     "TokenCollator",
     "TokenizedBatch",
     "Tokenizer",

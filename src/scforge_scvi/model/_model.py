@@ -36,8 +36,9 @@ from scforge_scvi.data import (
     fit_gene_medians,
 )
 from scforge_scvi.data._collate import TokenCollator
+from scforge_scvi.data._streaming import CellStream, StreamedCells, StreamedDataModule, split_cells
 from scforge_scvi.nn import BackboneConfig
-from scforge_scvi.train._callbacks import BestCheckpoint, GradualUnfreezing
+from scforge_scvi.train._callbacks import BestCheckpoint, GradualUnfreezing, StreamEpoch
 from scforge_scvi.train._lora import LoraSettings, apply_lora, count_parameters
 from scforge_scvi.train._plans import STRATEGIES, ScForgeTrainingPlan
 
@@ -533,6 +534,9 @@ class ScForge(BaseModelClass):
         accelerator: str = "auto",
         devices: int | str = "auto",
         num_workers: int = 0,
+        data: StreamedCells | str | Sequence[str] | None = None,
+        distributed: str = "auto",
+        num_nodes: int = 1,
         **trainer_kwargs: Any,
     ) -> None:
         """Pretrain (masked genes) or fine-tune (task head) the model.
@@ -582,6 +586,18 @@ class ScForge(BaseModelClass):
             Lightning hardware selection.
         num_workers
             Data-loader worker processes (tokenisation runs there).
+        data
+            Train on cells streamed from disk instead of the registered AnnData: a
+            :class:`~scforge_scvi.data.StreamedCells`, or one or more ``.h5ad``/``.zarr``
+            paths. The registered AnnData still defines the vocabulary, the labels' classes
+            and the setup; the split into training, validation and test cells is drawn over
+            the streamed cells (seeded, not stratified).
+        distributed
+            Lightning strategy spreading training over processes: ``"ddp"``, ``"fsdp"``,
+            ``"ddp_spawn"``, ...; ``"auto"`` lets Lightning choose. Multi-process training
+            needs ``data=`` (each rank streams its share of every global batch).
+        num_nodes
+            Machines taking part (with ``devices`` processes each).
         **trainer_kwargs
             Passed to the Lightning trainer.
 
@@ -589,6 +605,9 @@ class ScForge(BaseModelClass):
         -----
         The weights of the epoch with the lowest validation loss are restored at the end:
         :meth:`embed` and :meth:`predict` use the best model.
+
+        Under DDP, ``batch_size`` is per process: ``N`` processes train like one process with
+        ``N * batch_size`` cells per step, on the same cells.
         """
         import scvi
         from lightning.pytorch import seed_everything
@@ -609,16 +628,29 @@ class ScForge(BaseModelClass):
         if early_stopping:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
         self._configure_strategy(objective, strategy, freeze_backbone_epochs, lora, callbacks)
+        if distributed != "auto" and strategy == "gradual_unfreeze" and freeze_backbone_epochs:
+            raise ValueError(
+                f"strategy='gradual_unfreeze' cannot be combined with distributed="
+                f"{distributed!r}: parameters frozen when the processes start are never "
+                "synchronised after unfreezing. Use 'full', 'frozen' or 'lora'."
+            )
 
-        train_idx, val_idx, test_idx = self._split(train_size, validation_size, seed, objective)
-        splitter = self._data_splitter_cls(
-            self.adata_manager,
-            batch_size=batch_size,
-            load_sparse_tensor=True,
-            external_indexing=[train_idx, val_idx, test_idx],
-            collate_fn=self._collator(self.adata),
-            num_workers=num_workers,
-        )
+        if data is not None:
+            splitter, (train_idx, val_idx, test_idx) = self._streamed_data(
+                data, objective, train_size, validation_size, seed, batch_size, num_workers
+            )
+            callbacks.append(StreamEpoch())
+            trainer_kwargs.setdefault("use_distributed_sampler", False)
+        else:
+            train_idx, val_idx, test_idx = self._split(train_size, validation_size, seed, objective)
+            splitter = self._data_splitter_cls(
+                self.adata_manager,
+                batch_size=batch_size,
+                load_sparse_tensor=True,
+                external_indexing=[train_idx, val_idx, test_idx],
+                collate_fn=self._collator(self.adata),
+                num_workers=num_workers,
+            )
         if isinstance(masking, dict):
             masking = MaskingConfig(**masking)
         plan = self._training_plan_cls(
@@ -651,6 +683,8 @@ class ScForge(BaseModelClass):
             check_val_every_n_epoch=1,
             gradient_clip_val=gradient_clip,
             precision=precision,
+            strategy=distributed,
+            num_nodes=num_nodes,
             **trainer_kwargs,
         )
         self.module.train()  # Lightning keeps a module's mode; from_pretrained leaves it eval
@@ -697,8 +731,13 @@ class ScForge(BaseModelClass):
             if self.lora_ is None:
                 settings = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
                 self._apply_lora(settings)
+        # heads of the objective train; the others are frozen, so that no parameter that
+        # requires a gradient goes without one (DDP refuses that)
+        pretraining = [m for m in (self.module.gene_head, self.module.expression_head) if m]
+        for head in pretraining:
+            head.requires_grad_(objective == "pretrain")
         for head in self.module.heads:
-            head.requires_grad_(True)
+            head.requires_grad_(objective != "pretrain")
         self._check_no_frozen_new_parameters(strategy)
 
     def _check_no_frozen_new_parameters(self, strategy: str) -> None:
@@ -706,7 +745,7 @@ class ScForge(BaseModelClass):
         report = getattr(self, "load_report_", None)
         if report is None or strategy in ("full", "gradual_unfreeze"):
             return
-        params = dict(self.module.named_parameters())
+        params = dict(self.module.backbone.named_parameters(prefix="backbone"))
         frozen_new = [k for k in report.initialised if k in params and not params[k].requires_grad]
         if frozen_new:
             raise ValueError(
@@ -750,6 +789,68 @@ class ScForge(BaseModelClass):
         )
         return np.sort(train), np.sort(val), np.sort(test)
 
+    def _streamed_data(
+        self, data, objective, train_size, validation_size, seed, batch_size, num_workers
+    ) -> tuple[StreamedDataModule, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Training/validation streams over ``data``, tokenised like the in-memory path."""
+        cells = data if isinstance(data, StreamedCells) else StreamedCells(data)
+        if objective == "regress":
+            raise ValueError(
+                "Regression fine-tuning reads its target from the registered AnnData; "
+                "streamed data supports objective='pretrain' and 'classify'."
+            )
+        validation_size = 1.0 - train_size if validation_size is None else validation_size
+        split = split_cells(cells.n_obs, train_size, validation_size, seed)
+        labels = self._streamed_labels(cells) if objective == "classify" else None
+        common = {
+            "columns": self._streamed_columns(cells),
+            "n_columns": len(self.vocab) + 1,
+            "collate": self._streamed_collator(),
+            "batch_size": batch_size,
+            "seed": seed,
+            "labels": labels,
+            "labels_key": KEYS.LABELS_KEY,
+            "count_key": KEYS.X_KEY,
+        }
+        train = CellStream(cells, split[0], shuffle=True, **common)
+        val = CellStream(cells, split[1], shuffle=False, **common) if len(split[1]) else None
+        return StreamedDataModule(train, val, num_workers=num_workers), split
+
+    def _streamed_columns(self, cells: StreamedCells) -> list[np.ndarray]:
+        """Per shard, each gene's vocabulary id; genes outside it share the last column."""
+        unknown = len(self.vocab)
+        return [
+            np.where(ids >= 0, ids, unknown)
+            for ids in cells.match(
+                self.vocab, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
+            )
+        ]
+
+    def _streamed_collator(self) -> TokenCollator:
+        # columns are vocabulary ids, plus one for genes outside the vocabulary: they count
+        # towards the library size, as in the in-memory path, but are never tokens
+        gene_index = np.append(np.arange(len(self.vocab)), -1)
+        return TokenCollator(self.tokenizer, gene_index, KEYS.X_KEY)
+
+    def _streamed_labels(self, cells: StreamedCells) -> np.ndarray:
+        """Label codes of every streamed cell; missing or unlabelled ones are left out."""
+        key = self._setup_arg("labels_key")
+        names = self._registered_class_names()
+        labels = cells.labels(key)
+        codes = pd.Categorical(labels.astype("string"), categories=names).codes.astype(np.int64)
+        state = self.adata_manager.get_state_registry(KEYS.LABELS_KEY)
+        unlabelled = labels.isna().to_numpy() | (labels.astype(str) == state.unlabeled_category)
+        unknown = (codes < 0) & ~unlabelled
+        if unknown.any():
+            shard = cells.shards[int(cells._locate(np.flatnonzero(unknown)[:1])[0])]
+            new = sorted(set(labels[unknown].astype(str)))[:5]
+            raise ValueError(
+                f"obs['{key}'] of '{shard.path}' holds labels the model does not know: {new}; "
+                f"its classes are {names}."
+            )
+        codes[codes < 0] = len(names)  # excluded from the loss, like unlabelled cells
+        return codes
+
     def _labels_for_split(self) -> np.ndarray | None:
         codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel()
         strata = pd.Series(codes).astype(str).to_numpy()
@@ -774,13 +875,27 @@ class ScForge(BaseModelClass):
     @torch.inference_mode()
     def _forward_batches(self, adata, indices, batch_size):
         self.module.eval()
-        for tensors in self._loader(adata, indices, batch_size):
+        if isinstance(adata, StreamedCells):
+            ids = np.arange(adata.n_obs) if indices is None else np.sort(np.asarray(indices))
+            loader = CellStream(
+                adata,
+                ids,
+                columns=self._streamed_columns(adata),
+                n_columns=len(self.vocab) + 1,
+                collate=self._streamed_collator(),
+                batch_size=batch_size or 64,
+                shuffle=False,
+                count_key=KEYS.X_KEY,
+            )
+        else:
+            loader = self._loader(adata, indices, batch_size)
+        for tensors in loader:
             tokens = {k: v.to(self.device) for k, v in tensors.items()}
             yield self.module.inference(**self.module._get_inference_input(tokens))
 
     def get_latent_representation(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | StreamedCells | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
@@ -790,13 +905,16 @@ class ScForge(BaseModelClass):
         ----------
         adata
             AnnData with the same setup (``None``: the model's). Its genes may be in any order
-            or a subset: they are mapped through the model's vocabulary.
+            or a subset: they are mapped through the model's vocabulary. A
+            :class:`~scforge_scvi.data.StreamedCells` is read from disk in chunks; rows come
+            back in shard order.
         indices
             Cells to embed (default all).
         batch_size
             Minibatch size (default 64).
         """
-        adata = self._validate_anndata(adata)
+        if not isinstance(adata, StreamedCells):
+            adata = self._validate_anndata(adata)
         out = [
             o["embedding"].float().cpu() for o in self._forward_batches(adata, indices, batch_size)
         ]

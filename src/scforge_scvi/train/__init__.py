@@ -1,6 +1,6 @@
 """Training: the Lightning plan, schedules, optimizer groups, callbacks and LoRA."""
 
-from ._callbacks import BestCheckpoint, GradualUnfreezing, atomic_save_checkpoint
+from ._callbacks import BestCheckpoint, GradualUnfreezing, StreamEpoch, atomic_save_checkpoint
 from ._lora import (
     LoraSettings,
     apply_lora,
@@ -20,6 +20,7 @@ __all__ = [
     "GradualUnfreezing",
     "LoraSettings",
     "ScForgeTrainingPlan",
+    "StreamEpoch",
     "apply_lora",
     "atomic_save_checkpoint",
     "build_adamw",

@@ -1,4 +1,4 @@
-"""Lightning callbacks: best-weights tracking with atomic checkpoints, gradual unfreezing."""
+"""Lightning callbacks: best weights with atomic checkpoints, gradual unfreezing, streams."""
 
 from __future__ import annotations
 
@@ -120,3 +120,17 @@ class GradualUnfreezing(Callback):
         backbone.requires_grad_(not frozen)
         if was_frozen and not frozen and trainer.current_epoch > 0:
             logger.info(f"Unfreezing backbone at epoch {trainer.current_epoch}")
+
+
+class StreamEpoch(Callback):
+    """Reshuffle a streamed training set at the start of every epoch.
+
+    Calls ``set_epoch`` on the trainer's datamodule (e.g.
+    :class:`~scforge_scvi.data.StreamedDataModule`) before the epoch's loaders start, so the
+    order depends on (seed, epoch) only and a resumed run sees the same order as a straight one.
+    """
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if callable(getattr(datamodule, "set_epoch", None)):
+            datamodule.set_epoch(trainer.current_epoch)

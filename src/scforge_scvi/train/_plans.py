@@ -94,9 +94,10 @@ class ScForgeTrainingPlan(TrainingPlan):
 
     # -- steps -------------------------------------------------------------------------------
     def _mask_generator(self, stage: str, batch_idx: int) -> torch.Generator:
-        """Masks depend on (seed, stage, epoch for training, batch index) only."""
+        """Masks depend on (seed, stage, epoch for training, batch index, rank) only."""
         epoch = self.current_epoch if stage == "train" else 0
-        key = (self.seed * 1_000_003 + epoch) * 1_000_003 + batch_idx
+        rank = self.global_rank if self._trainer is not None else 0  # ranks mask differently
+        key = ((self.seed * 1_000_003 + epoch) * 1_000_003 + batch_idx) * 4_099 + rank
         key = key * 2 + (stage == "train")
         return torch.Generator().manual_seed(key % (2**63 - 1))
 
