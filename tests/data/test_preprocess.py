@@ -31,7 +31,13 @@ def test_raw_counts_pass(counts):
 
 @pytest.mark.parametrize(
     ("bad_value", "message"),
-    [(-1.0, "negative values"), (2.5, "non-integer values"), (np.nan, "NaN")],
+    [
+        (-1.0, "negative values"),
+        (2.5, "non-integer values"),
+        (np.nan, "NaN or infinite"),
+        (np.inf, "NaN or infinite"),
+        (-np.inf, "NaN or infinite"),
+    ],
 )
 @pytest.mark.parametrize("dense", [False, True])
 def test_raw_count_errors_name_the_layer(counts, bad_value, message, dense):
@@ -41,8 +47,19 @@ def test_raw_count_errors_name_the_layer(counts, bad_value, message, dense):
     with pytest.raises(ValueError, match=message) as err:
         check_raw_counts(x.toarray() if dense else x, where)
     assert where in str(err.value)
-    if not np.isnan(bad_value):  # the hint says how to pass raw counts
+    if np.isfinite(bad_value):  # the hint says how to pass raw counts
         assert "layer='counts'" in str(err.value)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -3.0])
+def test_a_single_bad_value_deep_in_a_large_matrix_is_found(counts, bad_value):
+    # 8 stacked copies of pbmc68k: more stored values than the integer check samples
+    big = sp.vstack([counts] * 8, format="csr")
+    assert big.nnz > 1_000_000
+    check_raw_counts(big, "adata.X")
+    big.data[-5] = bad_value  # in the last cell, past the first million values
+    with pytest.raises(ValueError, match=r"adata\.X contains (NaN or infinite|negative) values"):
+        check_raw_counts(big, "adata.X")
 
 
 def test_log_normalised_values_rejected(pbmc68k_counts):

@@ -61,9 +61,10 @@ def test_log_normalised_data_is_rejected():
         ScForge.setup_anndata(reduced)
 
 
-def test_nan_counts_are_rejected(pbmc68k_counts):
-    pbmc68k_counts.layers["counts"].data[0] = np.nan
-    with pytest.raises(ValueError, match=re.escape("adata.layers['counts'] contains NaN")):
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_nan_or_infinite_counts_are_rejected(pbmc68k_counts, bad_value):
+    pbmc68k_counts.layers["counts"].data[-1] = bad_value  # the very last stored value
+    with pytest.raises(ValueError, match=re.escape("adata.layers['counts'] contains NaN or inf")):
         ScForge.setup_anndata(pbmc68k_counts, layer="counts")
 
 

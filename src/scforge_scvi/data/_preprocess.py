@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from ._vocab import GeneVocab
 
 _NORMALIZE_CHOICES = ("library_size", "none")
+_CHECK_CHUNK = 1 << 24  # stored values checked at a time by check_raw_counts
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,12 @@ class Preprocessing:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (stored in a pretrained ``config.json``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """Settings from :meth:`to_dict`'s output; unknown keys are an error, not ignored."""
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(
@@ -79,27 +82,43 @@ def check_raw_counts(x: np.ndarray | sp.spmatrix, where: str, max_check: int = 1
     where
         Human-readable location used in the message, e.g. ``"adata.layers['counts']"``.
     max_check
-        Only the first ``max_check`` stored values are inspected (enough to catch normalised or
-        log-transformed data, cheap on large matrices).
+        Only the first ``max_check`` stored values are checked for being integers (enough to
+        catch normalised or log-transformed data, cheap on large matrices). NaN, infinite and
+        negative values are looked for among all stored values: a single corrupt cell must
+        not slip through.
+
+    Raises
+    ------
+    ValueError
+        Naming ``where`` and, for negative or non-integer values, how to pass raw counts.
     """
     values = x.data if sp.issparse(x) else np.asarray(x).ravel()
-    values = np.asarray(values[:max_check])
+    values = np.asarray(values)
     if values.size == 0:
         return
-    if not np.all(np.isfinite(values)):
+    n_bad, lowest = 0, np.inf
+    for start in range(0, values.size, _CHECK_CHUNK):  # bounded temporaries on large data
+        chunk = values[start : start + _CHECK_CHUNK]
+        finite = np.isfinite(chunk)
+        n_bad += int(chunk.size - np.count_nonzero(finite))
+        if finite.any():
+            lowest = min(lowest, float(chunk[finite].min()))
+    if n_bad:
         raise ValueError(
-            f"{where} contains NaN or infinite values. scforge needs raw UMI/read counts; "
-            "remove or fix those cells before calling setup_anndata."
+            f"{where} contains NaN or infinite values ({n_bad:,} of {values.size:,} stored "
+            "values). scforge needs raw UMI/read counts; remove or fix those cells before "
+            "calling setup_anndata."
         )
     hint = (
         " scforge needs raw counts: pass the layer that holds them, e.g. "
         "`setup_anndata(adata, layer='counts')`, or recover them before setup "
         "(normalised or log-transformed values cannot be used)."
     )
-    if values.min() < 0:
-        raise ValueError(f"{where} contains negative values (min {values.min():g}).{hint}")
-    if not np.all(values == np.round(values)):
-        bad = values[values != np.round(values)][0]
+    if lowest < 0:
+        raise ValueError(f"{where} contains negative values (min {lowest:g}).{hint}")
+    head = values[:max_check]
+    if not np.all(head == np.round(head)):
+        bad = head[head != np.round(head)][0]
         raise ValueError(f"{where} contains non-integer values (e.g. {bad:g}).{hint}")
 
 
