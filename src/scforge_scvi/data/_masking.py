@@ -42,6 +42,7 @@ class MaskingConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The three ratios as a JSON-serialisable dict."""
         return asdict(self)
 
 

@@ -124,6 +124,13 @@ class Tokenizer:
         gene_index
             ``(G,)`` vocabulary id of each column, ``-1`` for genes outside the vocabulary
             (``GeneVocab.match(adata).vocab_ids``).
+
+        Returns
+        -------
+        TokenizedBatch
+            Padded to the longest cell of the minibatch. A cell without any count in a
+            vocabulary gene (e.g. a cell with zero counts) is kept and gets the ``<cls>``
+            token alone, so that every cell has exactly one row and at least one real token.
         """
         if isinstance(counts, torch.Tensor):
             if counts.layout == torch.sparse_csr:
@@ -226,6 +233,7 @@ class Tokenizer:
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Settings that rebuild this tokenizer with :func:`build_tokenizer` (JSON-safe)."""
         return {
             "strategy": self.strategy,
             "max_genes": self.max_genes,
@@ -233,6 +241,7 @@ class Tokenizer:
         }
 
     def extra_repr(self) -> str:
+        """Settings shown in the tokenizer's description."""
         return f"max_genes={self.max_genes}, prepend_cls={self.prepend_cls}"
 
 
@@ -301,6 +310,7 @@ class BinnedExpressionTokenizer(Tokenizer):
         return np.repeat(bins, lengths)
 
     def to_dict(self) -> dict[str, Any]:
+        """Settings that rebuild this tokenizer, ``n_bins`` included."""
         return {**super().to_dict(), "n_bins": self.n_bins}
 
 

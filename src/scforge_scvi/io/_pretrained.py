@@ -60,10 +60,12 @@ class Pretrained:
 
     @property
     def init_params(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~scforge_scvi.ScForge` that rebuild the architecture."""
         return dict(self.config["init_params"])
 
     @property
     def class_names(self) -> list[str]:
+        """Classes of the fine-tuned classification head (empty when there is none)."""
         return list(self.config.get("class_names", []))
 
 
@@ -76,6 +78,7 @@ class LoadReport:
     initialised: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """One line with the counts of loaded, skipped and newly initialised tensors."""
         text = (
             f"{len(self.loaded)} tensors loaded, {len(self.skipped)} skipped, "
             f"{len(self.initialised)} newly initialised"
