@@ -137,6 +137,18 @@ def test_match_pbmc3k_to_protein_coding(pbmc3k, protein_coding):
     assert "gene_key" in message
 
 
+def test_match_by_ensembl_ids_in_the_index(pbmc3k, protein_coding):
+    # the same genes with Ensembl ids as var_names: matched by id, gene for gene as the column
+    by_column = protein_coding.match(pbmc3k, by="ensembl")
+    ids = pbmc3k.var["gene_ids"].to_numpy()
+    with_symbols = ad.AnnData(var=pd.DataFrame({"gene_symbols": pbmc3k.var_names}, index=ids))
+    ids_only = ad.AnnData(var=pd.DataFrame(index=ids))
+    for match in (protein_coding.match(with_symbols, by="ensembl"), protein_coding.match(ids_only)):
+        assert match.matched_by == "ensembl"
+        assert match.data_key == "var_names"
+        np.testing.assert_array_equal(match.vocab_ids, by_column.vocab_ids)
+
+
 def test_low_coverage_raises_at_default_threshold(pbmc68k, pbmc3k):
     small = GeneVocab.from_adata(pbmc68k)
     with pytest.raises(VocabCoverageError, match=r"Only 2\.\d% \(765 of 32738\)"):
