@@ -58,11 +58,6 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return torch.load(path / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the training cells are shuffled (and dropout drawn) from the global RNG, which "
-    "a checkpoint does not restore: the resumed epoch sees another order than a straight run",
-)
 def test_n_plus_n_epochs_reach_the_weights_of_2n_straight(cells, tmp_path):
     constant = {"min_lr_ratio": 1.0}  # a schedule that does not depend on the epoch budget
     _run(cells, tmp_path / "straight", 2, **constant)
@@ -74,11 +69,6 @@ def test_n_plus_n_epochs_reach_the_weights_of_2n_straight(cells, tmp_path):
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the optimizer's restored learning rate is the old schedule's last value (its "
-    "floor, 0); the schedule of the new epoch budget takes over only after the first step",
-)
 def test_first_resumed_step_uses_the_schedule_of_the_new_epoch_budget(cells, tmp_path):
     straight = _run(cells, tmp_path / "straight", 2).lrs
     first = _run(cells, tmp_path / "resumed", 1).lrs

@@ -38,7 +38,12 @@ from scforge_scvi.data import (
 from scforge_scvi.data._collate import TokenCollator
 from scforge_scvi.data._streaming import CellStream, StreamedCells, StreamedDataModule, split_cells
 from scforge_scvi.nn import BackboneConfig
-from scforge_scvi.train._callbacks import BestCheckpoint, GradualUnfreezing, StreamEpoch
+from scforge_scvi.train._callbacks import (
+    BestCheckpoint,
+    EpochSeed,
+    GradualUnfreezing,
+    StreamEpoch,
+)
 from scforge_scvi.train._lora import LoraSettings, apply_lora, count_parameters
 from scforge_scvi.train._plans import STRATEGIES, ScForgeTrainingPlan
 
@@ -622,7 +627,7 @@ class ScForge(BaseModelClass):
             )
         scvi.settings.seed = seed
         seed_everything(seed, workers=True, verbose=False)
-        callbacks = list(trainer_kwargs.pop("callbacks", []))
+        callbacks = [EpochSeed(seed), *trainer_kwargs.pop("callbacks", [])]
         best = BestCheckpoint(monitor="val_loss", dirpath=checkpoint_dir)
         callbacks.append(best)
         if early_stopping:

@@ -1,6 +1,12 @@
 """Training: the Lightning plan, schedules, optimizer groups, callbacks and LoRA."""
 
-from ._callbacks import BestCheckpoint, GradualUnfreezing, StreamEpoch, atomic_save_checkpoint
+from ._callbacks import (
+    BestCheckpoint,
+    EpochSeed,
+    GradualUnfreezing,
+    StreamEpoch,
+    atomic_save_checkpoint,
+)
 from ._lora import (
     LoraSettings,
     apply_lora,
@@ -17,6 +23,7 @@ from ._schedules import cosine_with_warmup, make_lr_scheduler
 __all__ = [
     "STRATEGIES",
     "BestCheckpoint",
+    "EpochSeed",
     "GradualUnfreezing",
     "LoraSettings",
     "ScForgeTrainingPlan",

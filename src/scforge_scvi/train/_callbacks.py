@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -134,3 +136,22 @@ class StreamEpoch(Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if callable(getattr(datamodule, "set_epoch", None)):
             datamodule.set_epoch(trainer.current_epoch)
+
+
+class EpochSeed(Callback):
+    """Reseed the global random number generators when each training epoch starts.
+
+    The data order of the in-memory loaders and dropout draw from the global generators,
+    which a checkpoint does not restore. Seeding them from ``(seed, epoch, rank)`` makes an
+    epoch the same whether the run went straight through or was resumed before it (and
+    gives every DDP rank its own dropout).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        key = (self.seed * 1_000_003 + trainer.current_epoch) * 4_099 + trainer.global_rank
+        torch.manual_seed(key % (2**63 - 1))
+        np.random.seed(key % 2**32)  # noqa: NPY002 - the legacy global generator, on purpose
+        random.seed(key)

@@ -152,6 +152,17 @@ class ScForgeTrainingPlan(TrainingPlan):
                 sync_dist=True,
             )
 
+    def on_train_start(self) -> None:
+        # A restored LambdaLR keeps the old run's last learning rate until its next step, and
+        # the old run may have planned fewer epochs: start on the schedule of this run.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.last_epoch:
+                step = scheduler.last_epoch
+                groups = scheduler.optimizer.param_groups
+                for group, base, schedule in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * schedule(step)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.checkpoint_metadata is not None:
             checkpoint["scforge"] = self.checkpoint_metadata
