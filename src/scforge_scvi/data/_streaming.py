@@ -228,22 +228,20 @@ class StreamedCells:
         return f"StreamedCells({len(self.shards)} shards, {self.n_obs} cells)"
 
     # -- genes -------------------------------------------------------------------------------
-    def match(
-        self, vocab: GeneVocab, *, gene_key: str | None = None, min_coverage: float = 0.5
-    ) -> list[np.ndarray]:
+    def match(self, vocab: GeneVocab, **kwargs: Any) -> list[np.ndarray]:
         """Vocabulary id of every gene of every shard (``-1`` outside the vocabulary).
+
+        ``kwargs`` go to :meth:`GeneVocab.match` (``gene_key``, ``min_coverage``, ...).
 
         Raises
         ------
         VocabCoverageError
-            Naming the shard whose genes cover less than ``min_coverage``.
+            Naming the shard whose genes do not reach ``min_coverage``.
         """
         vocab_ids = []
         for shard in self.shards:
             try:
-                match = vocab.match(
-                    ad.AnnData(var=shard.var), gene_key=gene_key, min_coverage=min_coverage
-                )
+                match = vocab.match(ad.AnnData(var=shard.var), **kwargs)
             except VocabCoverageError as err:
                 raise VocabCoverageError(f"Shard '{shard.path}': {err}") from None
             vocab_ids.append(match.vocab_ids)
@@ -295,6 +293,7 @@ class StreamedCells:
 
         ``obs`` holds every obs column of the shards plus ``shard`` (the file name); shards
         with different genes are joined on the union of genes (absent genes count zero).
+        The counts are in ``X`` and, when the shards keep them in a layer, in that layer too.
         """
         rng = np.random.default_rng(seed)
         n = min(int(n_cells), self.n_obs)
@@ -314,9 +313,12 @@ class StreamedCells:
             obs["shard"] = shard.path.name
             parts.append(ad.AnnData(X=self.read(picked), obs=obs, var=shard.var.copy()))
         if len(parts) == 1:
-            return parts[0]
-        joined = ad.concat(parts, join="outer", merge="first", index_unique="-")
-        joined.X = sp.csr_matrix(joined.X)
+            joined = parts[0]
+        else:
+            joined = ad.concat(parts, join="outer", merge="first", index_unique="-")
+            joined.X = sp.csr_matrix(joined.X)
+        if self.layer is not None:
+            joined.layers[self.layer] = joined.X.copy()
         return joined
 
     def labels(self, key: str) -> pd.Series:

@@ -638,6 +638,7 @@ class GeneVocab:
         gene_key: str | None = None,
         by: MatchBy = "auto",
         min_coverage: float = 0.5,
+        coverage_of: Literal["data", "vocab"] = "data",
     ) -> GeneMatch:
         """Map the genes of a dataset onto token ids of this vocabulary.
 
@@ -658,6 +659,10 @@ class GeneVocab:
             more of the data's genes (Ensembl ids on a tie).
         min_coverage
             Smallest accepted fraction of the data's genes found in the vocabulary.
+        coverage_of
+            Which fraction ``min_coverage`` applies to: ``"data"`` (of the data's genes in the
+            vocabulary) or ``"vocab"`` (of the vocabulary's genes in the data; for a
+            vocabulary selected from a dataset's genes, e.g. highly variable ones).
 
         Returns
         -------
@@ -682,7 +687,16 @@ class GeneVocab:
                 best = result
         assert best is not None
 
-        if best.coverage < min_coverage:
+        if coverage_of not in ("data", "vocab"):
+            raise ValueError(f"coverage_of must be 'data' or 'vocab'; got {coverage_of!r}.")
+        if coverage_of == "vocab" and best.vocab_coverage < min_coverage:
+            raise VocabCoverageError(
+                f"Only {best.vocab_coverage:.1%} of the {best.n_vocab_genes} genes of the "
+                f"vocabulary {self._label} are in the data (matched by {best.matched_by} using "
+                f"{best.data_key}); at least {min_coverage:.1%} required. Lower `min_coverage` "
+                "to accept the match anyway."
+            )
+        if coverage_of == "data" and best.coverage < min_coverage:
             raise VocabCoverageError(self._coverage_message(best, data, min_coverage))
         if best.duplicates:
             warnings.warn(

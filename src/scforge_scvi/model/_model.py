@@ -456,9 +456,7 @@ class ScForge(BaseModelClass):
         else:
             resolved = GeneVocab.from_file(vocab)
         # checked for every vocabulary, pretrained ones included: too few matching genes fail here
-        match = resolved.match(
-            self.adata, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
-        )
+        match = resolved.match(self.adata, **self._match_kwargs())
         if resolved.gene_medians is None:
             logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
             resolved = fit_gene_medians(
@@ -476,7 +474,7 @@ class ScForge(BaseModelClass):
         if n_top is not None and n_top < adata.n_vars:
             import scanpy as sc
 
-            view = AnnData(X=self._counts(adata), var=adata.var[[]].copy())
+            view = AnnData(X=self._counts(adata).copy(), var=adata.var[[]].copy())
             view.var_names = adata.var_names
             sc.pp.normalize_total(view, target_sum=self.preprocessing.target_sum)
             sc.pp.log1p(view)
@@ -487,9 +485,16 @@ class ScForge(BaseModelClass):
     def gene_match(self, adata: AnnData | None = None):
         """How the genes of ``adata`` map onto the model's vocabulary (coverage report)."""
         adata = self._validate_anndata(adata)
-        return self.vocab.match(
-            adata, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
-        )
+        return self.vocab.match(adata, **self._match_kwargs())
+
+    def _match_kwargs(self) -> dict[str, Any]:
+        """How data genes are matched: a vocabulary of selected (HVG) genes is checked by the
+        share of its genes found in the data, any other by the share of the data's genes."""
+        return {
+            "gene_key": self._setup_arg("gene_key"),
+            "min_coverage": self.min_coverage,
+            "coverage_of": "vocab" if self.preprocessing.n_top_genes else "data",
+        }
 
     def _collator(self, adata: AnnData) -> TokenCollator:
         return TokenCollator(self.tokenizer, self.gene_match(adata).vocab_ids, KEYS.X_KEY)
@@ -826,9 +831,7 @@ class ScForge(BaseModelClass):
         unknown = len(self.vocab)
         return [
             np.where(ids >= 0, ids, unknown)
-            for ids in cells.match(
-                self.vocab, gene_key=self._setup_arg("gene_key"), min_coverage=self.min_coverage
-            )
+            for ids in cells.match(self.vocab, **self._match_kwargs())
         ]
 
     def _streamed_collator(self) -> TokenCollator:
