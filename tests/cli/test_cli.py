@@ -9,6 +9,7 @@ holds ``./data/pbmc3k.h5ad`` as the tutorial expects (here: pbmc68k_reduced's ra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -263,7 +264,7 @@ def test_preprocess_keeps_counts_and_selects_genes(in_project: Path, capsys):
         (["--set", "data.paths=[data/broken.h5ad]"], "cannot read"),
         (["--set", "finetune.label_key=cell_type"], "'cell_type' is not a column"),
         (["--set", "model.hidden_dim=64"], r"Checkpoint dimension mismatch.*hidden_dim\D+32\D+64"),
-        (["--set", "data.streaming=true"], "data.streaming"),
+        (["--set", "data.streaming=true", "data.layer=spliced"], "Layer 'spliced' is not in"),
     ],
 )
 def test_finetune_bad_input(in_project: Path, capsys, extra, expected):
@@ -283,6 +284,28 @@ def test_finetune_bad_input(in_project: Path, capsys, extra, expected):
     assert code == 2
     assert re.search(expected, _error_line(err))
     assert not Path("checkpoints/never").exists()
+
+
+def test_finetune_streams_from_disk(in_project: Path, capsys, caplog, monkeypatch):
+    """data.streaming: true trains on every cell read from the file in chunks."""
+    monkeypatch.setattr(logging.getLogger("scforge_scvi"), "propagate", True)
+    code, _, err = _run(
+        capsys,
+        "finetune",
+        "--config",
+        "tutorial_finetune_full.yaml",
+        "--checkpoint",
+        "checkpoints/pretrain/best.ckpt",
+        "--set",
+        *TINY,
+        "training.checkpoint_dir=checkpoints/streamed",
+        "data.streaming=true",
+    )
+    assert code == 0, err
+    assert re.search(r"Streamed split: \d+ training, \d+ validation", caplog.text)
+    assert (in_project / "checkpoints/streamed/best/model.safetensors").exists()
+    metrics = pd.read_csv(in_project / "checkpoints/streamed/metrics.csv")
+    assert {"val_loss", "val_acc"} <= set(metrics.columns)
 
 
 def test_existing_outputs_are_refused(in_project: Path, capsys):

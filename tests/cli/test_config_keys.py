@@ -77,7 +77,7 @@ CHANGES: dict[str, tuple[list[str], list[str]]] = {
 READ_ELSEWHERE = {
     "data.source": "single choice ('local')",
     "data.paths": "runs.read_data (and the data loaders)",
-    "data.streaming": "the data loaders",
+    "data.streaming": "runs.read_training_data (streamed shards passed as data=)",
     "data.gene_vocab": "runs.build_model",
     "data.max_genes": "must equal tokenizer.max_genes (schema check)",
     "data.layer": "runs.setup_data",

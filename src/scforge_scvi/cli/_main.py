@@ -98,7 +98,7 @@ def _train_run(args: argparse.Namespace, config, *, objective: str) -> int:
     else:
         run_dir = runs.check_output(config.training.checkpoint_dir, args.overwrite)
     checkpoint = resume_ckpt or getattr(args, "checkpoint", None)
-    adata = runs.read_data(config)
+    adata, stream = runs.read_training_data(config)
     runs.setup_data(adata, config, labels=objective != "pretrain")
     model = runs.build_model(adata, config, checkpoint)
     if objective == "classify":
@@ -109,6 +109,8 @@ def _train_run(args: argparse.Namespace, config, *, objective: str) -> int:
     kwargs = runs.train_kwargs(config, objective=objective)
     if resume_ckpt is not None:
         kwargs["ckpt_path"] = str(resume_ckpt)  # optimizer, schedule, step and callbacks
+    if stream is not None:
+        kwargs["data"] = stream
     model.train(checkpoint_dir=str(run_dir), **kwargs)
     if resume_ckpt is not None:
         runs.restore_best(model, run_dir)

@@ -21,6 +21,8 @@ RUN_CONFIG = "config.yaml"
 RUN_METRICS = "metrics.csv"
 RUN_BEST = "best"
 RUN_LAST_CKPT = "last.ckpt"
+#: cells sampled from streamed shards to set up the model (vocabulary, medians, classes)
+STREAM_SAMPLE = 10_000
 # a label column registered on query data so that a fitted classifier head is kept
 _QUERY_LABELS = "_scforge_query_labels"
 _UNLABELLED = "_scforge_unlabelled"
@@ -35,11 +37,6 @@ def check_supported(config: ScForgeConfig) -> None:
     """Reject valid schema settings that the Python API cannot honour (never ignore them)."""
     data, training = config.data, config.training
     problems = []
-    if data.streaming:
-        problems.append(
-            "data.streaming: true is not supported yet (cells are read into memory); set it "
-            "to false"
-        )
     if data.preprocessing.hvg is not None and data.gene_vocab != "data":
         problems.append(
             "data.preprocessing.hvg selects genes into the model's own vocabulary, which needs "
@@ -103,6 +100,32 @@ def read_data(config: ScForgeConfig) -> AnnData:
     if len(adatas) == 1:
         return adatas[0]
     return ad.concat(adatas, join="inner", label="source_file", index_unique="-")
+
+
+def open_stream(config: ScForgeConfig):  # -> StreamedCells
+    """``data.paths`` as streamed shards (``data.streaming: true``), errors as one line."""
+    from scforge_scvi.data import StreamedCells
+
+    for path in config.data.paths:
+        if not Path(path).exists():
+            raise CliError(f"data file '{path}' does not exist")
+    try:
+        return StreamedCells(config.data.paths, layer=config.data.layer)
+    except (OSError, KeyError, ValueError) as err:
+        raise CliError(str(err).strip("'\"")) from None
+
+
+def read_training_data(config: ScForgeConfig):  # -> tuple[AnnData, StreamedCells | None]
+    """The cells to register and build the model on, and the stream to train on, if any.
+
+    With ``data.streaming: true`` the registered AnnData is a random sample of
+    ``STREAM_SAMPLE`` cells of the shards (vocabulary, per-gene medians, label classes);
+    training then reads every cell from disk.
+    """
+    if not config.data.streaming:
+        return read_data(config), None
+    stream = open_stream(config)
+    return stream.sample(STREAM_SAMPLE, seed=config.training.seed), stream
 
 
 def require_obs(adata: AnnData, key: str, what: str) -> None:
