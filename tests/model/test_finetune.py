@@ -330,11 +330,80 @@ def test_rare_classes_are_warned_about_and_kept_out_of_stratification(pretrained
     np.testing.assert_allclose(test_labels[common], overall[common], atol=0.03)
 
 
-def test_nan_labels_raise_a_clear_error(subset):
-    subset.obs["louvain"] = subset.obs["louvain"].astype(object)
-    subset.obs.iloc[:5, subset.obs.columns.get_loc("louvain")] = np.nan
-    with pytest.raises(ValueError, match=r"missing values.*unlabeled_category"):
-        ScForge.setup_anndata(subset, layer="counts", labels_key="louvain")
+def _partly_unlabelled(cells, marker):
+    """300 PBMCs whose ``cell_type`` is their louvain label, or ``marker`` for 30 % of them."""
+    idx = np.random.default_rng(0).choice(cells.n_obs, 300, replace=False)
+    adata = cells[np.sort(idx)].copy()
+    labels = adata.obs["louvain"].astype(object).to_numpy()
+    hidden = np.random.default_rng(1).random(adata.n_obs) < 0.3
+    labels[hidden] = marker
+    adata.obs["cell_type"] = pd.Categorical(labels)  # np.nan stays a missing value
+    ScForge.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    return adata, hidden
+
+
+def test_nan_labels_train_exactly_like_the_unlabelled_category(
+    pretrained_dir, _pbmc68k_counts_once, tmp_path
+):
+    missing, hidden = _partly_unlabelled(_pbmc68k_counts_once, np.nan)
+    marked, _ = _partly_unlabelled(_pbmc68k_counts_once, "Unknown")
+    column = missing.obs["cell_type"].copy()
+    assert column.isna().sum() == hidden.sum() > 0
+    models = []
+    for adata in (missing, marked):
+        torch.manual_seed(0)  # the same initial classification head
+        model = ScForge.from_pretrained(str(pretrained_dir), adata)
+        model.train(max_epochs=2, lr=3e-3, train_size=0.7, validation_size=0.15, **FIT)
+        models.append(model)
+    model, reference = models
+    pd.testing.assert_series_equal(missing.obs["cell_type"], column)  # never modified
+    assert model.class_names_ == reference.class_names_
+    assert "Unknown" not in model.class_names_
+    for split in ("train_indices_", "validation_indices_", "test_indices_"):
+        np.testing.assert_array_equal(getattr(model, split), getattr(reference, split))
+    # the same split, and every weight identical to training with the cells marked "Unknown"
+    assert _same(model.module.state_dict(), reference.module.state_dict())
+
+    # cells with a missing label carry the code past the last class: no part in the loss
+    module = model.module
+    tensors = next(iter(model._loader(missing, np.flatnonzero(hidden)[:8])))
+    assert (tensors["labels"] == len(model.class_names_)).all()
+    out = module.loss(
+        tensors, module.inference(**module._get_inference_input(tensors)), {}, objective="classify"
+    )
+    assert out.n_obs_minibatch == 0 and float(out.loss) == 0.0
+
+    # still predicted, and left out of the evaluation
+    model.predict()
+    pred = missing.obs["scforge_prediction"]
+    assert pred[hidden].notna().all() and set(pred.cat.categories) == set(model.class_names_)
+    metrics = model.evaluate()
+    assert metrics["n_cells"] == int((~hidden[model.test_indices_]).sum()) > 0
+    expected = reference.evaluate()
+    assert (metrics["n_cells"], metrics["accuracy"]) == (expected["n_cells"], expected["accuracy"])
+
+    # a query with missing labels, never set up, is predicted through the model's setup
+    probs = model.predict(missing, return_probabilities=True).to_numpy()
+    query = _pbmc68k_counts_once[missing.obs_names].copy()
+    query.obs["cell_type"] = column
+    query_probs = model.predict(query, return_probabilities=True).to_numpy()
+    np.testing.assert_allclose(query_probs, probs, atol=1e-6)
+    pd.testing.assert_series_equal(query.obs["cell_type"], column)
+
+    # save/load and from_pretrained onto data with missing labels keep the fitted head
+    model.save(str(tmp_path / "model"), save_anndata=False)
+    loaded_on = query.copy()
+    loaded = ScForge.load(str(tmp_path / "model"), adata=loaded_on)
+    assert loaded.class_names_ == model.class_names_
+    np.testing.assert_allclose(
+        loaded.predict(loaded_on, return_probabilities=True).to_numpy(), probs, atol=1e-6
+    )
+    model.save_pretrained(str(tmp_path / "pretrained"))
+    again, _ = _partly_unlabelled(_pbmc68k_counts_once, np.nan)
+    restored = ScForge.from_pretrained(str(tmp_path / "pretrained"), again)
+    np.testing.assert_allclose(
+        restored.predict(again, return_probabilities=True).to_numpy(), probs, atol=1e-6
+    )
 
 
 def test_unlabelled_cells_are_left_out_of_the_loss_and_still_predicted(pretrained_dir, subset):
@@ -357,6 +426,40 @@ def test_unlabelled_cells_are_left_out_of_the_loss_and_still_predicted(pretraine
         tensors, module.inference(**module._get_inference_input(tensors)), {}, objective="classify"
     )
     assert out.n_obs_minibatch == 0 and float(out.loss) == 0.0
+
+
+def test_regression_head_learns_a_marker_and_predicts_held_out_cells(_pbmc68k_counts_once):
+    """A numeric obs column, the log-normalised LYZ expression, beats the mean on test cells.
+
+    LYZ marks monocytes and ranks among a cell's top genes when it is high, so the rank-value
+    tokens carry it (unlike the library size, which the per-cell normalisation removes).
+    """
+    adata = _pbmc68k_counts_once.copy()
+    counts = adata.layers["counts"]
+    total = np.asarray(counts.sum(axis=1)).ravel()
+    lyz = np.asarray(counts[:, adata.var_names.get_loc("LYZ")].todense()).ravel()
+    target = np.log1p(lyz / total * 1e4).astype(np.float32)
+    adata.obs["lyz"] = target
+    ScForge.setup_anndata(adata, layer="counts", target_key="lyz")
+    torch.manual_seed(0)
+    model = ScForge(adata, **TINY)
+    assert model.module.regressor is not None and model.module.classifier is None
+    model.train(max_epochs=8, lr=3e-3, train_size=0.7, validation_size=0.15, **FIT)
+    assert "val_loss" in model.history and "val_perplexity" not in model.history
+
+    model.predict()
+    pred = adata.obs["scforge_prediction"].to_numpy()
+    assert pred.dtype.kind == "f" and np.isfinite(pred).all()
+    test, train = model.test_indices_, model.train_indices_
+    mse = np.mean((pred[test] - target[test]) ** 2)
+    mean_mse = np.mean((target[train].mean() - target[test]) ** 2)
+    assert mse < 0.5 * mean_mse
+    assert np.corrcoef(pred[test], target[test])[0, 1] > 0.7
+
+    # a query without the target column is predicted all the same
+    query = _pbmc68k_counts_once.copy()
+    model.predict(query)
+    np.testing.assert_allclose(query.obs["scforge_prediction"].to_numpy(), pred, atol=1e-5)
 
 
 # -- 5. class names travel with the model ------------------------------------------------------

@@ -101,6 +101,52 @@ def test_setup_mudata_registers_the_rna_modality(mdata):
     np.testing.assert_array_equal(mapping[codes], rna.obs["louvain"].astype(str).to_numpy())
 
 
+def test_missing_labels_are_registered_as_the_unlabelled_category(pbmc68k_counts):
+    adata = pbmc68k_counts
+    labels = adata.obs["louvain"].astype(object).to_numpy()
+    labels[::7] = None
+    labels[1::7] = np.nan
+    labels[2::7] = "Unknown"
+    adata.obs["cell_type"] = labels
+    before = adata.obs["cell_type"].copy()
+    ScForge.setup_anndata(adata, layer="counts", labels_key="cell_type")
+    assert adata.obs["cell_type"].equals(before)  # the user's column is left as it was
+    state = _manager(adata).get_state_registry(KEYS.LABELS_KEY)
+    assert state.categorical_mapping[-1] == state.unlabeled_category == "Unknown"
+    assert "nan" not in map(str, state.categorical_mapping)
+    codes = _manager(adata).get_from_registry(KEYS.LABELS_KEY).ravel()
+    unlabelled = adata.obs["cell_type"].isna().to_numpy() | (labels == "Unknown")
+    assert (codes[unlabelled] == len(state.categorical_mapping) - 1).all()
+    assert (codes[~unlabelled] < len(state.categorical_mapping) - 1).all()
+
+    marked = pbmc68k_counts.copy()
+    marked.obs["cell_type"] = np.where(unlabelled, "Unknown", labels)
+    ScForge.setup_anndata(marked, layer="counts", labels_key="cell_type")
+    np.testing.assert_array_equal(
+        _manager(marked).get_from_registry(KEYS.LABELS_KEY).ravel(), codes
+    )
+
+
+def test_setup_mudata_reads_missing_labels_as_unlabelled(mdata):
+    rna = mdata.mod["rna"]
+    rna.obs["cell_type"] = rna.obs["louvain"].astype(object)
+    rna.obs.iloc[:20, rna.obs.columns.get_loc("cell_type")] = np.nan
+    before = rna.obs["cell_type"].copy()
+    ScForge.setup_mudata(
+        mdata,
+        rna_layer="counts",
+        labels_key="cell_type",
+        modalities={"rna_layer": "rna", "labels_key": "rna"},
+    )
+    assert rna.obs["cell_type"].equals(before)
+    manager = _manager(mdata)
+    state = manager.get_state_registry(KEYS.LABELS_KEY)
+    codes = manager.get_from_registry(KEYS.LABELS_KEY).ravel()
+    assert state.categorical_mapping[-1] == state.unlabeled_category
+    assert (codes[:20] == len(state.categorical_mapping) - 1).all()
+    assert (codes[20:] < len(state.categorical_mapping) - 1).all()
+
+
 def test_setup_mudata_rejects_bad_input(mdata):
     with pytest.raises(ValueError, match=r"modalities=\{'rna_layer'.*\['rna'\]"):
         ScForge.setup_mudata(mdata, rna_layer="counts")

@@ -14,10 +14,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalObsField,
-    LabelsWithUnlabeledObsField,
     LayerField,
     MuDataCategoricalObsField,
-    MuDataLabelsWithUnlabeledObsField,
     MuDataLayerField,
     NumericalObsField,
 )
@@ -49,6 +47,7 @@ from scforge_scvi.train._plans import STRATEGIES, ScForgeTrainingPlan
 
 from ._constants import SCFORGE_OUTPUT_KEYS as OUT
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+from ._fields import LabelsWithMissingObsField, MuDataLabelsWithMissingObsField
 from ._module import ScForgeModule
 
 if TYPE_CHECKING:
@@ -248,8 +247,10 @@ class ScForge(BaseModelClass):
             integers; normalised or log-transformed values are rejected.
         labels_key
             ``adata.obs`` column of cell-type (or other class) labels for fine-tuning. Cells
-            labelled ``unlabeled_category`` are left out of the loss but still predicted;
-            missing values (NaN) are refused with a message saying to mark them that way.
+            labelled ``unlabeled_category`` and cells whose label is missing (NaN, ``None``)
+            are unlabelled: they are left out of the loss and of the evaluation, form their
+            own stratum in the train/validation/test split, and are still predicted. The
+            column itself is never modified (the codes live in ``obs["_scvi_labels"]``).
         %(param_batch_key)s
         target_key
             Numeric ``adata.obs`` column to regress (fine-tuning a regression head).
@@ -291,16 +292,10 @@ class ScForge(BaseModelClass):
             fields.append(CategoricalObsField(KEYS.LABELS_KEY, None))
         else:
             fields.append(
-                LabelsWithUnlabeledObsField(KEYS.LABELS_KEY, labels_key, unlabeled_category)
+                LabelsWithMissingObsField(KEYS.LABELS_KEY, labels_key, unlabeled_category)
             )
         if target_key is not None:
             fields.append(NumericalObsField(KEYS.TARGET_KEY, target_key))
-        if labels_key is not None and adata.obs[labels_key].isna().any():
-            raise ValueError(
-                f"adata.obs[{labels_key!r}] has missing values; mark unlabelled cells with "
-                f"{unlabeled_category!r} (or pass unlabeled_category=...) so that they are "
-                "excluded from the loss and still predicted."
-            )
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -331,7 +326,8 @@ class ScForge(BaseModelClass):
             must be non-negative integers; normalised or log-transformed values are rejected.
         labels_key
             ``obs`` column of cell-type (or other class) labels for fine-tuning. Cells whose
-            label is ``unlabeled_category`` are left out of the loss but still predicted.
+            label is ``unlabeled_category`` or missing (NaN) are left out of the loss and of
+            the evaluation but still predicted; the column itself is never modified.
         %(param_batch_key)s
         unlabeled_category
             Label value marking unlabelled cells.
@@ -372,11 +368,6 @@ class ScForge(BaseModelClass):
                     f"{name}={key!r} is not a column of {obs_where}; available columns: "
                     f"{list(obs.columns)}."
                 )
-            if name == "labels_key" and key is not None and obs[key].isna().any():
-                raise ValueError(
-                    f"{obs_where}[{key!r}] has missing values; mark unlabelled cells with "
-                    f"{unlabeled_category!r} (or pass unlabeled_category=...)."
-                )
         counts = rna.layers[rna_layer] if rna_layer is not None else rna.X
         _check_counts(counts, f"{where}.layers[{rna_layer!r}]" if rna_layer else f"{where}.X")
         fields = [
@@ -393,7 +384,7 @@ class ScForge(BaseModelClass):
             fields.append(MuDataCategoricalObsField(KEYS.LABELS_KEY, None))
         else:
             fields.append(
-                MuDataLabelsWithUnlabeledObsField(
+                MuDataLabelsWithMissingObsField(
                     KEYS.LABELS_KEY, labels_key, unlabeled_category, mod_key=modalities.labels_key
                 )
             )
@@ -408,21 +399,23 @@ class ScForge(BaseModelClass):
         Genes are matched through the vocabulary, so a query registered with
         :meth:`setup_anndata` may hold its genes in another order or a subset of them (the
         transfer of the training setup by scvi-tools would reject a different gene count). A
-        query without the label column is registered label-free: scvi-tools would otherwise
-        fail on the missing column; a query only needs counts to be embedded or predicted.
+        query without the label (or regression target) column is registered label-free:
+        scvi-tools would otherwise fail on the missing column; a query only needs counts to
+        be embedded or predicted. Missing labels (NaN) of a query are read as unlabelled.
         """
-        labels_key = self._setup_arg("labels_key")
+        keys = [self._setup_arg("labels_key"), self._setup_arg("target_key")]
         if adata is not None and self.get_anndata_manager(adata) is None:
             if adata.is_view and copy_if_view:
                 adata = adata.copy()
             manager = self._get_most_recent_anndata_manager(adata)
-            if manager is None and labels_key is not None and labels_key not in adata.obs:
-                # not set up by the user: use the model's setup minus labels
+            absent = [k for k in keys if k is not None and k not in adata.obs]
+            if manager is None and absent:
+                # not set up by the user: use the model's setup minus labels and target
                 skip = {"labels_key", "unlabeled_category", "target_key"}
                 args = self.adata_manager.registry["setup_args"]
                 type(self).setup_anndata(adata, **{k: v for k, v in args.items() if k not in skip})
                 manager = self._get_most_recent_anndata_manager(adata, required=True)
-                logger.info(f"Registered the query AnnData without labels ({labels_key!r} absent).")
+                logger.info(f"Registered the query AnnData without labels ({absent[0]!r} absent).")
             if manager is not None:
                 self._register_manager_for_instance(manager)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
@@ -860,17 +853,23 @@ class ScForge(BaseModelClass):
         return codes
 
     def _labels_for_split(self) -> np.ndarray | None:
+        """Strata of the split: one per class, and one of the unlabelled cells.
+
+        Unlabelled cells (the unlabelled category or a missing label) share the code after
+        the last class, so they spread over the splits in proportion like any class.
+        """
         codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel()
         strata = pd.Series(codes).astype(str).to_numpy()
         counts = pd.Series(strata).value_counts()
         rare = counts[counts < 3].index
-        if len(rare):
-            names = [self._label_name(int(c)) for c in rare]
+        names = [self._label_name(int(c)) for c in rare if int(c) < len(self.class_names_)]
+        if names:
             warnings.warn(
                 f"Classes with fewer than 3 cells are kept out of stratification: {names}.",
                 UserWarning,
                 stacklevel=4,
             )
+        if len(rare):
             strata = np.where(np.isin(strata, rare), "__rare__", strata)
             if (strata == "__rare__").sum() < 3:
                 strata[strata == "__rare__"] = counts.index[0]
@@ -964,8 +963,9 @@ class ScForge(BaseModelClass):
         ``adata.obs["scforge_confidence"]`` (its probability) and
         ``adata.obsm["scforge_probabilities"]`` (all class probabilities, columns in
         ``model.class_names_`` order). With a regression head, ``adata.obs[key_added]`` holds
-        the predicted value. A query AnnData needs no label column; its genes may be in any
-        order or a subset (mapped through the vocabulary).
+        the predicted value. Every cell is predicted, unlabelled ones (``unlabeled_category``
+        or a missing label) included. A query AnnData needs no label column; its genes may
+        be in any order or a subset (mapped through the vocabulary).
 
         Returns
         -------
@@ -1010,6 +1010,9 @@ class ScForge(BaseModelClass):
     def evaluate(self, adata: AnnData | None = None, indices: Sequence[int] | None = None) -> dict:
         """Classification metrics on held-out cells (default: the test split of training).
 
+        Unlabelled cells (labelled ``unlabeled_category`` or with a missing label) are left
+        out of the metrics.
+
         Returns
         -------
         ``accuracy``, ``macro_f1``, ``weighted_f1``, ``per_class_f1`` (dict), ``n_cells`` and
@@ -1027,8 +1030,15 @@ class ScForge(BaseModelClass):
                 )
         indices = np.asarray(indices)
         labels_key = self._setup_arg("labels_key")
-        truth = adata.obs[labels_key].astype(str).to_numpy()[indices]
-        keep = np.isin(truth, self.class_names_)
+        if labels_key is None or labels_key not in adata.obs:
+            raise ValueError(
+                "evaluate() compares predictions with labels: register them with "
+                "setup_anndata(adata, labels_key=...)."
+            )
+        column = adata.obs[labels_key]
+        truth = column.astype(str).to_numpy()[indices]
+        # unlabelled cells (the unlabelled category or a missing label) are not scored
+        keep = column.notna().to_numpy()[indices] & np.isin(truth, self.class_names_)
         sub = adata[indices[keep]].copy()
         probs = self.predict(sub, return_probabilities=True)
         pred = np.asarray(self.class_names_)[probs.to_numpy().argmax(1)]
