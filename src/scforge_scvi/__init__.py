@@ -1,18 +1,30 @@
 """scforge_scvi: single-cell transformer foundation models for the scverse.
 
 Pretrain a transformer on raw counts with masked-gene modelling, fine-tune it for cell-type
-annotation, and write embeddings and predictions back into ``AnnData``.
+annotation or perturbation response, and write embeddings and predictions back into
+``AnnData``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, nn, pl, train
-from .data import GeneVocab
-from .model import ScForge
+from . import bench, data, nn, pl, train
+from .data import GeneVocab, StreamedCells
+from .model import ScForge, ScForgeCellEncoder, ScForgePerturb
 
 try:
     __version__ = version("scforge-scvi")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["GeneVocab", "ScForge", "data", "nn", "pl", "train"]
+__all__ = [
+    "GeneVocab",
+    "ScForge",
+    "ScForgeCellEncoder",
+    "ScForgePerturb",
+    "StreamedCells",
+    "bench",
+    "data",
+    "nn",
+    "pl",
+    "train",
+]

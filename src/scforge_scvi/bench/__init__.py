@@ -1,4 +1,4 @@
-"""Benchmarks: metrics and honest baselines for annotation (and perturbation, see its module)."""
+"""Benchmarks: metrics and honest baselines for annotation and perturbation response."""
 
 from ._annotation import (
     baseline_logreg,
@@ -7,11 +7,25 @@ from ._annotation import (
     linear_probe,
     stratified_split,
 )
+from ._perturbation import (
+    aggregate_metrics,
+    control_mean_baseline,
+    evaluate_perturbation_predictions,
+    linear_baseline,
+    normalized_score,
+    perturbation_mean_baseline,
+)
 
 __all__ = [
+    "aggregate_metrics",
     "baseline_logreg",
     "classification_scores",
+    "control_mean_baseline",
     "embedding_quality",
+    "evaluate_perturbation_predictions",
+    "linear_baseline",
     "linear_probe",
+    "normalized_score",
+    "perturbation_mean_baseline",
     "stratified_split",
 ]

@@ -3,5 +3,13 @@
 from ._constants import SCFORGE_OUTPUT_KEYS, SCFORGE_REGISTRY_KEYS
 from ._model import ScForge
 from ._module import ScForgeModule
+from ._perturb_model import ScForgeCellEncoder, ScForgePerturb
 
-__all__ = ["SCFORGE_OUTPUT_KEYS", "SCFORGE_REGISTRY_KEYS", "ScForge", "ScForgeModule"]
+__all__ = [
+    "SCFORGE_OUTPUT_KEYS",
+    "SCFORGE_REGISTRY_KEYS",
+    "ScForge",
+    "ScForgeCellEncoder",
+    "ScForgeModule",
+    "ScForgePerturb",
+]
