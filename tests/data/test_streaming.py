@@ -186,3 +186,10 @@ def test_bad_shards_give_clear_errors(shards, tmp_path):
     csc.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(ValueError, match="column by column"):
         StreamedCells([tmp_path / "csc.h5ad"])
+
+
+def test_multi_process_training_needs_streamed_cells(pbmc68k_counts):
+    sf.ScForge.setup_anndata(pbmc68k_counts)
+    model = sf.ScForge(pbmc68k_counts, **TINY)
+    with pytest.raises(ValueError, match="needs streamed cells"):
+        model.train(max_epochs=1, distributed="ddp", devices=2, accelerator="cpu")

@@ -631,6 +631,11 @@ class ScForge(BaseModelClass):
         if early_stopping:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
         self._configure_strategy(objective, strategy, freeze_backbone_epochs, lora, callbacks)
+        if distributed != "auto" and data is None:
+            raise ValueError(
+                f"distributed={distributed!r} needs streamed cells: pass data=StreamedCells(...) "
+                "(or .h5ad/.zarr paths) so that each process reads its share of every batch."
+            )
         if distributed != "auto" and strategy == "gradual_unfreeze" and freeze_backbone_epochs:
             raise ValueError(
                 f"strategy='gradual_unfreeze' cannot be combined with distributed="
