@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import setup_counts
 from scforge_scvi import ScForge
 from scforge_scvi.data import VocabCoverageError
 from scforge_scvi.io import CheckpointMismatchError, read_pretrained, write_pretrained
@@ -17,16 +18,9 @@ TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64}
 FILES = ["config.json", "gene_vocab.json", "model.safetensors"]
 
 
-def _setup(adata):
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        adata.uns.pop(key, None)
-    ScForge.setup_anndata(adata, layer="counts")
-    return adata
-
-
 @pytest.fixture(scope="module")
 def counts(_pbmc68k_counts_once):
-    return _setup(_pbmc68k_counts_once.copy())
+    return setup_counts(_pbmc68k_counts_once.copy())
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def test_low_vocabulary_coverage_is_rejected_with_the_coverage(saved, counts):
     names = query.var_names.to_numpy().astype(object)
     names[:n_renamed] = [f"NOT_A_GENE_{i}" for i in range(n_renamed)]
     query.var_names = names
-    _setup(query)
+    setup_counts(query)
     coverage = (query.n_vars - n_renamed) / query.n_vars
     with pytest.raises(VocabCoverageError, match=re.escape(f"{coverage:.1%}")):
         ScForge.from_pretrained(str(saved), query)

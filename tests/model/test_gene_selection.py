@@ -12,6 +12,7 @@ import pytest
 import scanpy as sc
 import torch
 
+from helpers import setup_counts
 from scforge_scvi import ScForge
 
 TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "max_genes": 32}
@@ -19,22 +20,17 @@ N_TOP = 200
 MIN_COVERAGE = 0.2
 
 
-def _setup(adata):
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        adata.uns.pop(key, None)
-    ScForge.setup_anndata(adata, layer="counts")
-    return adata
-
-
 @pytest.fixture(scope="module")
 def counts(_pbmc68k_counts_once):
-    return _setup(_pbmc68k_counts_once.copy())
+    return setup_counts(_pbmc68k_counts_once.copy())
 
 
 @pytest.fixture(scope="module")
 def model(counts):
     torch.manual_seed(0)
-    return ScForge(_setup(counts.copy()), n_top_genes=N_TOP, min_coverage=MIN_COVERAGE, **TINY)
+    return ScForge(
+        setup_counts(counts.copy()), n_top_genes=N_TOP, min_coverage=MIN_COVERAGE, **TINY
+    )
 
 
 def test_vocabulary_holds_the_highly_variable_genes(model, counts):
@@ -58,7 +54,7 @@ def test_vocabulary_holds_the_highly_variable_genes(model, counts):
 def test_selection_is_not_redone_on_new_data(model, counts, tmp_path):
     model.save_pretrained(str(tmp_path / "hvg"))
     # another set of cells would select other genes; the model keeps its own
-    query = _setup(counts[400:].copy())
+    query = setup_counts(counts[400:].copy())
     reloaded = ScForge.from_pretrained(str(tmp_path / "hvg"), query)
     assert reloaded.vocab.genes == model.vocab.genes
     assert reloaded.preprocessing.n_top_genes == N_TOP
@@ -70,11 +66,11 @@ def test_selection_is_not_redone_on_new_data(model, counts, tmp_path):
 
 
 def test_hvg_selection_works_at_the_default_coverage(counts):
-    model = ScForge(_setup(counts.copy()), n_top_genes=N_TOP, **TINY)
+    model = ScForge(setup_counts(counts.copy()), n_top_genes=N_TOP, **TINY)
     assert model.vocab.n_genes == N_TOP
 
 
 def test_hvg_selection_leaves_the_users_counts_alone(counts):
-    adata = _setup(counts.copy())
+    adata = setup_counts(counts.copy())
     ScForge(adata, n_top_genes=N_TOP, min_coverage=MIN_COVERAGE, **TINY)
     assert (adata.layers["counts"] != counts.layers["counts"]).nnz == 0

@@ -15,6 +15,7 @@ import scanpy as sc
 import torch
 from lightning.pytorch import Callback
 
+from helpers import setup_counts
 from scforge_scvi import ScForge
 
 TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64}
@@ -36,17 +37,9 @@ class LearningRateRecorder(Callback):
         self.final = trainer.optimizers[0].param_groups[0]["lr"]
 
 
-def _setup(adata):
-    # a copy inherits its parent's scvi-tools identity; a fresh setup gets its own
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        adata.uns.pop(key, None)
-    ScForge.setup_anndata(adata, layer="counts")
-    return adata
-
-
 @pytest.fixture(scope="module")
 def counts(_pbmc68k_counts_once):
-    return _setup(_pbmc68k_counts_once.copy())
+    return setup_counts(_pbmc68k_counts_once.copy())
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +117,7 @@ def test_pretrained_round_trip_never_unpickles(trained, counts, embedding, tmp_p
 def test_gene_order_does_not_matter(trained, counts, embedding, tmp_path):
     model = trained[0]
     perm = np.random.default_rng(0).permutation(counts.n_vars)
-    shuffled = _setup(counts[:, perm].copy())
+    shuffled = setup_counts(counts[:, perm].copy())
     np.testing.assert_allclose(model.get_latent_representation(shuffled), embedding, atol=1e-6)
     model.save_pretrained(str(tmp_path / "pretrained"))
     reloaded = ScForge.from_pretrained(str(tmp_path / "pretrained"), shuffled)
@@ -135,13 +128,13 @@ def test_missing_genes_count_as_unexpressed(trained, counts, tmp_path):
     """A query holding a gene subset embeds like the full data with those genes zeroed."""
     model = trained[0]
     keep = np.sort(np.random.default_rng(1).permutation(counts.n_vars)[: int(0.9 * counts.n_vars)])
-    subset = _setup(counts[:, keep].copy())
+    subset = setup_counts(counts[:, keep].copy())
     zeroed = counts.copy()
     dropped = np.setdiff1d(np.arange(counts.n_vars), keep)
     layer = zeroed.layers["counts"].tolil()
     layer[:, dropped] = 0
     zeroed.layers["counts"] = layer.tocsr()
-    _setup(zeroed)
+    setup_counts(zeroed)
     expected = model.get_latent_representation(zeroed)
     assert not np.allclose(expected, model.get_latent_representation())  # the genes mattered
 
@@ -164,7 +157,7 @@ def test_padding_does_not_change_an_embedding(trained, counts):
         row[np.argsort(-row, kind="stable")[n:]] = 0
         layer[cell] = row
     short.layers["counts"] = layer.tocsr()
-    _setup(short)
+    setup_counts(short)
     together = model.get_latent_representation(short)
     for cell in range(len(n_kept)):
         alone = model.get_latent_representation(short, indices=[cell])
