@@ -1,5 +1,6 @@
 """Data layer: gene vocabulary, preprocessing, tokenizers and masking."""
 
+from ._bucketing import LengthGroupedDataSplitter, LengthGroupedSampler, token_lengths
 from ._collate import TokenCollator
 from ._datasets import pbmc68k_counts
 from ._masking import MaskedBatch, MaskingConfig, mask_tokens
@@ -32,6 +33,8 @@ __all__ = [
     "ContinuousTokenizer",
     "GeneMatch",
     "GeneVocab",
+    "LengthGroupedDataSplitter",
+    "LengthGroupedSampler",
     "MaskedBatch",
     "MaskingConfig",
     "Preprocessing",
@@ -50,4 +53,5 @@ __all__ = [
     "mask_tokens",
     "nonzero_column_medians",
     "pbmc68k_counts",
+    "token_lengths",
 ]

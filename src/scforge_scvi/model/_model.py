@@ -33,6 +33,7 @@ from scforge_scvi.data import (
     check_raw_counts,
     fit_gene_medians,
 )
+from scforge_scvi.data._bucketing import LengthGroupedDataSplitter, token_lengths
 from scforge_scvi.data._collate import TokenCollator
 from scforge_scvi.data._streaming import CellStream, StreamedCells, StreamedDataModule, split_cells
 from scforge_scvi.nn import BackboneConfig
@@ -492,6 +493,18 @@ class ScForge(BaseModelClass):
     def _collator(self, adata: AnnData) -> TokenCollator:
         return TokenCollator(self.tokenizer, self.gene_match(adata).vocab_ids, KEYS.X_KEY)
 
+    def _token_lengths(self, adata: AnnData, indices=None) -> np.ndarray:
+        """Tokens per cell (``<cls>`` included) that the tokenizer will emit."""
+        counts = self._counts(adata)
+        if indices is not None:
+            counts = counts[np.asarray(indices)]
+        return token_lengths(
+            counts,
+            self.gene_match(adata).vocab_ids,
+            self.tokenizer.max_genes,
+            int(self.tokenizer.prepend_cls),
+        )
+
     def _loader(self, adata: AnnData, indices=None, batch_size: int | None = None):
         return self._make_data_loader(
             adata=adata,
@@ -537,6 +550,7 @@ class ScForge(BaseModelClass):
         accelerator: str = "auto",
         devices: int | str = "auto",
         num_workers: int = 0,
+        group_by_length: bool = True,
         data: StreamedCells | str | Sequence[str] | None = None,
         distributed: str = "auto",
         num_nodes: int = 1,
@@ -589,6 +603,10 @@ class ScForge(BaseModelClass):
             Lightning hardware selection.
         num_workers
             Data-loader worker processes (tokenisation runs there).
+        group_by_length
+            Put cells of similar token length into the same minibatch (shuffled groups of
+            16 batches, see :class:`~scforge_scvi.data.LengthGroupedSampler`), so that batches
+            carry little padding; ``False`` draws plain random minibatches.
         data
             Train on cells streamed from disk instead of the registered AnnData: a
             :class:`~scforge_scvi.data.StreamedCells`, or one or more ``.h5ad``/``.zarr``
@@ -651,14 +669,19 @@ class ScForge(BaseModelClass):
             trainer_kwargs.setdefault("use_distributed_sampler", False)
         else:
             train_idx, val_idx, test_idx = self._split(train_size, validation_size, seed, objective)
-            splitter = self._data_splitter_cls(
-                self.adata_manager,
-                batch_size=batch_size,
-                load_sparse_tensor=True,
-                external_indexing=[train_idx, val_idx, test_idx],
-                collate_fn=self._collator(self.adata),
-                num_workers=num_workers,
-            )
+            common = {
+                "batch_size": batch_size,
+                "external_indexing": [train_idx, val_idx, test_idx],
+                "collate_fn": self._collator(self.adata),
+                "num_workers": num_workers,
+            }
+            if group_by_length:
+                lengths = self._token_lengths(self.adata)
+                splitter = LengthGroupedDataSplitter(self.adata_manager, lengths=lengths, **common)
+            else:
+                splitter = self._data_splitter_cls(
+                    self.adata_manager, load_sparse_tensor=True, **common
+                )
         if isinstance(masking, dict):
             masking = MaskingConfig(**masking)
         plan = self._training_plan_cls(
@@ -885,8 +908,15 @@ class ScForge(BaseModelClass):
 
     # -- inference ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward_batches(self, adata, indices, batch_size):
+    def _infer(self, adata, indices, batch_size, fn) -> torch.Tensor:
+        """``fn(inference outputs)`` of every requested cell, stacked in the cells' order.
+
+        In-memory cells are run longest first, so that minibatches carry almost no padding,
+        and put back in order afterwards; streamed cells come in shard order.
+        """
         self.module.eval()
+        batch_size = batch_size or 64
+        order = None
         if isinstance(adata, StreamedCells):
             ids = np.arange(adata.n_obs) if indices is None else np.sort(np.asarray(indices))
             loader = CellStream(
@@ -895,15 +925,25 @@ class ScForge(BaseModelClass):
                 columns=self._streamed_columns(adata),
                 n_columns=len(self.vocab) + 1,
                 collate=self._streamed_collator(),
-                batch_size=batch_size or 64,
+                batch_size=batch_size,
                 shuffle=False,
                 count_key=KEYS.X_KEY,
             )
         else:
-            loader = self._loader(adata, indices, batch_size)
+            ids = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+            if not adata.isbacked:  # a backed file is read in row order
+                order = np.argsort(-self._token_lengths(adata, ids), kind="stable")
+                ids = ids[order]
+            loader = self._loader(adata, ids, batch_size)
+        outputs = []
         for tensors in loader:
             tokens = {k: v.to(self.device) for k, v in tensors.items()}
-            yield self.module.inference(**self.module._get_inference_input(tokens))
+            out = self.module.inference(**self.module._get_inference_input(tokens))
+            outputs.append(fn(out).float().cpu())
+        result = torch.cat(outputs)
+        if order is not None:
+            result[torch.from_numpy(order)] = result.clone()
+        return result
 
     def get_latent_representation(
         self,
@@ -927,10 +967,7 @@ class ScForge(BaseModelClass):
         """
         if not isinstance(adata, StreamedCells):
             adata = self._validate_anndata(adata)
-        out = [
-            o["embedding"].float().cpu() for o in self._forward_batches(adata, indices, batch_size)
-        ]
-        return torch.cat(out).numpy()
+        return self._infer(adata, indices, batch_size, lambda out: out["embedding"]).numpy()
 
     def embed(
         self,
@@ -983,11 +1020,7 @@ class ScForge(BaseModelClass):
                 "setup_anndata(adata, labels_key=...) and fine-tune before predicting."
             )
         head = self.module.classifier or self.module.regressor
-        outputs = []
-        with torch.inference_mode():
-            for out in self._forward_batches(adata, None, batch_size):
-                outputs.append(head(out["embedding"]).float().cpu())
-        values = torch.cat(outputs)
+        values = self._infer(adata, None, batch_size, lambda out: head(out["embedding"]))
         base = (
             key_added.removesuffix("_prediction")
             if key_added.endswith("_prediction")

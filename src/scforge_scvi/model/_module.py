@@ -167,7 +167,7 @@ class ScForgeModule(BaseModuleClass):
             raise ValueError("The pretraining objective needs masked inputs (masking=None).")
         h = outputs["hidden"][masked.target_mask]  # (M, d): logits only at masked positions
         n_cells = outputs["hidden"].shape[0]
-        gene_loss = F.cross_entropy(self.gene_head(h), masked.target_ids)
+        gene_loss = self.gene_head.loss(h, masked.target_ids)
         extra = {"gene_loss": gene_loss.detach()}
         loss = gene_loss
         if self.expression_head is not None and self.expression_loss_weight > 0:

@@ -8,6 +8,7 @@ from ._backbone import (
     ScForgeBackbone,
     TransformerBlock,
 )
+from ._cross_entropy import linear_cross_entropy
 from ._heads import ClassificationHead, ExpressionHead, MaskedGeneHead, RegressionHead
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "ScForgeBackbone",
     "TransformerBlock",
     "key_padding_attention_mask",
+    "linear_cross_entropy",
 ]

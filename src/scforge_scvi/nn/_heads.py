@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cross_entropy import linear_cross_entropy
+
 
 class _Transform(nn.Module):
     """``dense -> GELU -> LayerNorm``, the usual transform in front of a prediction layer."""
@@ -83,6 +85,19 @@ class MaskedGeneHead(nn.Module):
         if self._tied_embedding is not None:
             return F.linear(h, self._tied_embedding.weight, self.bias)  # (M, V)
         return self.decoder(h) + self.bias  # (M, V)
+
+    def loss(self, hidden: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of ``hidden`` against ``target_ids``.
+
+        The same value as ``F.cross_entropy(head(hidden), target_ids)``, computed without
+        materialising the ``(M, vocab_size)`` logits (see
+        :func:`~scforge_scvi.nn.linear_cross_entropy`).
+        """
+        h = self.transform(hidden)  # (M, d)
+        weight = (
+            self.decoder.weight if self._tied_embedding is None else self._tied_embedding.weight
+        )
+        return linear_cross_entropy(h, weight, self.bias, target_ids)
 
 
 class ExpressionHead(nn.Module):
