@@ -1,39 +1,35 @@
-"""Pretraining throughput benchmark: cells/s, data-path share and matmul efficiency.
+"""Training and embedding throughput, as cells/s and as a share of a plain fp32 matmul.
 
-Model: hidden 256, 4 layers, 8 heads, FFN 1024, ``max_genes`` 1024 (rank-value tokens, CLS
-prepended), dropout 0.1, batch 32, fp32 on the CPU, on PBMC 3k (2,638 cells x 32,738 genes;
-scanpy's pbmc68k_reduced counts when the shared file is absent). The model's own data path is
-used: an scvi-tools ``AnnDataLoader`` slicing sparse rows, tokenised by the model's collator.
+Two configurations, each on the model's own data path (scvi-tools' registered AnnData,
+length-grouped minibatches, tokenisation in the collate function):
 
-Timed phases (after warm-up steps that are not counted):
+``anchor``  hidden 256, 4 layers, 8 heads, FFN 1024, 1,024 genes + CLS, batch 32, dropout 0.1,
+            fp32, PBMC 3k with all 32,738 genes in the vocabulary. Phases, timed after an
+            untimed warm-up step:
+            (a) data only: slice + tokenise through the training loader;
+            (b) pretraining step: data + masking + forward + masked-gene loss + backward +
+                AdamW, with length-grouped batches, and the same with random batches;
+            (c) embedding: ``model.get_latent_representation`` (inference, longest first);
+            (d) LoRA fine-tuning step: rank-8 adapters on every projection and FFN linear,
+                classification head on ``louvain``, forward + backward + AdamW.
+``small``   hidden 128, 2 layers, 4 heads, 512 genes, batch 64, through the public
+            ``model.train()`` (Lightning, validation every epoch included) and
+            ``get_latent_representation()``, on PBMC 3k and on a CBMC-sized set (6,900 cells x
+            500 genes: PBMC 3k's 500 genes with most counts, cells resampled with binomial
+            thinning). Prints epochs per minute and a breakdown of where an epoch goes.
 
-(a) data: iterate the loader (sparse slice + tokenisation);
-(b) forward + backward on pre-fetched batches (masking, backbone, masked-gene loss, backward);
-(c) full step: data + forward + backward + AdamW step (``scforge_scvi.train.build_adamw``);
-(d) embedding: ``model.get_latent_representation(indices=...)`` (inference mode).
+FLOPs are counted analytically over REAL tokens (a cell of ``l`` tokens costs, per layer and
+forward, ``8 l d^2`` for the q/k/v/out projections, ``4 l^2 d`` for attention scores and
+``A @ V``, ``4 l d f`` for the FFN; the masked-gene head costs ``2 M d (d + V)`` for ``M``
+masked targets), so padding counts as waste. A training step counts 3 forward passes
+(backward = 2 x forward); a LoRA step counts 2 (activation gradients through the frozen base,
+no weight gradients; adapters are not counted); an embedding counts 1. Every rate is divided
+by the FLOP/s of a square 2048^3 fp32 ``torch.matmul`` measured in the same run, and the
+cells/s are restated "at 150 GFLOP/s" (cells/s x 150 / measured matmul GFLOP/s) to compare
+with figures measured on other machines.
 
-FLOPs are counted analytically from the shapes actually computed (padded length ``L`` of each
-batch, ``T = B * L`` tokens, hidden ``d``, FFN width ``f``, ``n_layers`` layers, vocabulary
-``V``, ``M`` masked targets), counting a multiply-add as 2 FLOPs::
-
-    per layer, forward:  QKV + output projections   4 * 2 * T * d^2
-                         attention scores + A @ V   2 * 2 * B * L^2 * d
-                         FFN (two linears)          2 * 2 * T * d * f
-    masked-gene head, forward:  dense transform     2 * M * d^2
-                                tied vocab decoder  2 * M * d * V
-    training step (forward + backward) = 3 x forward (backward = 2 x forward)
-    inference (embedding)              = 1 x forward of the layers (no head)
-
-Embeddings, LayerNorms, softmax, GELU, dropout and the optimizer are not counted (they are
-memory-bound and cost no matmul FLOPs). Attention is counted over the padded ``L x L`` because
-that is what ``scaled_dot_product_attention`` computes on the CPU with a boolean mask.
-The achieved FLOP/s are divided by the FLOP/s of plain fp32 ``torch.matmul`` measured in the
-same run with the same thread count, for a matmul shaped like the FFN input layer
-``(T, d) @ (d, f)`` and for a square 2048^3 one.
-
-Run ``python benchmarks/pretraining.py`` (about 3-5 minutes on 2 CPU cores; ``--steps`` and
-``--warmup`` change the length, ``--no-profile`` skips the operator profile). With CUDA,
-phases (b)-(d) are repeated on the GPU under bf16 autocast.
+Run ``python benchmarks/pretraining.py`` (about 6 minutes on 2 CPU cores);
+``--config anchor`` or ``--config small`` runs one of them.
 """
 
 from __future__ import annotations
@@ -46,18 +42,24 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
+from scforge_scvi import ScForge, tune_cpu_allocator
 from scforge_scvi.data import MaskingConfig, pbmc68k_counts
-from scforge_scvi.model._model import ScForge
-from scforge_scvi.train import build_adamw
+from scforge_scvi.data._bucketing import length_grouped_loader
+from scforge_scvi.train import LoraSettings, build_adamw
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-ARCH = {"hidden_dim": 256, "num_layers": 4, "num_heads": 8, "ffn_dim": 1024, "max_genes": 1024}
-BATCH_SIZE = 32
+ANCHOR = {"hidden_dim": 256, "num_layers": 4, "num_heads": 8, "ffn_dim": 1024, "max_genes": 1024}
+SMALL = {"hidden_dim": 128, "num_layers": 2, "num_heads": 4, "max_genes": 512}
+# scModelForge on a 2-core CPU with a 182 GFLOP/s matmul (cells/s), from its own benchmark
+PEER = {"pretrain": 0.48, "embed": 2.97, "lora": 0.64}
+PEER_MATMUL = 182.0
+TARGETS = {"pretrain": 2.0, "embed": 10.0, "lora": 2.6}  # cells/s at 150 GFLOP/s
 
 
-def load_data():
+def load_pbmc3k():
     """PBMC 3k raw counts, or pbmc68k_reduced counts (with a note) when the file is absent."""
     import anndata as ad
 
@@ -65,9 +67,26 @@ def load_data():
     if path.exists():
         adata = ad.read_h5ad(path)
         adata.var_names_make_unique()
-        return adata, "pbmc3k"
+        return adata, "pbmc3k", "louvain"
     print(f"NOTE: {path.name} not found; falling back to scanpy's pbmc68k_reduced counts.")
-    return pbmc68k_counts(), "pbmc68k_reduced"
+    return pbmc68k_counts(), "pbmc68k_reduced", "bulk_labels"
+
+
+def cbmc_like(adata, n_cells: int = 6900, n_genes: int = 500, seed: int = 0):
+    """A CBMC-sized set: the ``n_genes`` genes with most counts, cells resampled and thinned."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(adata.X)
+    top = np.sort(np.argsort(-np.asarray(x.sum(0)).ravel())[:n_genes])
+    cells = rng.integers(0, adata.n_obs, n_cells)
+    sub = x[cells][:, top].tocsr()
+    sub.data = rng.binomial(sub.data.astype(np.int64), 0.8).astype(np.float32)
+    sub.eliminate_zeros()
+    out = ad.AnnData(sub, obs=adata.obs.iloc[cells].reset_index(drop=True))
+    out.obs_names = [f"cell{i}" for i in range(n_cells)]
+    out.var_names = adata.var_names[top]
+    return out
 
 
 def peak_rss_mib() -> float:
@@ -75,309 +94,335 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-# ----------------------------------------------------------------------------------- FLOPs
-def layer_flops(batch: int, length: int, d: int, ffn: int, n_layers: int) -> float:
-    """Forward matmul FLOPs of the transformer blocks for one padded ``(batch, length)`` batch."""
-    tokens = batch * length
-    proj = 4 * 2 * tokens * d * d
-    attn = 2 * 2 * batch * length * length * d
-    ffn_ = 2 * 2 * tokens * d * ffn
-    return n_layers * (proj + attn + ffn_)
-
-
-def head_flops(n_masked: int, d: int, vocab: int) -> float:
-    """Forward matmul FLOPs of the masked-gene head on ``n_masked`` targets."""
-    return 2 * n_masked * d * d + 2 * n_masked * d * vocab
-
-
-def flop_breakdown(
-    batch: int, length: int, n_masked: int, d: int, ffn: int, n_layers: int, vocab: int
-) -> dict[str, float]:
-    """Forward FLOPs by component for one batch (multiply by 3 for a training step)."""
-    tokens = batch * length
-    return {
-        "qkv+out proj": n_layers * 8 * tokens * d * d,
-        "attention": n_layers * 4 * batch * length * length * d,
-        "ffn": n_layers * 4 * tokens * d * ffn,
-        "gene head": head_flops(n_masked, d, vocab),
-    }
-
-
-def matmul_flops_per_s(
-    m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, min_time: float = 1.0
-) -> float:
-    """FLOP/s of ``(m, k) @ (k, n)`` (best of repeated timings, at least ``min_time`` s)."""
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+def matmul_flops_per_s(n: int = 2048, min_time: float = 1.0) -> float:
+    """FLOP/s of a square fp32 ``(n, n) @ (n, n)`` (best of repeated timings)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(2):
         a @ b
-    sync(device)
     best, total = float("inf"), 0.0
     while total < min_time:
         t0 = time.perf_counter()
         a @ b
-        sync(device)
         dt = time.perf_counter() - t0
         best, total = min(best, dt), total + dt
-    return 2 * m * k * n / best
+    return 2 * n**3 / best
 
 
-# ---------------------------------------------------------------------------------- phases
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+# ----------------------------------------------------------------------------------- FLOPs
+def forward_flops(lengths: np.ndarray, d: int, f: int, n_layers: int) -> float:
+    """Forward matmul FLOPs of the transformer blocks over real tokens of cells of ``lengths``."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    per_layer = 8 * lengths * d * d + 4 * lengths**2 * d + 4 * lengths * d * f
+    return float(n_layers * per_layer.sum())
 
 
-def train_step(module, batch, step: int, optimizer=None, autocast_dtype=None):
-    """Masking + forward + masked-gene loss + backward (+ optimizer step); returns M."""
-    device = batch["gene_ids"].device
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = module.inference(
-            **module._get_inference_input(batch),
-            masking=MaskingConfig(),
-            generator=torch.Generator().manual_seed(step),
+def head_flops(n_masked: int, d: int, vocab: int) -> float:
+    """Forward FLOPs of the masked-gene head (dense transform + tied decoder)."""
+    return 2.0 * n_masked * d * (d + vocab)
+
+
+class Figures:
+    """Collects rows of ``(phase, cells/s, real GFLOP/s)`` and prints them against a matmul."""
+
+    def __init__(self, matmul: float) -> None:
+        self.matmul = matmul
+        self.rows: list[tuple[str, float, float | None, str | None]] = []
+
+    def add(self, name: str, cells_s: float, flops_s: float | None, key: str | None = None):
+        self.rows.append((name, cells_s, flops_s, key))
+
+    def print(self, title: str) -> None:
+        mm = self.matmul / 1e9
+        print(f"\n=== {title} (square fp32 matmul: {mm:.1f} GFLOP/s) ===")
+        print(
+            f"{'phase':44s} {'cells/s':>8s} {'GFLOP/s':>8s} {'/matmul':>8s} "
+            f"{'@150':>7s} {'target':>7s} {'vs peer':>8s}"
         )
-        loss = module.loss(batch, out, {}, "pretrain").loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        module.zero_grad(set_to_none=True)
+        for name, cps, fl, key in self.rows:
+            at150 = cps * 150 / mm
+            ratio = f"{fl / self.matmul:7.1%}" if fl else "      -"
+            gf = f"{fl / 1e9:8.1f}" if fl else "       -"
+            target = f"{TARGETS[key]:7.2f}" if key else "      -"
+            peer = f"{at150 / (PEER[key] * 150 / PEER_MATMUL):7.1f}x" if key else "       -"
+            print(f"{name:44s} {cps:8.2f} {gf} {ratio:>8s} {at150:7.2f} {target} {peer}")
+
+
+# ---------------------------------------------------------------------------------- anchor
+def pretrain_step(module, batch, step: int, optimizer) -> int:
+    """Masking + forward + masked-gene loss + backward + AdamW; returns the masked count."""
+    out = module.inference(
+        **module._get_inference_input(batch),
+        masking=MaskingConfig(),
+        generator=torch.Generator().manual_seed(step),
+    )
+    module.loss(batch, out, {}, "pretrain").loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return int(out["masked"].target_mask.sum())
 
 
-def batch_shape(batch) -> tuple[int, int, int]:
-    """(B, padded L, real tokens) of a tokenised batch."""
-    b, length = batch["gene_ids"].shape
-    return b, length, int(batch["padding_mask"].sum())
+def classify_step(module, batch, optimizer) -> None:
+    out = module.inference(**module._get_inference_input(batch))
+    module.loss(batch, out, {}, "classify").loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def run_suite(model, adata, order, device, n_warmup, n_steps, autocast_dtype, label):
-    """Phases (a)-(d) on ``device``; returns a dict of figures."""
-    module = model.module
+def grouped_batches(model, adata, idx, batch_size, group_batches):
+    """Training-order batches of ``idx`` (length-grouped unless ``group_batches == 1``)."""
+    torch.manual_seed(0)
+    return length_grouped_loader(
+        model.adata_manager,
+        idx,
+        model._token_lengths(adata, idx),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=model._collator(adata),
+        group_batches=group_batches,
+    )
+
+
+def time_steps(batches, n_warmup: int, step) -> tuple[float, list]:
+    """Run ``step(i, batch)`` over the batches (data loading included); time all but warm-up."""
+    it = iter(batches)
+    for i in range(n_warmup):
+        step(i, next(it))
+    t0, seen = time.perf_counter(), []
+    for i, batch in enumerate(it):
+        seen.append((batch, step(n_warmup + i, batch)))
+    return time.perf_counter() - t0, seen
+
+
+def run_anchor(args, fig: Figures) -> None:
+    adata, source, labels_key = load_pbmc3k()
+    ScForge.setup_anndata(adata, labels_key=labels_key)
+    torch.manual_seed(0)
+    model = ScForge(adata, dropout=0.1, **ANCHOR)
     cfg = model.backbone_config
-    d, ffn, n_layers, vocab = cfg.hidden_dim, cfg.resolved_ffn_dim, cfg.num_layers, cfg.vocab_size
-    n_batches = n_warmup + n_steps
-    idx = order[: n_batches * BATCH_SIZE]
-    res: dict[str, float] = {}
-
-    # (a) data only: sparse slice + tokenisation through the model's loader
-    loader = model._loader(adata, idx, batch_size=BATCH_SIZE)  # built once, not timed
-    t0 = time.perf_counter()
-    batches = list(loader)
-    res["data_s_per_batch"] = (time.perf_counter() - t0) / len(batches)
-    shapes = [batch_shape(b) for b in batches]
-    res["mean_L"] = float(np.mean([s[1] for s in shapes]))
-    res["real_token_frac"] = sum(s[2] for s in shapes) / sum(s[0] * s[1] for s in shapes)
-
-    # (b) forward + backward on pre-fetched batches
-    module.to(device).train()
-    dev_batches = [to_device(b, device) for b in batches]
-    flops, masked = 0.0, []
-    for i, batch in enumerate(dev_batches[:n_warmup]):
-        train_step(module, batch, i, autocast_dtype=autocast_dtype)
-    sync(device)
-    t0 = time.perf_counter()
-    for i, batch in enumerate(dev_batches[n_warmup:]):
-        m = train_step(module, batch, 1000 + i, autocast_dtype=autocast_dtype)
-        b, length, _ = batch_shape(batch)
-        flops += 3 * (layer_flops(b, length, d, ffn, n_layers) + head_flops(m, d, vocab))
-        masked.append(m)
-    sync(device)
-    dt = time.perf_counter() - t0
-    res["fwd_bwd_s_per_batch"] = dt / n_steps
-    res["fwd_bwd_cells_s"] = n_steps * BATCH_SIZE / dt
-    res["fwd_bwd_flops"] = flops / dt
-    res["mean_M"] = float(np.mean(masked))
-    del dev_batches
-
-    # (c) full step: loader (tokenisation) + transfer + fwd + bwd + AdamW
-    optimizer = build_adamw({"model": (module, 1e-4)}, weight_decay=0.01)
-    data_time, flops = 0.0, 0.0
-    loader = iter(model._loader(adata, idx, batch_size=BATCH_SIZE))
-    for i in range(n_batches):
-        if i == n_warmup:
-            sync(device)
-            t_start, data_time, flops = time.perf_counter(), 0.0, 0.0
-        t0 = time.perf_counter()
-        batch = to_device(next(loader), device)
-        data_time += time.perf_counter() - t0
-        m = train_step(module, batch, 2000 + i, optimizer, autocast_dtype)
-        b, length, _ = batch_shape(batch)
-        flops += 3 * (layer_flops(b, length, d, ffn, n_layers) + head_flops(m, d, vocab))
-    sync(device)
-    dt = time.perf_counter() - t_start
-    res["step_s_per_batch"] = dt / n_steps
-    res["step_cells_s"] = n_steps * BATCH_SIZE / dt
-    res["step_flops"] = flops / dt
-    res["data_share_in_step"] = data_time / dt
-    del optimizer
-    module.zero_grad(set_to_none=True)
-
-    # (d) embedding (inference mode, no masking, no head), batch size 32
-    emb_idx = order[: max(n_steps, 2) * BATCH_SIZE]
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        model.get_latent_representation(indices=order[:BATCH_SIZE], batch_size=BATCH_SIZE)
-        sync(device)
-        t0 = time.perf_counter()
-        emb = model.get_latent_representation(indices=emb_idx, batch_size=BATCH_SIZE)
-        sync(device)
-    dt = time.perf_counter() - t0
-    emb_flops = sum(
-        layer_flops(*batch_shape(b)[:2], d, ffn, n_layers)
-        for b in model._loader(adata, emb_idx, batch_size=BATCH_SIZE)
+    d, f, nl, vocab = cfg.hidden_dim, cfg.resolved_ffn_dim, cfg.num_layers, cfg.vocab_size
+    batch = 32
+    print(
+        f"anchor: {source}, {adata.n_obs} cells x {adata.n_vars} genes, vocabulary {vocab}; "
+        f"{ANCHOR}, batch {batch}, dropout 0.1, fp32, {torch.get_num_threads()} threads; "
+        f"{args.steps} timed steps per phase after 1 warm-up"
     )
-    res["embed_cells_s"] = emb.shape[0] / dt
-    res["embed_flops"] = emb_flops / dt
-    res["peak_rss_mib"] = peak_rss_mib()
-    res["label"] = label
-    res["breakdown"] = flop_breakdown(
-        BATCH_SIZE, round(res["mean_L"]), round(res["mean_M"]), d, ffn, n_layers, vocab
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    idx = np.sort(order[: (args.steps + 1) * batch * 4])  # a pool to draw the batches from
+
+    # (a) data only
+    t0 = time.perf_counter()
+    n_cells = sum(b["gene_ids"].shape[0] for b in grouped_batches(model, adata, idx, batch, 16))
+    fig.add("(a) data only (slice + tokenise)", n_cells / (time.perf_counter() - t0), None)
+
+    # (b) pretraining step, grouped and random batches
+    module = model.module.train()
+    for name, group in (("grouped", 16), ("random", 1)):
+        optimizer = build_adamw({"model": (module, 1e-4)}, weight_decay=0.01)
+        batches = list(grouped_batches(model, adata, idx, batch, group))[: args.steps + 1]
+        dt, seen = time_steps(batches, 1, lambda i, b: pretrain_step(module, b, i, optimizer))
+        lengths = np.concatenate([b["padding_mask"].sum(1).numpy() for b, _ in seen])
+        padded = sum(b["gene_ids"].numel() for b, _ in seen)
+        flops = 3 * (
+            forward_flops(lengths, d, f, nl) + sum(head_flops(m, d, vocab) for _, m in seen)
+        )
+        fig.add(
+            f"(b) pretrain step, {name} batches ({lengths.sum() / padded:.0%} real)",
+            len(lengths) / dt,
+            flops / dt,
+            "pretrain" if name == "grouped" else None,
+        )
+        del optimizer
+    rss_train = peak_rss_mib()
+
+    # (c) embedding
+    emb_idx = order[: args.steps * batch * 4]
+    model.get_latent_representation(indices=emb_idx[:batch], batch_size=batch)  # warm-up
+    t0 = time.perf_counter()
+    model.get_latent_representation(indices=emb_idx, batch_size=batch)
+    dt = time.perf_counter() - t0
+    flops = forward_flops(model._token_lengths(adata, emb_idx), d, f, nl)
+    fig.add("(c) embedding (get_latent_representation)", len(emb_idx) / dt, flops / dt, "embed")
+
+    # (d) LoRA fine-tuning step
+    model._apply_lora(LoraSettings())
+    model.module.backbone.train()
+    trainable = [p for p in model.module.parameters() if p.requires_grad]
+    model.module.gene_head.requires_grad_(False)
+    model.module.classifier.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.module.parameters() if p.requires_grad])
+    batches = list(grouped_batches(model, adata, idx, batch, 16))[: args.steps + 1]
+    dt, seen = time_steps(batches, 1, lambda i, b: classify_step(model.module, b, optimizer))
+    lengths = np.concatenate([b["padding_mask"].sum(1).numpy() for b, _ in seen])
+    flops = 2 * forward_flops(lengths, d, f, nl)
+    fig.add("(d) LoRA fine-tuning step (rank 8)", len(lengths) / dt, flops / dt, "lora")
+    del trainable
+    fig.print(f"anchor configuration on CPU ({torch.get_num_threads()} threads)")
+    print(
+        f"peak RSS: {rss_train:.0f} MiB after pretraining steps (target <= 4096), "
+        f"{peak_rss_mib():.0f} MiB at the end"
     )
-    return res
 
 
-def profile_step(model, adata, order, n_rows: int = 18) -> None:
-    """Operator-level CPU profile of one forward + backward + AdamW step."""
+# ----------------------------------------------------------------------------------- small
+def epoch_breakdown(model, adata, train_idx, val_idx, batch: int, n_steps: int) -> dict:
+    """Seconds per training cell of each part of an epoch, measured on ``n_steps`` batches."""
     from torch.profiler import ProfilerActivity, profile
 
-    module = model.module.cpu().train()
-    batch = next(iter(model._loader(adata, order[:BATCH_SIZE], batch_size=BATCH_SIZE)))
+    from scforge_scvi.data import mask_tokens
+
+    module = model.module.train()
     optimizer = build_adamw({"model": (module, 1e-4)}, weight_decay=0.01)
-    train_step(module, batch, 0, optimizer)
+    masking = MaskingConfig()
+    batches_iter = iter(grouped_batches(model, adata, train_idx, batch, 16))
+    t = dict.fromkeys(("data", "masking", "forward", "backward", "optimizer"), 0.0)
+    cells, prof_batches = 0, []
+    for step in range(n_steps + 1):
+        t0 = time.perf_counter()
+        b = next(batches_iter)
+        t1 = time.perf_counter()
+        tokens = module._get_inference_input(b)["tokens"]
+        gen = torch.Generator().manual_seed(step)
+        mask_tokens(
+            tokens,
+            masking,
+            vocab_size=module.config.vocab_size,
+            n_special=module.n_special,
+            mask_id=module.mask_id,
+            generator=gen,
+        )
+        t2 = time.perf_counter()
+        out = module.inference(
+            tokens=tokens, masking=masking, generator=torch.Generator().manual_seed(step)
+        )
+        loss = module.loss(b, out, {}, "pretrain").loss
+        t3 = time.perf_counter()
+        loss.backward()
+        t4 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        if step == 0:
+            prof_batches.append(b)
+            continue
+        cells += b["gene_ids"].shape[0]
+        for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2 - (t2 - t1), t4 - t3, t5 - t4)):
+            t[k] += dt
+    # attention's share of forward + backward, from the operator profile of one step
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_step(module, batch, 1, optimizer)
-    print("\nOperator profile of one CPU training step (self CPU time, top ops):")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n_rows))
-
-
-# ---------------------------------------------------------------------------------- report
-def print_report(res: dict, mm_ffn: float, mm_sq: float, device_name: str) -> None:
-    g = 1e9
-    print(f"\n=== {res['label']} on {device_name} ===")
-    print(
-        f"mean padded length L = {res['mean_L']:.0f} tokens, real tokens "
-        f"{100 * res['real_token_frac']:.1f}% of B*L, mean masked targets M = "
-        f"{res['mean_M']:.0f}/batch"
-    )
-    rows = [
-        (
-            "(a) data only (slice + tokenise)",
-            BATCH_SIZE / res["data_s_per_batch"],
-            res["data_s_per_batch"],
-            None,
-        ),
-        (
-            "(b) forward + backward",
-            res["fwd_bwd_cells_s"],
-            res["fwd_bwd_s_per_batch"],
-            res["fwd_bwd_flops"],
-        ),
-        (
-            "(c) full step (data+fwd+bwd+AdamW)",
-            res["step_cells_s"],
-            res["step_s_per_batch"],
-            res["step_flops"],
-        ),
-        (
-            "(d) embedding (inference)",
-            res["embed_cells_s"],
-            BATCH_SIZE / res["embed_cells_s"],
-            res["embed_flops"],
-        ),
-    ]
-    print(
-        f"{'phase':38s} {'cells/s':>9s} {'s/batch':>9s} {'GFLOP/s':>9s} "
-        f"{'/mm(T,d,f)':>11s} {'/mm 2048^3':>11s}"
-    )
-    for name, cps, spb, fl in rows:
-        if fl is None:
-            print(f"{name:38s} {cps:9.1f} {spb:9.3f} {'-':>9s} {'-':>11s} {'-':>11s}")
-        else:
-            print(
-                f"{name:38s} {cps:9.1f} {spb:9.3f} {fl / g:9.1f} "
-                f"{100 * fl / mm_ffn:10.1f}% {100 * fl / mm_sq:10.1f}%"
+        pretrain_step(module, prof_batches[0], 0, optimizer)
+    total = attention = 0.0
+    for ev in prof.key_averages():
+        total += ev.self_cpu_time_total
+        if "scaled_dot_product" in ev.key or "flash_attention" in ev.key:
+            attention += ev.self_cpu_time_total
+    # validation: a forward pass with masks over the validation cells
+    module.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i, b in enumerate(
+            length_grouped_loader(
+                model.adata_manager,
+                val_idx,
+                model._token_lengths(adata, val_idx),
+                batch_size=batch,
+                shuffle=False,
+                collate_fn=model._collator(adata),
             )
-    print(f"matmul reference: (T,d)@(d,f) {mm_ffn / g:.1f} GFLOP/s, 2048^3 {mm_sq / g:.1f} GFLOP/s")
-    print(
-        f"data share of the full step: {100 * res['data_share_in_step']:.1f}% "
-        f"(target < 10%); standalone data time / step time: "
-        f"{100 * res['data_s_per_batch'] / res['step_s_per_batch']:.1f}%"
-    )
-    fwd_bwd_ratio = res["fwd_bwd_flops"] / mm_ffn
-    print(
-        f"forward+backward efficiency vs (T,d)@(d,f) matmul: {100 * fwd_bwd_ratio:.1f}% "
-        f"(target >= 50%)"
-    )
-    total = sum(res["breakdown"].values())
-    parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in res["breakdown"].items())
-    print(f"counted FLOPs per training step: {3 * total / 1e12:.3f} TFLOP ({parts})")
-    print(f"peak RSS so far: {res['peak_rss_mib']:.0f} MiB")
+        ):
+            out = module.inference(
+                **module._get_inference_input(b),
+                masking=masking,
+                generator=torch.Generator().manual_seed(i),
+            )
+            module.loss(b, out, {}, "pretrain")
+    val_per_train_cell = (time.perf_counter() - t0) / len(train_idx)
+    module.train()
+    per_cell = {k: v / cells for k, v in t.items()}
+    per_cell["attention share of fwd+bwd"] = attention / total
+    per_cell["validation"] = val_per_train_cell
+    return per_cell
+
+
+def run_small(args, fig_factory) -> None:
+    pbmc, source, labels_key = load_pbmc3k()
+    sets = [(source, pbmc), ("CBMC-like (pbmc3k top 500 genes, 6,900 cells)", cbmc_like(pbmc))]
+    batch = 64
+    for name, adata in sets:
+        ScForge.setup_anndata(adata)
+        torch.manual_seed(0)
+        model = ScForge(adata, dropout=0.1, **SMALL)
+        cfg = model.backbone_config
+        d, f, nl, vocab = cfg.hidden_dim, cfg.resolved_ffn_dim, cfg.num_layers, cfg.vocab_size
+        lengths = model._token_lengths(adata)
+        print(
+            f"\nsmall: {name}, {adata.n_obs} cells x {adata.n_vars} genes, vocabulary {vocab}; "
+            f"{SMALL}, batch {batch}; median tokens per cell {int(np.median(lengths))}"
+        )
+        t0 = time.perf_counter()
+        model.train(max_epochs=args.small_epochs, batch_size=batch, enable_progress_bar=False)
+        fit = time.perf_counter() - t0
+        tr, va = model.train_indices_, model.validation_indices_
+        n_masked = 0.15 * (lengths[tr] - 1).sum()  # expected masked gene tokens per epoch
+        epoch_flops = 3 * (forward_flops(lengths[tr], d, f, nl) + head_flops(n_masked, d, vocab))
+        epoch_flops += forward_flops(lengths[va], d, f, nl) + head_flops(
+            0.15 * (lengths[va] - 1).sum(), d, vocab
+        )
+        fig = fig_factory()
+        fig.add(
+            f"model.train(): {args.small_epochs} epochs in {fit:.0f} s "
+            f"= {60 * args.small_epochs / fit:.1f} epochs/min",
+            args.small_epochs * len(tr) / fit,
+            args.small_epochs * epoch_flops / fit,
+        )
+        t0 = time.perf_counter()
+        model.get_latent_representation(batch_size=batch)
+        dt = time.perf_counter() - t0
+        fig.add(
+            "get_latent_representation()",
+            adata.n_obs / dt,
+            forward_flops(lengths, d, f, nl) / dt,
+        )
+        fig.print(f"small configuration, {name}")
+        parts = epoch_breakdown(model, adata, tr, va, batch, args.steps)
+        fit_per_cell = fit / (args.small_epochs * len(tr))
+        accounted = sum(v for k, v in parts.items() if not k.startswith("attention"))
+        print("where a training epoch goes (seconds per 1,000 training cells):")
+        for k, v in parts.items():
+            if k.startswith("attention"):
+                print(f"  {'  of which attention kernels':34s} {v:6.1%} of forward+backward")
+            else:
+                print(f"  {k:34s} {1000 * v:6.2f} s  ({v / fit_per_cell:5.1%} of the epoch)")
+        rest = fit_per_cell - accounted
+        print(
+            f"  {'Lightning / scvi-tools and rest':34s} {1000 * rest:6.2f} s  "
+            f"({rest / fit_per_cell:5.1%} of the epoch)"
+        )
+        print(f"peak RSS so far: {peak_rss_mib():.0f} MiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")
-    parser.add_argument("--gpu-steps", type=int, default=20, help="timed steps on the GPU")
-    parser.add_argument("--no-profile", action="store_true", help="skip the operator profile")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", choices=("anchor", "small", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per anchor phase")
+    parser.add_argument("--small-epochs", type=int, default=2, help="epochs of model.train()")
+    parser.add_argument(
+        "--no-tune-malloc", action="store_true", help="leave glibc's allocator alone"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    logging.getLogger("scvi").setLevel(logging.ERROR)
-    logging.getLogger("scforge_scvi").setLevel(logging.ERROR)
-    torch.manual_seed(args.seed)
+    for name in ("scvi", "scforge_scvi", "lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if args.no_tune_malloc:
+        import os
 
-    t_load = time.perf_counter()
-    adata, source = load_data()
-    ScForge.setup_anndata(adata)
-    model = ScForge(adata, dropout=0.1, **ARCH)
-    n_params = sum(p.numel() for p in model.module.parameters())
-    print(
-        f"data: {source}, {adata.n_obs} cells x {adata.n_vars} genes; vocabulary "
-        f"{model.backbone_config.vocab_size} tokens; {n_params / 1e6:.2f} M parameters; "
-        f"setup {time.perf_counter() - t_load:.1f} s; peak RSS after setup "
-        f"{peak_rss_mib():.0f} MiB"
-    )
-    print(
-        f"architecture: {ARCH}, batch {BATCH_SIZE}, dropout 0.1, fp32; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; warm-up {args.warmup}, "
-        f"timed steps {args.steps}"
-    )
-    order = np.random.default_rng(args.seed).permutation(adata.n_obs)
-
-    cpu = torch.device("cpu")
-    # reference matmuls first, with the same thread count the model uses
-    probe = next(iter(model._loader(adata, order[:BATCH_SIZE], batch_size=BATCH_SIZE)))
-    tokens = probe["gene_ids"].numel()
-    cfg = model.backbone_config
-    mm_ffn = matmul_flops_per_s(tokens, cfg.hidden_dim, cfg.resolved_ffn_dim, cpu, torch.float32)
-    mm_sq = matmul_flops_per_s(2048, 2048, 2048, cpu, torch.float32)
-    res = run_suite(model, adata, order, cpu, args.warmup, args.steps, None, "fp32 CPU")
-    print_report(res, mm_ffn, mm_sq, f"CPU ({torch.get_num_threads()} threads)")
-    if not args.no_profile:
-        profile_step(model, adata, order)
-
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        n_gpu = min(args.gpu_steps, adata.n_obs // BATCH_SIZE - 3)
-        mm_ffn = matmul_flops_per_s(
-            tokens, cfg.hidden_dim, cfg.resolved_ffn_dim, gpu, torch.bfloat16
-        )
-        mm_sq = matmul_flops_per_s(2048, 2048, 2048, gpu, torch.bfloat16)
-        res = run_suite(model, adata, order, gpu, 3, n_gpu, torch.bfloat16, "bf16 autocast GPU")
-        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        print_report(res, mm_ffn, mm_sq, torch.cuda.get_device_name())
-        print(
-            f"peak GPU memory allocated: {res['peak_gpu_mib']:.0f} MiB (matmul references in bf16)"
-        )
-    else:
-        print("\nNo CUDA device: bf16 GPU figures skipped.")
+        os.environ["SCFORGE_TUNE_MALLOC"] = "0"
+    print(f"allocator tuned: {tune_cpu_allocator()}; torch {torch.__version__}")
+    matmul = matmul_flops_per_s()
+    if args.config in ("anchor", "all"):
+        run_anchor(args, Figures(matmul))
+    if args.config in ("small", "all"):
+        run_small(args, lambda: Figures(matmul))
+    print(f"\nsquare fp32 matmul re-measured at the end: {matmul_flops_per_s() / 1e9:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

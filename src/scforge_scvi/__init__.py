@@ -8,6 +8,7 @@ annotation or perturbation response, and write embeddings and predictions back i
 from importlib.metadata import PackageNotFoundError, version
 
 from . import bench, data, nn, pl, train
+from ._allocator import tune_cpu_allocator
 from .data import GeneVocab, StreamedCells
 from .model import ScForge, ScForgeCellEncoder, ScForgePerturb
 
@@ -27,4 +28,5 @@ __all__ = [
     "nn",
     "pl",
     "train",
+    "tune_cpu_allocator",
 ]

@@ -24,6 +24,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
+from scforge_scvi._allocator import tune_cpu_allocator
 from scforge_scvi._logging import logger
 from scforge_scvi.data import (
     GeneVocab,
@@ -627,6 +628,10 @@ class ScForge(BaseModelClass):
         The weights of the epoch with the lowest validation loss are restored at the end:
         :meth:`embed` and :meth:`predict` use the best model.
 
+        On the CPU (Linux), training first calls :func:`~scforge_scvi.tune_cpu_allocator`
+        so that large activations reuse memory instead of page-faulting every step; set
+        ``SCFORGE_TUNE_MALLOC=0`` to opt out.
+
         Under DDP, ``batch_size`` is per process: ``N`` processes train like one process with
         ``N * batch_size`` cells per step, on the same cells.
         """
@@ -718,6 +723,8 @@ class ScForge(BaseModelClass):
             num_nodes=num_nodes,
             **trainer_kwargs,
         )
+        if accelerator == "cpu" or not torch.cuda.is_available():
+            tune_cpu_allocator()  # large activations reuse heap pages instead of faulting
         self.module.train()  # Lightning keeps a module's mode; from_pretrained leaves it eval
         runner()
         self.train_indices_, self.validation_indices_, self.test_indices_ = (
@@ -915,6 +922,8 @@ class ScForge(BaseModelClass):
         and put back in order afterwards; streamed cells come in shard order.
         """
         self.module.eval()
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         batch_size = batch_size or 64
         order = None
         if isinstance(adata, StreamedCells):

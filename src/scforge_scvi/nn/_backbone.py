@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._attention import MultiHeadSelfAttention
+from ._dropout import Dropout
 
 ACTIVATIONS = ("gelu", "relu")
 POOLINGS = ("cls", "mean")
@@ -172,7 +173,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(config.hidden_dim, config.resolved_ffn_dim)
         self.activation = _activation(config.activation)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.linear2 = nn.Linear(config.resolved_ffn_dim, config.hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, L, d)
@@ -191,7 +192,7 @@ class TransformerBlock(nn.Module):
         self.attn = MultiHeadSelfAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         h = h + self.dropout(self.attn(self.norm1(h), padding_mask))  # (B, L, d)
@@ -235,7 +236,7 @@ class ScForgeBackbone(nn.Module):
             self.value_mask_embedding = nn.Parameter(torch.zeros(d))
         if config.use_positions:
             self.position_embedding = nn.Embedding(config.max_seq_len, d)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.reset_parameters()

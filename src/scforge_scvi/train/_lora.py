@@ -19,6 +19,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from scforge_scvi.nn._dropout import Dropout
+
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
 _ADAPTER_NAME = "default"
 _LORA_KEY = "lora_"
@@ -141,6 +143,10 @@ def apply_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
         bias="none",
     )
     peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER_NAME)
+    if settings.dropout > 0:  # the same dropout as the backbone's, cheaper on the CPU
+        for sub in module.modules():
+            if isinstance(sub, LoraLayer) and _ADAPTER_NAME in sub.lora_dropout:
+                sub.lora_dropout[_ADAPTER_NAME] = Dropout(settings.dropout)
     for name, param in module.named_parameters():
         param.requires_grad_(_LORA_KEY in name)
     return module
