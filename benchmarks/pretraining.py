@@ -219,7 +219,7 @@ def run_anchor(args, fig: Figures) -> None:
     for name, group in (("grouped", 16), ("random", 1)):
         optimizer = build_adamw({"model": (module, 1e-4)}, weight_decay=0.01)
         batches = list(grouped_batches(model, adata, idx, batch, group))[: args.steps + 1]
-        dt, seen = time_steps(batches, 1, lambda i, b: pretrain_step(module, b, i, optimizer))
+        dt, seen = time_steps(batches, 1, lambda i, b, o=optimizer: pretrain_step(module, b, i, o))
         lengths = np.concatenate([b["padding_mask"].sum(1).numpy() for b, _ in seen])
         padded = sum(b["gene_ids"].numel() for b, _ in seen)
         flops = 3 * (
@@ -246,7 +246,6 @@ def run_anchor(args, fig: Figures) -> None:
     # (d) LoRA fine-tuning step
     model._apply_lora(LoraSettings())
     model.module.backbone.train()
-    trainable = [p for p in model.module.parameters() if p.requires_grad]
     model.module.gene_head.requires_grad_(False)
     model.module.classifier.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.module.parameters() if p.requires_grad])
@@ -255,7 +254,6 @@ def run_anchor(args, fig: Figures) -> None:
     lengths = np.concatenate([b["padding_mask"].sum(1).numpy() for b, _ in seen])
     flops = 2 * forward_flops(lengths, d, f, nl)
     fig.add("(d) LoRA fine-tuning step (rank 8)", len(lengths) / dt, flops / dt, "lora")
-    del trainable
     fig.print(f"anchor configuration on CPU ({torch.get_num_threads()} threads)")
     print(
         f"peak RSS: {rss_train:.0f} MiB after pretraining steps (target <= 4096), "
@@ -344,7 +342,7 @@ def epoch_breakdown(model, adata, train_idx, val_idx, batch: int, n_steps: int) 
 
 
 def run_small(args, fig_factory) -> None:
-    pbmc, source, labels_key = load_pbmc3k()
+    pbmc, source, _ = load_pbmc3k()
     sets = [(source, pbmc), ("CBMC-like (pbmc3k top 500 genes, 6,900 cells)", cbmc_like(pbmc))]
     batch = 64
     for name, adata in sets:
