@@ -450,7 +450,7 @@ class ScForge(BaseModelClass):
         else:
             resolved = GeneVocab.from_file(vocab)
         # checked for every vocabulary, pretrained ones included: too few matching genes fail here
-        match = resolved.match(self.adata, **self._match_kwargs())
+        match = resolved.match(self.adata, **self._match_kwargs(resolved))
         if resolved.gene_medians is None:
             logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
             resolved = fit_gene_medians(
@@ -481,13 +481,17 @@ class ScForge(BaseModelClass):
         adata = self._validate_anndata(adata)
         return self.vocab.match(adata, **self._match_kwargs())
 
-    def _match_kwargs(self) -> dict[str, Any]:
-        """How data genes are matched: a vocabulary of selected (HVG) genes is checked by the
-        share of its genes found in the data, any other by the share of the data's genes."""
+    def _match_kwargs(self, vocab: GeneVocab | None = None) -> dict[str, Any]:
+        """How data genes are matched: a vocabulary of selected (HVG) genes, no larger than
+        ``n_top_genes``, is checked by the share of its genes found in the data; any other
+        (a named or pretrained one of all genes) by the share of the data's genes."""
+        vocab = self.vocab if vocab is None else vocab
+        n_top = self.preprocessing.n_top_genes
+        selected = bool(n_top) and len(vocab) - vocab.n_special <= n_top
         return {
             "gene_key": self._setup_arg("gene_key"),
             "min_coverage": self.min_coverage,
-            "coverage_of": "vocab" if self.preprocessing.n_top_genes else "data",
+            "coverage_of": "vocab" if selected else "data",
         }
 
     def _collator(self, adata: AnnData) -> TokenCollator:
