@@ -1,319 +1,187 @@
-"""Cell-type annotation benchmark: does masked-gene pretraining help fine-tuning?
+"""Cell-type annotation benchmark: the default recipe against logistic regression.
 
-Data: PBMC 3k (``../shared/data/pbmc3k_raw_labeled.h5ad``: 2,638 cells, raw counts, Louvain
-cell types in ``obs["louvain"]``), restricted to genes detected in at least 3 cells.
+For each seed: a seeded, label-stratified split of the cells (70% train, 10% validation, 20%
+test, the model's own split); masked-gene pretraining on the training + validation cells
+only (labels unused; vocabulary of HVGs chosen on those cells); fine-tuning of each arm
+(pretrained or random init x strategy) with the weights of the lowest validation loss kept;
+test macro-F1 of every arm beside a logistic regression on log-normalised HVGs fitted on
+the same training + validation cells (``ScForge.evaluate``). The script checks that every
+arm is scored on the same test cells and prints the wall time of each phase.
 
-Arms, all scored on the same held-out test cells:
+Data: ``pbmc3k`` (``../shared/data/pbmc3k_raw_labeled.h5ad``, ``obs["louvain"]``) or
+``pbmc68k`` (scanpy's ``pbmc68k_reduced`` counts, ``obs["bulk_labels"]``).
 
-(a) fine-tuning a model pretrained (masked-gene modelling) on the same cells' expression. The
-    labels are never seen during pretraining; the test cells' expression is (transductive
-    self-supervision, as when a model is pretrained on the atlas that is later annotated).
-(b) the same architecture, vocabulary and fine-tuning budget from random initialisation.
-(c) each fine-tuning strategy (``full``, ``frozen``, ``gradual_unfreeze``, ``lora``) from the
-    pretrained weights (and ``full`` / ``frozen`` from random weights).
-(d) logistic regression on log-normalised expression of 2,000 highly variable genes, the
-    baseline published studies found hard to beat.
-
-The split is the model's own seeded, label-stratified split (70% train, 15% validation, 15%
-test); the script checks that every arm reports the same ``test_indices_``. The baseline fits
-on the train + validation cells (HVGs selected on those cells only) and predicts the test
-cells. Each fine-tuning run restores the epoch with the lowest validation loss.
-
-The pre-declared comparison is (a) = pretrained + ``full`` against (b) = random + ``full``
-and (d); the other strategies are reported alongside.
-
-Run ``python benchmarks/annotation.py`` (``--write-docs`` writes
-``docs/benchmarks_annotation.md``; ``--quick`` is a 1 + 2 epoch smoke run). On 2 shared CPU
-cores the defaults (hidden 128, 256 genes per cell, 10 pretraining + 10 fine-tuning epochs)
-take about an hour, dominated by pretraining; the committed numbers used smaller settings,
-listed in that file.
+Run ``python benchmarks/annotation.py --dataset pbmc3k --seeds 0 1 2``; ``--json`` writes
+every result; the defaults of the options are those of ``ScForge`` and ``ScForge.train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import shlex
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scforge_scvi.bench._annotation import classification_scores
-from scforge_scvi.data import log_normalize
 from scforge_scvi.model._model import ScForge
 from scforge_scvi.train._lora import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / ".." / "shared" / "data" / "pbmc3k_raw_labeled.h5ad"
-DOCS = REPO / "docs" / "benchmarks_annotation.md"
-LABELS_KEY = "louvain"
-TRAIN_SIZE, VALIDATION_SIZE = 0.7, 0.15
-STRATEGIES = ("full", "frozen", "gradual_unfreeze", "lora")
+PBMC3K = REPO / ".." / "shared" / "data" / "pbmc3k_raw_labeled.h5ad"
+TRAIN_SIZE, VALIDATION_SIZE = 0.7, 0.1
+ARMS = ("pretrained:full", "random:full", "pretrained:frozen", "pretrained:gradual_unfreeze",
+        "pretrained:lora")
 
 
-@dataclass
-class Result:
-    """One row of the results table."""
-
-    arm: str
-    init: str
-    strategy: str
-    trainable: int | None
-    seconds: float
-    accuracy: float
-    macro_f1: float
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs per arm")
-    parser.add_argument("--pretrain-epochs", type=int, default=10)
-    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
-    parser.add_argument("--hidden-dim", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--max-genes", type=int, default=256)
-    parser.add_argument("--backbone-lr", type=float, default=1e-4)
-    parser.add_argument("--head-lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA adapters"
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 pretraining and 2 fine-tuning epochs"
-    )
-    parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS.name}")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs, args.pretrain_epochs = 2, 1
-    return args
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=("pbmc3k", "pbmc68k"), default="pbmc3k")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--arms", nargs="+", default=list(ARMS))
+    p.add_argument("--tokenizer", default="binned_expression")
+    p.add_argument("--n-top-genes", type=int, default=2000)
+    p.add_argument("--max-genes", type=int, default=512)
+    p.add_argument("--hidden-dim", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--pooling", default="mean")
+    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--class-weights", default="balanced")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
 
 
-def load_data():
-    """PBMC 3k raw counts with labels, genes detected in >= 3 cells."""
+def load(dataset: str):
     import anndata as ad
     import scipy.sparse as sp
 
-    if not DATA.exists():
-        sys.exit(f"{DATA.name} not found in {DATA.parent}; this benchmark needs it.")
-    adata = ad.read_h5ad(DATA)
+    if dataset == "pbmc68k":
+        from scforge_scvi.data import pbmc68k_counts
+
+        adata = pbmc68k_counts()
+        adata.X = sp.csr_matrix(adata.layers.pop("counts"))
+        return adata, "bulk_labels"
+    if not PBMC3K.exists():
+        sys.exit(f"{PBMC3K.name} not found in {PBMC3K.parent}.")
+    adata = ad.read_h5ad(PBMC3K)
     adata.var_names_make_unique()
     adata.X = sp.csr_matrix(adata.X)
-    detected = np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3
-    return adata[:, detected].copy()
+    return adata, "louvain"
 
 
-def baseline(adata, train_idx: np.ndarray, test_idx: np.ndarray, seed: int) -> Result:
-    """(d): logistic regression on log-normalised HVGs chosen on the training cells."""
-    import anndata as ad
-    import scanpy as sc
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def split(codes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-test and test cells, exactly as ``ScForge.train`` splits them."""
+    from sklearn.model_selection import train_test_split
 
-    start = time.perf_counter()
-    x = log_normalize(adata.X)
-    train = ad.AnnData(X=x[train_idx])
-    train.var_names = adata.var_names
-    hvg = sc.pp.highly_variable_genes(train, n_top_genes=2000, inplace=False)
-    genes = hvg["highly_variable"].to_numpy()
-    x = x[:, genes].toarray()
-    labels = adata.obs[LABELS_KEY].astype(str).to_numpy()
-    classifier = make_pipeline(
-        StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)
+    idx = np.arange(len(codes))
+    rest, test = train_test_split(
+        idx, test_size=1 - TRAIN_SIZE - VALIDATION_SIZE, random_state=seed,
+        stratify=codes.astype(str),
     )
-    classifier.fit(x[train_idx], labels[train_idx])
-    scores = classification_scores(labels[test_idx], classifier.predict(x[test_idx]))
-    n_params = int(classifier[-1].coef_.size + classifier[-1].intercept_.size)
-    return Result(
-        "(d)",
-        "-",
-        "logreg, 2000 HVGs",
-        n_params,
-        time.perf_counter() - start,
-        scores["accuracy"],
-        scores["macro_f1"],
-    )
+    return np.sort(rest), np.sort(test)
 
 
-def pretrain(adata, args, arch: dict, path: Path) -> float:
-    """Masked-gene pretraining on all cells, labels not registered; saves to ``path``."""
-    unlabelled = adata.copy()
-    del unlabelled.obs[LABELS_KEY]
-    ScForge.setup_anndata(unlabelled)
-    model = ScForge(unlabelled, **arch)
-    start = time.perf_counter()
-    model.train(
-        max_epochs=args.pretrain_epochs,
-        objective="pretrain",
-        lr=args.pretrain_lr,
-        warmup_steps=50,
-        batch_size=args.batch_size,
-        train_size=0.9,
-        validation_size=0.1,
-        seed=args.seed,
-        enable_progress_bar=False,
-    )
-    seconds = time.perf_counter() - start
-    model.save_pretrained(str(path))
-    return seconds
-
-
-def finetune(model: ScForge, init: str, strategy: str, args) -> tuple[Result, np.ndarray]:
-    """Fine-tune one arm; returns its row and its test indices."""
-    freeze_epochs = max(1, args.epochs // 3) if strategy == "gradual_unfreeze" else 0
-    backbone_lr = args.lora_lr if strategy == "lora" else args.backbone_lr
-    start = time.perf_counter()
-    model.train(
-        max_epochs=args.epochs,
-        strategy=strategy,
-        backbone_lr=backbone_lr,
-        head_lr=args.head_lr,
-        freeze_backbone_epochs=freeze_epochs,
-        batch_size=args.batch_size,
-        train_size=TRAIN_SIZE,
-        validation_size=VALIDATION_SIZE,
-        seed=args.seed,
-        enable_progress_bar=False,
-    )
-    seconds = time.perf_counter() - start
-    scores = model.evaluate()
-    trainable, _ = count_parameters(model.module)
-    arm = {("pretrained", "full"): "(a)", ("random", "full"): "(b)"}.get((init, strategy), "(c)")
-    label = strategy if freeze_epochs == 0 else f"{strategy} (head only {freeze_epochs} ep)"
-    row = Result(arm, init, label, trainable, seconds, scores["accuracy"], scores["macro_f1"])
-    return row, np.asarray(model.test_indices_)
-
-
-def format_table(rows: list[Result]) -> str:
-    lines = [
-        "| arm | init | strategy | trainable params | wall time (s) | test accuracy "
-        "| test macro-F1 |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.arm} | {r.init} | {r.strategy} | {r.trainable:,} | {r.seconds:.0f} "
-            f"| {r.accuracy:.3f} | {r.macro_f1:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def verdict(rows: list[Result]) -> str:
-    by_arm = {r.arm: r for r in rows if r.arm in ("(a)", "(b)", "(d)")}
-    if not {"(a)", "(b)", "(d)"} <= set(by_arm):
-        return "Verdict: needs the full strategy from both initialisations and the baseline."
-    a, b, d = by_arm["(a)"], by_arm["(b)"], by_arm["(d)"]
-    vs_d = "matches or beats" if a.macro_f1 >= d.macro_f1 else "does NOT match"
-    vs_b = "beats" if a.macro_f1 > b.macro_f1 else "does NOT beat"
-    return (
-        f"Verdict (test macro-F1): pretrained + full (a) = {a.macro_f1:.3f} {vs_d} the "
-        f"logistic-regression baseline (d) = {d.macro_f1:.3f}, and {vs_b} random init + full "
-        f"(b) = {b.macro_f1:.3f}. (a) >= (d): {a.macro_f1 >= d.macro_f1}; "
-        f"(a) > (b): {a.macro_f1 > b.macro_f1}."
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", category=UserWarning, module="scvi")
-    adata = load_data()
-    print(f"PBMC 3k: {adata.n_obs} cells x {adata.n_vars} genes (detected in >= 3 cells)")
-    arch = {
-        "hidden_dim": args.hidden_dim,
-        "num_layers": args.num_layers,
-        "num_heads": args.num_heads,
-        "max_genes": args.max_genes,
-        "pooling": "mean",
-    }
-    rows: list[Result] = []
-    test_sets: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        pretrained_dir = Path(tmp) / "pretrained"
-        pretrain_seconds = pretrain(adata, args, arch, pretrained_dir)
-        print(f"pretraining: {args.pretrain_epochs} epochs, {pretrain_seconds:.0f} s")
-        ScForge.setup_anndata(adata, labels_key=LABELS_KEY)
-        arms = [("pretrained", s) for s in args.strategies]
-        arms += [("random", s) for s in ("full", "frozen")]
-        for init, strategy in arms:
-            if init == "pretrained":
-                model = ScForge.from_pretrained(str(pretrained_dir), adata)
-            else:  # same vocabulary (and gene medians) and architecture, fresh weights
-                reference = ScForge.from_pretrained(str(pretrained_dir), adata)
-                model = ScForge(adata, vocab=reference.vocab, **arch)
-            torch.manual_seed(args.seed)
-            row, test_idx = finetune(model, init, strategy, args)
-            rows.append(row)
-            test_sets[f"{init}/{strategy}"] = test_idx
-            print(
-                f"  {init:10s} {strategy:16s} acc {row.accuracy:.3f}  "
-                f"macro-F1 {row.macro_f1:.3f}  ({row.seconds:.0f} s)",
-                flush=True,
-            )
-    reference_test = next(iter(test_sets.values()))
-    same = all(np.array_equal(t, reference_test) for t in test_sets.values())
-    if not same:
-        sys.exit("The arms were scored on different test cells; the comparison is invalid.")
-    held_out = np.setdiff1d(np.arange(adata.n_obs), reference_test)
-    rows.append(baseline(adata, held_out, reference_test, args.seed))
-    rows.sort(key=lambda r: (r.arm, r.init != "pretrained"))
-
-    table = format_table(rows)
-    conclusion = verdict(rows)
-    print()
-    print(table)
-    print()
-    print(conclusion)
-    print(f"All arms scored on the same {len(reference_test)} test cells.")
-    if args.write_docs:
-        write_docs(args, argv, table, conclusion, len(reference_test), pretrain_seconds, adata)
-
-
-def write_docs(args, argv, table, conclusion, n_test, pretrain_seconds, adata) -> None:
-    command = shlex.join(["python", "benchmarks/annotation.py", *(argv or sys.argv[1:])])
-    text = f"""# Annotation benchmark: pretrained vs random initialisation vs logistic regression
-
-Command: `{command}`
-
-Machine: 2 CPU cores, no GPU (fp32, PyTorch on the CPU); wall times include data loading
-and validation, and vary with machine load.
-
-Data: PBMC 3k ({adata.n_obs} cells, {adata.n_vars} genes detected in >= 3 cells, raw counts),
-labels `obs["louvain"]` (8 cell types). One seeded, label-stratified split shared by every
-arm: 70% train, 15% validation, 15% test ({n_test} test cells; every arm is checked to have
-the same test indices). The logistic regression fits on train + validation cells.
-
-Model: rank-value tokens, {args.max_genes} genes per cell, hidden {args.hidden_dim},
-{args.num_layers} layers, {args.num_heads} heads, mean pooling. Pretraining: masked-gene
-modelling on all cells without labels, {args.pretrain_epochs} epochs, lr {args.pretrain_lr}
-({pretrain_seconds:.0f} s). Fine-tuning: {args.epochs} epochs per arm, batch
-{args.batch_size}, head lr {args.head_lr}, backbone lr {args.backbone_lr} (LoRA adapters
-{args.lora_lr}, rank 8), weights of the epoch with the lowest validation loss kept.
-`gradual_unfreeze` trains the head alone for the first third of the epochs; its trainable
-count is that after unfreezing.
-
-(a) pretrained + full, (b) random init + full, (c) other strategies, (d) logistic regression
-on log-normalised expression of 2,000 HVGs (selected on the training cells); its "trainable
-params" are the classifier's coefficients.
-
-{table}
-
-{conclusion}
-"""
-    DOCS.write_text(text)
-    print(f"Wrote docs/{DOCS.name}")
+    for name in ("lightning", "lightning.pytorch", "scforge_scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    adata, key = load(args.dataset)
+    print(f"{args.dataset}: {adata.n_obs} cells x {adata.n_vars} genes, labels {key!r} "
+          f"(load {time.perf_counter() - start:.1f} s)", flush=True)
+    arch = dict(tokenizer=args.tokenizer, n_top_genes=args.n_top_genes,
+                max_genes=args.max_genes, hidden_dim=args.hidden_dim,
+                num_layers=args.num_layers, num_heads=args.num_heads, pooling=args.pooling)
+    fit = dict(lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+               class_weights=None if args.class_weights == "none" else args.class_weights,
+               batch_size=args.batch_size, train_size=TRAIN_SIZE,
+               validation_size=VALIDATION_SIZE, enable_progress_bar=False)
+    results = []
+    for seed in args.seeds:
+        labelled = adata.copy()
+        ScForge.setup_anndata(labelled, labels_key=key)
+        rest, test = split(labelled.obs["_scvi_labels"].to_numpy(), seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            pre = adata[rest].copy()
+            del pre.obs[key]
+            ScForge.setup_anndata(pre)
+            model = ScForge(pre, **arch)
+            model.train(max_epochs=args.pretrain_epochs, objective="pretrain",
+                        lr=args.pretrain_lr, warmup_steps=args.warmup_steps,
+                        min_lr_ratio=args.min_lr_ratio, batch_size=args.batch_size,
+                        train_size=0.9, validation_size=0.1, seed=seed,
+                        enable_progress_bar=False)
+            model.save_pretrained(str(Path(tmp) / "pre"))
+            t_pre = time.perf_counter() - t0
+            print(f"seed {seed}: pretraining {args.pretrain_epochs} epochs on {len(rest)} "
+                  f"cells: {t_pre:.0f} s", flush=True)
+            for arm in args.arms:
+                init, strategy = arm.split(":")
+                t0 = time.perf_counter()
+                model = ScForge.from_pretrained(str(Path(tmp) / "pre"), labelled)
+                if init == "random":
+                    model = ScForge(labelled, vocab=model.vocab, **arch)
+                torch.manual_seed(seed)
+                freeze = max(1, args.epochs // 3) if strategy == "gradual_unfreeze" else 0
+                model.train(max_epochs=args.epochs, strategy=strategy, seed=seed,
+                            freeze_backbone_epochs=freeze, **fit)
+                t_fit = time.perf_counter() - t0
+                if not np.array_equal(model.test_indices_, test):
+                    sys.exit("The model's test cells differ from the benchmark's split.")
+                t0 = time.perf_counter()
+                scores = model.evaluate()
+                t_eval = time.perf_counter() - t0
+                base = scores["baseline_logreg"]
+                row = {
+                    "dataset": args.dataset, "seed": seed, "init": init, "strategy": strategy,
+                    "trainable": count_parameters(model.module)[0],
+                    "best_epoch": int(model.best_epoch_ or -1),
+                    "pretrain_s": t_pre, "finetune_s": t_fit, "evaluate_s": t_eval,
+                    "recipe_s": t_pre + t_fit,
+                    "macro_f1": scores["macro_f1"], "accuracy": scores["accuracy"],
+                    "logreg_macro_f1": base["macro_f1"], "logreg_accuracy": base["accuracy"],
+                    "ratio": scores["relative_macro_f1"],
+                    "per_class_f1": scores["per_class_f1"], "support": scores["support"],
+                    "logreg_per_class_f1": base["per_class_f1"],
+                }
+                results.append(row)
+                print(f"  {init:10s} {strategy:16s} macro-F1 {row['macro_f1']:.3f} "
+                      f"(logreg {row['logreg_macro_f1']:.3f}, ratio {row['ratio']:.3f}) "
+                      f"acc {row['accuracy']:.3f}  fine-tune {t_fit:.0f} s, evaluate "
+                      f"{t_eval:.0f} s, best epoch {row['best_epoch']}", flush=True)
+                small = sorted(row["support"], key=row["support"].get)[:2]
+                print("    smallest classes: " + ", ".join(
+                    f"{c} (n={row['support'][c]}) F1 {row['per_class_f1'][c]:.2f} vs "
+                    f"{row['logreg_per_class_f1'][c]:.2f}" for c in small), flush=True)
+    print("\nmean +- sd over seeds:")
+    for arm in args.arms:
+        init, strategy = arm.split(":")
+        rows = [r for r in results if (r["init"], r["strategy"]) == (init, strategy)]
+        f1 = np.array([r["macro_f1"] for r in rows])
+        ratio = np.array([r["ratio"] for r in rows])
+        wall = np.array([r["recipe_s"] for r in rows])
+        print(f"  {arm:28s} macro-F1 {f1.mean():.3f} +- {f1.std():.3f}  ratio "
+              f"{ratio.mean():.3f} +- {ratio.std():.3f}  pretrain+fine-tune {wall.mean():.0f} s")
+    logreg = np.array([r["logreg_macro_f1"] for r in results if r["strategy"] == "full"])
+    print(f"  logistic regression          macro-F1 {logreg.mean():.3f} +- {logreg.std():.3f}")
+    print(f"total wall {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "finetune.lora.target_modules": (LORA, ["finetune.lora.target_modules=[q_proj]"]),
     "finetune.backbone_lr": ([], ["finetune.backbone_lr=1e-4"]),
     "finetune.head_lr": ([], ["finetune.head_lr=1e-2"]),
+    "finetune.class_weights": ([], ["finetune.class_weights=null"]),
 }
 
 # keys read by a step other than the API arguments compared here, and where

@@ -5,6 +5,7 @@ from ._annotation import (
     classification_scores,
     embedding_quality,
     linear_probe,
+    logreg_on_cells,
     stratified_split,
 )
 from ._perturbation import (
@@ -25,6 +26,7 @@ __all__ = [
     "evaluate_perturbation_predictions",
     "linear_baseline",
     "linear_probe",
+    "logreg_on_cells",
     "normalized_score",
     "perturbation_mean_baseline",
     "stratified_split",

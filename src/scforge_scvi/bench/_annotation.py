@@ -11,7 +11,11 @@ and returns a flat ``dict`` of metric name to value, ready for JSON.
     found hard to beat. With the same ``seed`` and labels it uses exactly the cells of
     :func:`linear_probe`, so the two numbers compare like for like.
 :func:`classification_scores`
-    Accuracy and macro F1 of given predictions (a fine-tuned model's own classifier head).
+    Accuracy, macro and weighted F1 (and per-class F1) of given predictions (a fine-tuned
+    model's own classifier head).
+:func:`logreg_on_cells`
+    The logistic-regression baseline fitted on given training cells (HVGs chosen on them)
+    and scored on given test cells: what :meth:`ScForge.evaluate` prints beside the model.
 :func:`embedding_quality`
     Agreement of unsupervised clusters (KMeans with one cluster per label, and Leiden on a
     kNN graph) with the labels (NMI, ARI), and the silhouette of the labels on the embedding.
@@ -40,6 +44,7 @@ __all__ = [
     "classification_scores",
     "embedding_quality",
     "linear_probe",
+    "logreg_on_cells",
     "stratified_split",
 ]
 
@@ -78,22 +83,114 @@ def stratified_split(
     return np.sort(np.concatenate([train, idx[single]])), np.sort(test)
 
 
-def classification_scores(truth: Sequence, predicted: Sequence) -> dict[str, float]:
-    """Accuracy and macro F1 (over the true labels present) of predicted labels.
+def classification_scores(
+    truth: Sequence,
+    predicted: Sequence,
+    labels: Sequence[str] | None = None,
+    *,
+    per_class: bool = False,
+) -> dict:
+    """Accuracy, macro F1 and weighted F1 of predicted labels.
+
+    Parameters
+    ----------
+    truth, predicted
+        One true and one predicted label per cell.
+    labels
+        Classes the F1 scores average over (default: the true labels present). A class of
+        ``labels`` absent from ``truth`` and never predicted scores 0 and lowers macro F1.
+    per_class
+        Also return ``per_class_f1`` (a dict, class to F1) and ``support`` (class to cells).
 
     Returns
     -------
-    ``n_cells``, ``accuracy`` and ``macro_f1``.
+    ``n_cells``, ``accuracy``, ``macro_f1`` and ``weighted_f1`` (and, with ``per_class``,
+    ``per_class_f1`` and ``support``).
     """
     truth = np.asarray(truth).astype(str)
     predicted = np.asarray(predicted).astype(str)
-    return {
+    labels = np.unique(truth) if labels is None else np.asarray(labels).astype(str)
+    scores: dict = {
         "n_cells": len(truth),
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(
-            f1_score(truth, predicted, labels=np.unique(truth), average="macro", zero_division=0)
+            f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)
+        ),
+        "weighted_f1": float(
+            f1_score(truth, predicted, labels=labels, average="weighted", zero_division=0)
         ),
     }
+    if per_class:
+        values = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
+        scores["per_class_f1"] = dict(zip(labels.tolist(), map(float, values)))
+        scores["support"] = {c: int((truth == c).sum()) for c in labels.tolist()}
+    return scores
+
+
+def logreg_on_cells(
+    counts,
+    labels: Sequence,
+    train_indices: Sequence[int],
+    test_indices: Sequence[int],
+    *,
+    n_top_genes: int | None = 2000,
+    target_sum: float = 1e4,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict:
+    """The logistic-regression baseline fitted on given cells and scored on others.
+
+    Counts are library-size normalised and ``log1p``-ed; the ``n_top_genes`` highly variable
+    genes are selected on the training cells only (Seurat flavour), standardised with the
+    training cells' statistics, and an L2 logistic regression is fitted on the training
+    cells. Nothing about the test cells is used before predicting them.
+
+    Parameters
+    ----------
+    counts
+        ``(n_cells, n_genes)`` raw counts, dense or sparse.
+    labels
+        One label per cell (only those of ``train_indices`` are read for fitting).
+    train_indices, test_indices
+        Cells to fit on and cells to score.
+    n_top_genes
+        HVGs to keep (``None``: every gene).
+    target_sum
+        Library size every cell is scaled to before ``log1p``.
+    class_names
+        Classes of the F1 averages (default: the true labels of the test cells).
+    seed
+        Seed of the solver.
+
+    Returns
+    -------
+    :func:`classification_scores` of the test cells with ``per_class=True``, plus
+    ``n_train`` and ``n_genes``.
+    """
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_indices = np.asarray(train_indices)
+    test_indices = np.asarray(test_indices)
+    labels = np.asarray(labels).astype(str)
+    x = sp.csr_matrix(log_normalize(counts, target_sum=target_sum, log1p=True))
+    if n_top_genes is not None and n_top_genes < x.shape[1]:
+        train = ad.AnnData(X=x[train_indices])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hvg = sc.pp.highly_variable_genes(train, n_top_genes=n_top_genes, inplace=False)
+        x = x[:, hvg["highly_variable"].to_numpy()]
+    x = x.toarray()
+    classifier = make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)
+    )
+    classifier.fit(x[train_indices], labels[train_indices])
+    scores = classification_scores(
+        labels[test_indices], classifier.predict(x[test_indices]), class_names, per_class=True
+    )
+    return {"n_train": len(train_indices), "n_genes": int(x.shape[1]), **scores}
 
 
 def _fit_and_score(x, labels: np.ndarray, train_split: float, seed: int) -> dict[str, float]:

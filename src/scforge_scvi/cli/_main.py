@@ -126,6 +126,13 @@ def _train_run(args: argparse.Namespace, config, *, objective: str) -> int:
             f"Held-out test cells: accuracy {scores['accuracy']:.3f}, "
             f"macro F1 {scores['macro_f1']:.3f} ({scores['n_cells']} cells)."
         )
+        if "baseline_logreg" in scores:
+            base = scores["baseline_logreg"]
+            print(
+                f"Logistic regression on {base['n_genes']} HVGs, same training and test cells: "
+                f"accuracy {base['accuracy']:.3f}, macro F1 {base['macro_f1']:.3f} "
+                f"(model / baseline macro F1: {scores['relative_macro_f1']:.3f})."
+            )
     print(f"Run directory: {run_dir} (best model in {run_dir / runs.RUN_BEST}).")
     return 0
 
@@ -224,6 +231,15 @@ def _benchmark(args: argparse.Namespace) -> int:
     report = {"model": str(args.model), "n_cells": adata.n_obs, "benchmarks": results}
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(_results_table(results))
+    for entry in results:
+        ours = entry.get("scforge_on_baseline_test_cells") or entry.get("scforge")
+        base = entry.get("baseline_logreg")
+        if ours and base and "macro_f1" in ours:
+            print(
+                f"{entry['name']}: macro F1 {ours['macro_f1']:.3f} beside logistic regression "
+                f"{base['macro_f1']:.3f} on the same {base['n_cells']} test cells "
+                f"(ratio {ours['macro_f1'] / max(base['macro_f1'], 1e-12):.3f})."
+            )
     print(f"Results: {output}")
     return 0
 

@@ -798,6 +798,14 @@ class FinetuneConfig(_Section):
         gt=0,
         description="Learning rate of the new head; null uses training.optimizer.lr.",
     )
+    class_weights: Literal["balanced", "sqrt"] | None = Field(
+        "balanced",
+        description=(
+            "Weights of the classification loss: 'balanced' (inverse class frequency of the "
+            "training cells, which lifts macro-F1 on small classes), 'sqrt' (its square root) "
+            "or null (plain cross-entropy)."
+        ),
+    )
 
     # training.max_epochs of the enclosing config, set by ScForgeConfig; decides "frozen".
     _max_epochs: int | None = PrivateAttr(None)

@@ -451,7 +451,7 @@ class ScForge(BaseModelClass):
         else:
             resolved = GeneVocab.from_file(vocab)
         # checked for every vocabulary, pretrained ones included: too few matching genes fail here
-        match = resolved.match(self.adata, **self._match_kwargs())
+        match = resolved.match(self.adata, **self._match_kwargs(resolved))
         if resolved.gene_medians is None:
             logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
             resolved = fit_gene_medians(
@@ -482,13 +482,17 @@ class ScForge(BaseModelClass):
         adata = self._validate_anndata(adata)
         return self.vocab.match(adata, **self._match_kwargs())
 
-    def _match_kwargs(self) -> dict[str, Any]:
-        """How data genes are matched: a vocabulary of selected (HVG) genes is checked by the
-        share of its genes found in the data, any other by the share of the data's genes."""
+    def _match_kwargs(self, vocab: GeneVocab | None = None) -> dict[str, Any]:
+        """How data genes are matched: a vocabulary of selected (HVG) genes, no larger than
+        ``n_top_genes``, is checked by the share of its genes found in the data; any other
+        (a named or pretrained one of all genes) by the share of the data's genes."""
+        vocab = self.vocab if vocab is None else vocab
+        n_top = self.preprocessing.n_top_genes
+        selected = bool(n_top) and len(vocab) - vocab.n_special <= n_top
         return {
             "gene_key": self._setup_arg("gene_key"),
             "min_coverage": self.min_coverage,
-            "coverage_of": "vocab" if self.preprocessing.n_top_genes else "data",
+            "coverage_of": "vocab" if selected else "data",
         }
 
     def _collator(self, adata: AnnData) -> TokenCollator:
@@ -537,6 +541,7 @@ class ScForge(BaseModelClass):
         min_lr_ratio: float = 0.0,
         backbone_lr: float | None = None,
         head_lr: float | None = None,
+        class_weights: Literal["balanced", "sqrt"] | Sequence[float] | None = None,
         freeze_backbone_epochs: int = 0,
         lora: LoraSettings | dict | None = None,
         masking: MaskingConfig | dict | None = None,
@@ -579,6 +584,11 @@ class ScForge(BaseModelClass):
             Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
         backbone_lr, head_lr
             Discriminative learning rates for fine-tuning.
+        class_weights
+            Per-class weights of the classification loss: ``"balanced"`` (inverse class
+            frequency of the training cells, mean 1 over cells), ``"sqrt"`` (its square
+            root: a milder push towards small classes), one weight per class in
+            ``model.class_names_`` order, or ``None`` (plain cross-entropy).
         freeze_backbone_epochs
             Epochs with a frozen backbone for ``strategy="gradual_unfreeze"``.
         lora
@@ -689,6 +699,9 @@ class ScForge(BaseModelClass):
                 )
         if isinstance(masking, dict):
             masking = MaskingConfig(**masking)
+        weights = None
+        if objective == "classify" and class_weights is not None:
+            weights = self._class_weights(class_weights, train_idx if data is None else None)
         plan = self._training_plan_cls(
             self.module,
             objective=objective,
@@ -700,6 +713,7 @@ class ScForge(BaseModelClass):
             backbone_lr=backbone_lr,
             head_lr=head_lr,
             seed=seed,
+            class_weights=weights,
             checkpoint_metadata={"config": self.pretrained_config(), "vocab": self.vocab.to_dict()},
         )
         trainable, total = count_parameters(self.module)
@@ -734,6 +748,35 @@ class ScForge(BaseModelClass):
         )
         self.best_epoch_ = best.best_epoch
         self.module.eval()
+
+    def _class_weights(self, how, train_idx) -> torch.Tensor:
+        """Loss weight of each class (``model.class_names_`` order)."""
+        n_classes = len(self.class_names_)
+        if not isinstance(how, str):
+            weights = torch.as_tensor(np.asarray(how, dtype=np.float32))
+            if weights.shape != (n_classes,):
+                raise ValueError(
+                    f"class_weights needs {n_classes} values (one per class of "
+                    f"model.class_names_), got shape {tuple(weights.shape)}."
+                )
+            return weights
+        if how not in ("balanced", "sqrt"):
+            raise ValueError(
+                f"class_weights={how!r}: use 'balanced', 'sqrt', a list of weights or None."
+            )
+        if train_idx is None:
+            raise ValueError(
+                f"class_weights={how!r} counts the training cells' labels, which needs the "
+                "registered AnnData; pass one weight per class with streamed data."
+            )
+        codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel()[train_idx]
+        counts = np.bincount(codes[codes < n_classes].astype(int), minlength=n_classes)
+        freq = np.maximum(counts, 1).astype(np.float64)
+        weights = freq.sum() / (n_classes * freq)
+        if how == "sqrt":
+            weights = np.sqrt(weights)
+        weights = weights / (weights * counts).sum() * counts.sum()  # mean 1 over cells
+        return torch.as_tensor(weights, dtype=torch.float32)
 
     def _default_objective(self) -> str:
         if self._setup_arg("labels_key") is not None:
@@ -1054,19 +1097,46 @@ class ScForge(BaseModelClass):
             return pd.DataFrame(probs, index=adata.obs_names, columns=self.class_names_)
         return None
 
-    def evaluate(self, adata: AnnData | None = None, indices: Sequence[int] | None = None) -> dict:
-        """Classification metrics on held-out cells (default: the test split of training).
+    def evaluate(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        baseline: bool = True,
+        n_top_genes: int = 2000,
+    ) -> dict:
+        """Classification metrics on held-out cells, beside a logistic-regression baseline.
 
         Unlabelled cells (labelled ``unlabeled_category`` or with a missing label) are left
         out of the metrics.
 
+        Parameters
+        ----------
+        adata
+            AnnData with the model's setup (default: the training AnnData).
+        indices
+            Cells to score (default: the test split of the last :meth:`train`, never used
+            for training or model selection).
+        baseline
+            Also fit a logistic regression on log-normalised expression of ``n_top_genes``
+            HVGs (chosen on its training cells) and score it on the same cells. It fits on
+            the model's training and validation cells, so it needs the training AnnData and
+            a model trained in this session.
+        n_top_genes
+            HVGs of the baseline.
+
         Returns
         -------
-        ``accuracy``, ``macro_f1``, ``weighted_f1``, ``per_class_f1`` (dict), ``n_cells`` and
-        the ``confusion`` matrix (DataFrame, rows true, columns predicted).
+        ``accuracy``, ``macro_f1``, ``weighted_f1``, ``per_class_f1`` (dict), ``support``
+        (dict, cells per class), ``n_cells``, the ``confusion`` matrix (DataFrame, rows
+        true, columns predicted) and, with ``baseline``, ``baseline_logreg`` (the same
+        scores of the logistic regression) and ``relative_macro_f1`` (model / baseline).
         """
-        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+        from sklearn.metrics import confusion_matrix
 
+        from scforge_scvi.bench import classification_scores, logreg_on_cells
+
+        own_data = adata is None or adata is self.adata
         adata = self._validate_anndata(adata)
         if indices is None:
             indices = getattr(self, "test_indices_", None)
@@ -1083,29 +1153,50 @@ class ScForge(BaseModelClass):
                 "setup_anndata(adata, labels_key=...)."
             )
         column = adata.obs[labels_key]
-        truth = column.astype(str).to_numpy()[indices]
+        all_truth = column.astype(str).to_numpy()
+        labelled = column.notna().to_numpy() & np.isin(all_truth, self.class_names_)
         # unlabelled cells (the unlabelled category or a missing label) are not scored
-        keep = column.notna().to_numpy()[indices] & np.isin(truth, self.class_names_)
-        sub = adata[indices[keep]].copy()
-        probs = self.predict(sub, return_probabilities=True)
+        keep = labelled[indices]
+        scored = indices[keep]
+        probs = self.predict(adata[scored].copy(), return_probabilities=True)
         pred = np.asarray(self.class_names_)[probs.to_numpy().argmax(1)]
-        truth = truth[keep]
-        labels = self.class_names_
-        per_class = f1_score(truth, pred, labels=labels, average=None, zero_division=0)
-        return {
-            "n_cells": int(keep.sum()),
-            "accuracy": float(accuracy_score(truth, pred)),
-            "macro_f1": float(
-                f1_score(truth, pred, labels=labels, average="macro", zero_division=0)
-            ),
-            "weighted_f1": float(
-                f1_score(truth, pred, labels=labels, average="weighted", zero_division=0)
-            ),
-            "per_class_f1": dict(zip(labels, map(float, per_class))),
-            "confusion": pd.DataFrame(
-                confusion_matrix(truth, pred, labels=labels), index=labels, columns=labels
-            ),
-        }
+        truth = all_truth[scored]
+        labels = list(self.class_names_)
+        result = classification_scores(truth, pred, labels, per_class=True)
+        result["confusion"] = pd.DataFrame(
+            confusion_matrix(truth, pred, labels=labels), index=labels, columns=labels
+        )
+        fitted = np.concatenate(
+            [getattr(self, "train_indices_", []), getattr(self, "validation_indices_", [])]
+        ).astype(int)
+        if baseline and own_data and len(fitted):
+            fitted = fitted[labelled[fitted] & ~np.isin(fitted, scored)]
+            reference = logreg_on_cells(
+                self._counts(adata),
+                all_truth,
+                fitted,
+                scored,
+                n_top_genes=n_top_genes,
+                target_sum=self.preprocessing.target_sum,
+                class_names=labels,
+            )
+            result["baseline_logreg"] = reference
+            result["relative_macro_f1"] = (
+                result["macro_f1"] / reference["macro_f1"] if reference["macro_f1"] else np.nan
+            )
+            logger.info(
+                f"Test macro-F1 {result['macro_f1']:.3f} (accuracy {result['accuracy']:.3f}) on "
+                f"{len(scored)} cells; logistic regression on {reference['n_genes']} HVGs, "
+                f"fitted on the same training cells: {reference['macro_f1']:.3f} "
+                f"(accuracy {reference['accuracy']:.3f}); ratio "
+                f"{result['relative_macro_f1']:.3f}."
+            )
+        elif baseline:
+            logger.info(
+                f"Test macro-F1 {result['macro_f1']:.3f} on {len(scored)} cells (no "
+                "logistic-regression baseline: it needs the training AnnData of this session)."
+            )
+        return result
 
     # -- pretrained directories --------------------------------------------------------------
     def pretrained_config(self) -> dict[str, Any]:
