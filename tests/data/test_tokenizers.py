@@ -273,3 +273,54 @@ def test_collator_replaces_counts_by_tokens(pbmc68k_counts, vocab):
     assert set(out) == {"gene_ids", "padding_mask", "values", "labels"}
     torch.testing.assert_close(out["gene_ids"], tokenizer(x, gene_index).gene_ids)
     assert out["labels"].shape == (8, 1)
+
+
+# -- end-of-sequence token and float64 scores (imported Geneformer models) -------------------
+@pytest.mark.parametrize("prepend_cls", [True, False])
+def test_append_eos_ends_every_sequence(pbmc68k_counts, vocab, prepend_cls):
+    x = pbmc68k_counts.X[:5].tolil()
+    x[1, :] = 0  # an empty cell: its lone <cls>, then the end token
+    gene_index = vocab.match(pbmc68k_counts).vocab_ids
+    plain = RankValueTokenizer(vocab, max_genes=50, prepend_cls=prepend_cls)(x.tocsr(), gene_index)
+    eos = RankValueTokenizer(vocab, max_genes=50, prepend_cls=prepend_cls, append_eos=True)
+    assert eos.max_length == 50 + prepend_cls + 1
+    batch = eos(x.tocsr(), gene_index)
+    assert batch.gene_ids.shape[1] == plain.gene_ids.shape[1] + 1
+    for i in range(5):
+        ours = batch.gene_ids[i][batch.padding_mask[i]]
+        base = plain.gene_ids[i][plain.padding_mask[i]]
+        assert ours[-1] == eos.eos_id == vocab.unk_id
+        torch.testing.assert_close(ours[:-1], base, rtol=0, atol=0)
+    assert batch.gene_ids[1][batch.padding_mask[1]].tolist() == [vocab.cls_id, eos.eos_id]
+    assert eos.to_dict() == {
+        "strategy": "rank_value",
+        "max_genes": 50,
+        "prepend_cls": prepend_cls,
+        "append_eos": True,
+    }
+
+
+def test_float64_scores_follow_geneformer_arithmetic(pbmc68k_counts, vocab):
+    medians = vocab.gene_medians.astype(np.float64) * (1 + 1e-9)  # not float32-representable
+    vocab64 = GeneVocab(vocab.genes, gene_medians=medians, gene_medians_dtype="float64")
+    gene_index = vocab64.match(pbmc68k_counts).vocab_ids
+    tokenizer = RankValueTokenizer(vocab64, max_genes=100, score_dtype="float64")
+    assert tokenizer.to_dict()["score_dtype"] == "float64"
+    x = pbmc68k_counts.X[CELLS]
+    batch = tokenizer(x, gene_index)
+    for i in range(len(CELLS)):
+        row = x[i].toarray().ravel().astype(np.float64)
+        keep = (gene_index >= 0) & (row > 0)
+        vid = gene_index[keep]
+        score = row[keep] * (1.0 / row.sum()) * 10_000.0 * (1.0 / medians[vid])
+        expected = vid[np.lexsort((vid, -score))][:100]
+        np.testing.assert_array_equal(_gene_tokens(batch, i), expected)
+
+
+def test_score_dtype_is_checked_and_rank_value_only(vocab):
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        RankValueTokenizer(vocab, score_dtype="float16")
+    with pytest.raises(ValueError, match="only available with the rank_value"):
+        build_tokenizer("continuous", vocab, score_dtype="float64")
+    default = build_tokenizer("rank_value", vocab, score_dtype="float32")
+    assert "score_dtype" not in default.to_dict() and "append_eos" not in default.to_dict()

@@ -281,3 +281,21 @@ def test_unknown_names(protein_coding):
     with pytest.raises(KeyError, match="NOT_A_GENE"):
         protein_coding.token_to_id("NOT_A_GENE")
     assert "TP53" in protein_coding and "NOT_A_GENE" not in protein_coding
+
+
+def test_float64_medians_round_trip_exactly(tmp_path, protein_coding):
+    medians = np.random.default_rng(0).uniform(0.1, 5.0, len(protein_coding))  # float64
+    vocab = GeneVocab(protein_coding.genes, gene_medians=medians, gene_medians_dtype="float64")
+    assert vocab.gene_medians.dtype == np.float64 and vocab.gene_medians_dtype == "float64"
+    vocab.save(tmp_path / "v.json")
+    assert json.loads((tmp_path / "v.json").read_text())["gene_medians_dtype"] == "float64"
+    loaded = GeneVocab.load(tmp_path / "v.json")
+    assert loaded == vocab
+    np.testing.assert_array_equal(loaded.gene_medians, medians)  # bit for bit
+    assert loaded.with_gene_medians(medians).gene_medians_dtype == "float64"
+    # float32, the default, is neither written nor equal to float64 medians
+    vocab32 = protein_coding.with_gene_medians(medians)
+    assert "gene_medians_dtype" not in vocab32.to_dict()
+    assert vocab32 != vocab
+    with pytest.raises(ValueError, match="gene_medians_dtype"):
+        GeneVocab(protein_coding.genes, gene_medians_dtype="float16")

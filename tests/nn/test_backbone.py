@@ -248,3 +248,41 @@ def test_forward_input_errors():
         _backbone(value_encoding="binned")(gene_ids, padding_mask, torch.full((1, 4), N_BINS))
     with pytest.raises(ValueError, match="shape of gene_ids"):
         _backbone()(gene_ids, padding_mask[:, :2])
+
+
+# -- BERT-style options (imported Geneformer models) -----------------------------------------
+def test_defaults_are_pre_norm_without_embedding_norm():
+    backbone = _backbone()
+    assert all(type(block).__name__ == "TransformerBlock" for block in backbone.blocks)
+    assert isinstance(backbone.norm, nn.LayerNorm)
+    assert not any(k.startswith("embedding_norm") for k in backbone.state_dict())
+
+
+def test_post_norm_block_is_bert_order():
+    backbone = _backbone(norm_position="post", embedding_norm=True, layer_norm_eps=1e-12)
+    assert isinstance(backbone.norm, nn.Identity)
+    keys = set(backbone.state_dict())
+    assert {"embedding_norm.weight", "embedding_norm.bias"} <= keys
+    assert not any(k.startswith("norm.") for k in keys)
+    backbone.eval()
+    gene_ids, padding_mask, _ = _cells([6, 4], "none")
+    # by hand: embeddings -> LayerNorm -> per block LN(h + attn(h)), LN(h + ffn(h))
+    h = backbone.gene_embedding(gene_ids) + backbone.position_embedding.weight[:6]
+    h = backbone.embedding_norm(h)
+    for block in backbone.blocks:
+        h = block.norm1(h + block.attn(h, padding_mask))
+        h = block.norm2(h + block.ffn(h))
+    with torch.no_grad():
+        out = backbone(gene_ids, padding_mask)
+    torch.testing.assert_close(out.hidden[padding_mask], h[padding_mask].detach())
+
+
+def test_new_options_are_validated():
+    with pytest.raises(ValueError, match="norm_position"):
+        _config(norm_position="sandwich")
+    with pytest.raises(ValueError, match="embedding_norm must be a bool"):
+        _config(embedding_norm=1)
+    old = {
+        k: v for k, v in _config().to_dict().items() if k not in ("norm_position", "embedding_norm")
+    }
+    assert BackboneConfig.from_dict(old) == _config()  # configs saved before the options load

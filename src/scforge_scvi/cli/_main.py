@@ -275,6 +275,53 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_geneformer(args: argparse.Namespace) -> int:
+    from scforge_scvi.io import read_geneformer, write_pretrained
+
+    output = runs.check_output(args.output, args.overwrite)
+    if not Path(args.model).is_dir():
+        raise runs.CliError(f"Geneformer model directory '{args.model}' does not exist")
+    pretrained = read_geneformer(
+        args.model,
+        token_dictionary=args.token_dictionary,
+        gene_median_dictionary=args.gene_median_dictionary,
+        model_input_size=args.model_input_size,
+        special_tokens=args.special_tokens,
+    )
+    write_pretrained(output, pretrained.config, pretrained.vocab, pretrained.state_dict)
+    params, source = pretrained.init_params, pretrained.config["imported_from"]
+    print(
+        f"Imported Geneformer {args.model} ({source['weights']}, {params['num_layers']} layers x "
+        f"{params['hidden_dim']} dims, {pretrained.vocab.n_genes:,} genes, input size "
+        f"{source['model_input_size']}{', <cls>/<eos>' if source['special_tokens'] else ''}) "
+        f"to {output} (config.json, model.safetensors, gene_vocab.json)."
+    )
+    print(
+        f"For 'scforge finetune --checkpoint {output}', the config's tokenizer and model "
+        "sections must repeat this architecture:\n" + _architecture_yaml(params)
+    )
+    return 0
+
+
+def _architecture_yaml(params: dict) -> str:
+    """The tokenizer and model keys of a config that match the init params of a model."""
+    tokenizer = {
+        "strategy": params["tokenizer"],
+        # the config's max_genes counts [CLS] (not the end-of-sequence token)
+        "max_genes": params["max_genes"] + int(params["prepend_cls"]),
+        "prepend_cls": params["prepend_cls"],
+    }
+    model = {
+        key: params[key]
+        for key in ("hidden_dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len", "pooling")
+    }
+    model["activation"] = params["activation"]
+    lines = ["data:", "  gene_vocab: null", "tokenizer:"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in tokenizer.items()]
+    lines += ["model:"] + [f"  {k}: {json.dumps(v)}" for k, v in model.items()]
+    return "\n".join(lines)
+
+
 # -- config ----------------------------------------------------------------------------------
 def _load_config(args: argparse.Namespace, *, used: set[str], data: str | None = None):
     from scforge_scvi.config import ScForgeConfig
@@ -438,6 +485,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="the .ckpt file")
     _add_output(p, "output directory")
+
+    p = command(
+        "import-geneformer",
+        _import_geneformer,
+        "turn a public Geneformer model directory into a pretrained directory",
+        "Read a Geneformer model (config.json of a BertForMaskedLM, model.safetensors or "
+        "pytorch_model.bin, the token and gene median dictionaries) and write it as an "
+        "scforge pretrained directory for finetune --checkpoint, embed and predict. Nothing is "
+        "executed while reading: safetensors, torch.load(weights_only=True), and pickled "
+        "dictionaries restricted to plain dicts, strings and numbers (JSON is accepted too).",
+    )
+    p.add_argument("--model", required=True, help="the Geneformer model directory")
+    _add_output(p, "output pretrained directory")
+    p.add_argument(
+        "--token-dictionary",
+        metavar="FILE",
+        help="token dictionary .pkl/.json (default: the one *token_dictionary* file in --model)",
+    )
+    p.add_argument(
+        "--gene-median-dictionary",
+        metavar="FILE",
+        help="gene median dictionary .pkl/.json (default: the one *median* file in --model)",
+    )
+    p.add_argument(
+        "--model-input-size",
+        type=int,
+        metavar="N",
+        help="longest input in tokens (default: max_position_embeddings: 2048 V1, 4096 V2)",
+    )
+    p.add_argument(
+        "--special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepend <cls> and append <eos> (default: when the token dictionary has them)",
+    )
 
     p = command(
         "demo",

@@ -15,6 +15,10 @@ strategy             order of genes in a cell                      value per tok
 Ties are broken by vocabulary id, so a cell's tokens never depend on the order of genes in the
 AnnData. Tokenisation runs on the CPU in the data loader (numpy), so it overlaps with the
 model's work on the accelerator.
+
+Scores are float32 by default. ``RankValueTokenizer(score_dtype="float64")`` instead follows
+Geneformer's tokenizer operation for operation (see :class:`RankValueTokenizer`), which imported
+Geneformer models use to reproduce its token ids exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ import scipy.sparse as sp
 import torch
 
 from ._preprocess import Preprocessing
-from ._vocab import GeneVocab
+from ._vocab import UNK_ID, GeneVocab
+
+#: Token id of the end-of-sequence token of ``append_eos``: the ``<unk>`` slot of every
+#: vocabulary, which no tokenizer emits otherwise (see :class:`Tokenizer`).
+EOS_ID = UNK_ID
+SCORE_DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -68,6 +77,11 @@ class Tokenizer:
         Keep at most this many genes per cell (the highest-scoring ones).
     prepend_cls
         Start every sequence with the ``<cls>`` token.
+    append_eos
+        End every sequence with an end-of-sequence token (Geneformer V2 models). It is token id
+        :data:`EOS_ID`, the vocabulary's ``<unk>`` slot: no tokenizer emits ``<unk>`` otherwise
+        (genes outside the vocabulary are left out), and an imported Geneformer ``<eos>``
+        embedding is stored there.
     preprocessing
         Normalisation applied to the raw counts before scoring.
     """
@@ -75,6 +89,7 @@ class Tokenizer:
     strategy: ClassVar[str]
     value_encoding: ClassVar[str]  # "none" | "binned" | "continuous"
     ordered: ClassVar[bool]  # does the position carry meaning (rank)?
+    score_dtype: str = "float32"  # "float64": Geneformer's arithmetic (rank_value only)
 
     def __init__(
         self,
@@ -82,6 +97,7 @@ class Tokenizer:
         *,
         max_genes: int = 2048,
         prepend_cls: bool = True,
+        append_eos: bool = False,
         preprocessing: Preprocessing | None = None,
     ) -> None:
         if len(vocab) > 1 << _VOCAB_BITS:
@@ -92,6 +108,8 @@ class Tokenizer:
         self.pad_id, self.cls_id = vocab.pad_id, vocab.cls_id
         self.max_genes = int(max_genes)
         self.prepend_cls = bool(prepend_cls)
+        self.append_eos = bool(append_eos)
+        self.eos_id = EOS_ID
         self.preprocessing = preprocessing or Preprocessing()
 
     # -- hooks -------------------------------------------------------------------------------
@@ -111,7 +129,7 @@ class Tokenizer:
     @property
     def max_length(self) -> int:
         """Longest sequence this tokenizer can emit."""
-        return self.max_genes + int(self.prepend_cls)
+        return self.max_genes + int(self.prepend_cls) + int(self.append_eos)
 
     def __call__(self, counts: Any, gene_index: np.ndarray) -> TokenizedBatch:
         """Tokenise a minibatch.
@@ -130,7 +148,8 @@ class Tokenizer:
         TokenizedBatch
             Padded to the longest cell of the minibatch. A cell without any count in a
             vocabulary gene (e.g. a cell with zero counts) is kept and gets the ``<cls>``
-            token alone, so that every cell has exactly one row and at least one real token.
+            token alone (then the end-of-sequence token with ``append_eos``), so that every
+            cell has exactly one row and at least one real token.
         """
         if isinstance(counts, torch.Tensor):
             if counts.layout == torch.sparse_csr:
@@ -170,12 +189,16 @@ class Tokenizer:
         vid = np.asarray(gene_index, dtype=np.int64)[indices]
 
         # library size over all registered genes, as in scanpy's normalize_total
-        libsize = _row_sums(val, indptr, np.float64).astype(np.float32)
+        libsize64 = _row_sums(val, indptr, np.float64)
+        libsize = libsize64.astype(np.float32)
         n_in_cell = np.diff(indptr)
         if val.size and (vid.min() < 0 or not val.min() > 0):  # unknown genes, stored zeros
             keep = (vid >= 0) & (val > 0)
             n_in_cell = _row_sums(keep, indptr, np.int64)
             vid, val = vid[keep], val[keep]
+        if self.score_dtype == "float64":
+            vid = self._sort_float64(val, vid, libsize64, n_in_cell, n_cells)
+            return self._scatter(vid, None, n_in_cell, n_cells)
         if self.preprocessing.normalize == "library_size":
             target = np.float32(self.preprocessing.target_sum)
             scale = np.divide(target, libsize, out=np.zeros_like(libsize), where=libsize > 0)
@@ -200,9 +223,40 @@ class Tokenizer:
             bits &= _SCORE_MASK
             np.subtract(_SCORE_MASK, bits, out=bits)
             values = self._token_values(bits.astype(np.int32).view(np.float32), n_in_cell)
+        return self._scatter(vid, values, n_in_cell, n_cells)
+
+    def _sort_float64(
+        self,
+        val: np.ndarray,
+        vid: np.ndarray,
+        libsize: np.ndarray,
+        n_in_cell: np.ndarray,
+        n_cells: int,
+    ) -> np.ndarray:
+        """Vocabulary ids in token order, scored in float64 (``score_dtype="float64"``)."""
+        score = val.astype(np.float64)
+        if self.preprocessing.normalize == "library_size":
+            # Geneformer's `X / n_counts * target_sum / median` on a sparse matrix, as scipy
+            # evaluates it: each division is a product with the float64 reciprocal.
+            inverse = np.divide(1.0, libsize, out=np.zeros_like(libsize), where=libsize > 0)
+            score *= np.repeat(inverse, n_in_cell)
+            score *= np.float64(self.preprocessing.target_sum)
+        score *= self._score_factor64[vid]
+        rows = np.repeat(np.arange(n_cells, dtype=np.int64), n_in_cell)
+        # by row, then descending score, then vocabulary id
+        return vid[np.lexsort((vid, -score, rows))]
+
+    def _scatter(
+        self,
+        vid: np.ndarray,
+        values: np.ndarray | None,
+        n_in_cell: np.ndarray,
+        n_cells: int,
+    ) -> TokenizedBatch:
+        """Truncate each cell's sorted tokens to ``max_genes`` and pad them into ``(B, L)``."""
         if n_in_cell.max(initial=0) > self.max_genes:  # keep each cell's first max_genes
             start = np.cumsum(n_in_cell) - n_in_cell
-            kept = np.arange(key.size) - np.repeat(start, n_in_cell) < self.max_genes
+            kept = np.arange(vid.size) - np.repeat(start, n_in_cell) < self.max_genes
             vid = vid[kept]
             values = None if values is None else values[kept]
 
@@ -210,7 +264,7 @@ class Tokenizer:
         # boolean mask of the gene slots takes them in exactly the sorted order.
         offset = int(self.prepend_cls)
         n_tokens = np.minimum(n_in_cell, self.max_genes) + offset
-        length = max(int(n_tokens.max(initial=0)), 1)
+        length = max(int(n_tokens.max(initial=0)), 1) + int(self.append_eos)
         slots = np.arange(length) < n_tokens[:, None]
         slots[:, :offset] = False
         gene_ids = np.full((n_cells, length), self.pad_id, dtype=np.int64)
@@ -225,6 +279,10 @@ class Tokenizer:
         gene_ids[cls_rows, 0] = self.cls_id
         padding_mask = slots
         padding_mask[cls_rows, 0] = True
+        if self.append_eos:  # after the last token (after the lone <cls> of an empty cell)
+            end = np.maximum(n_tokens, 1)
+            gene_ids[np.arange(n_cells), end] = self.eos_id
+            padding_mask[np.arange(n_cells), end] = True
         return TokenizedBatch(
             gene_ids=torch.from_numpy(gene_ids),
             values=out_values,
@@ -233,16 +291,29 @@ class Tokenizer:
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Settings that rebuild this tokenizer with :func:`build_tokenizer` (JSON-safe)."""
-        return {
+        """Settings that rebuild this tokenizer with :func:`build_tokenizer` (JSON-safe).
+
+        ``append_eos`` and ``score_dtype`` appear only when they differ from their defaults.
+        """
+        d: dict[str, Any] = {
             "strategy": self.strategy,
             "max_genes": self.max_genes,
             "prepend_cls": self.prepend_cls,
         }
+        if self.append_eos:
+            d["append_eos"] = True
+        if self.score_dtype != "float32":
+            d["score_dtype"] = self.score_dtype
+        return d
 
     def extra_repr(self) -> str:
         """Settings shown in the tokenizer's description."""
-        return f"max_genes={self.max_genes}, prepend_cls={self.prepend_cls}"
+        text = f"max_genes={self.max_genes}, prepend_cls={self.prepend_cls}"
+        if self.append_eos:
+            text += ", append_eos=True"
+        if self.score_dtype != "float32":
+            text += f", score_dtype={self.score_dtype!r}"
+        return text
 
 
 class RankValueTokenizer(Tokenizer):
@@ -252,20 +323,42 @@ class RankValueTokenizer(Tokenizer):
     training corpus (stored in the vocabulary, see :func:`fit_gene_medians`), so that
     housekeeping genes expressed everywhere rank below genes that distinguish the cell. The
     token's position is its rank; no expression value is carried.
+
+    Parameters
+    ----------
+    vocab, **kwargs
+        See :class:`Tokenizer`.
+    score_dtype
+        ``"float32"`` (default): ``counts * (target_sum / library size) / median`` in float32,
+        sorted by one packed integer key. ``"float64"``: Geneformer's rule operation for
+        operation, ``counts * (1 / n_counts) * target_sum * (1 / median)`` in float64 with the
+        medians at the vocabulary's precision (this is how scipy evaluates Geneformer's
+        ``X / n_counts * target_sum / median`` on a sparse matrix); slower (a lexsort). Both
+        order a cell's genes by descending score and break exact ties by ascending vocabulary
+        id. (Geneformer's own ``np.argsort(-score)`` leaves the order of tied genes to numpy's
+        quicksort; only tied genes can come out in another order.)
     """
 
     strategy = "rank_value"
     value_encoding = "none"
     ordered = True
 
-    def __init__(self, vocab: GeneVocab, **kwargs: Any) -> None:
+    def __init__(self, vocab: GeneVocab, *, score_dtype: str = "float32", **kwargs: Any) -> None:
         super().__init__(vocab, **kwargs)
         if vocab.gene_medians is None:
             raise ValueError(
                 "The rank_value tokenizer needs per-gene medians in the vocabulary. Fit them once "
                 "on the training data with `scforge_scvi.data.fit_gene_medians(adata, vocab)`."
             )
+        if score_dtype not in SCORE_DTYPES:
+            raise ValueError(
+                f"tokenizer.score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}."
+            )
+        self.score_dtype = score_dtype
         self.gene_medians = np.asarray(vocab.gene_medians, dtype=np.float32)
+        if score_dtype == "float64":
+            medians = np.asarray(vocab.gene_medians, dtype=np.float64)
+            self._score_factor64 = np.divide(1.0, medians)
 
     def _score(self, normalized: np.ndarray, vocab_ids: np.ndarray) -> np.ndarray:
         return normalized / self.gene_medians[vocab_ids]
@@ -350,4 +443,10 @@ def build_tokenizer(
         )
     if strategy != "binned_expression":
         kwargs.pop("n_bins", None)
+    if strategy != "rank_value":
+        score_dtype = kwargs.pop("score_dtype", "float32")
+        if score_dtype != "float32":
+            raise ValueError(
+                f"score_dtype={score_dtype!r} is only available with the rank_value tokenizer."
+            )
     return TOKENIZERS[strategy](vocab, preprocessing=preprocessing, **kwargs)

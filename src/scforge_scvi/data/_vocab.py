@@ -121,6 +121,10 @@ class GeneVocab:
         the pretraining corpus), ``float32`` of length ``len(vocab)``, special tokens included.
         It is fitted elsewhere; the vocabulary only validates, stores and saves it. Entries of
         genes must be finite and positive; entries of special tokens must be finite.
+    gene_medians_dtype
+        ``"float32"`` (default) or ``"float64"``: precision in which ``gene_medians`` are kept
+        and saved. ``"float64"`` keeps imported statistics (Geneformer's gene median
+        dictionary) bit for bit, for tokenizers that score in float64.
     source
         Where the vocabulary came from (kept for provenance).
     name
@@ -146,9 +150,15 @@ class GeneVocab:
         symbols: Sequence[str] | None = None,
         *,
         gene_medians: np.ndarray | Sequence[float] | None = None,
+        gene_medians_dtype: Literal["float32", "float64"] = "float32",
         source: str = "",
         name: str | None = None,
     ) -> None:
+        if gene_medians_dtype not in ("float32", "float64"):
+            raise ValueError(
+                f"gene_medians_dtype must be 'float32' or 'float64', got {gene_medians_dtype!r}."
+            )
+        self._medians_dtype = np.dtype(gene_medians_dtype)
         gene_index = _as_str_index(genes)
         if len(gene_index) == 0:
             raise ValueError("A GeneVocab needs at least one gene; got an empty gene list.")
@@ -334,10 +344,17 @@ class GeneVocab:
             isinstance(medians, list) and all(isinstance(v, int | float) for v in medians)
         ):
             raise ValueError(f"{origin}: field 'gene_medians' must be a list of numbers or null.")
+        medians_dtype = data.get("gene_medians_dtype", "float32")
+        if medians_dtype not in ("float32", "float64"):
+            raise ValueError(
+                f"{origin}: field 'gene_medians_dtype' must be 'float32' or 'float64', got "
+                f"{medians_dtype!r}."
+            )
         return cls(
             data["genes"],
             data.get("symbols"),
             gene_medians=medians,
+            gene_medians_dtype=medians_dtype,
             source=str(data.get("source") or ""),
             name=data.get("name"),
         )
@@ -381,7 +398,7 @@ class GeneVocab:
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready content written by :meth:`save`."""
-        return {
+        data = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "name": self._name,
@@ -391,6 +408,9 @@ class GeneVocab:
             "symbols": None if self._symbols is None else list(self._symbols),
             "gene_medians": None if self._gene_medians is None else self._gene_medians.tolist(),
         }
+        if self._medians_dtype == np.float64:  # float32, the default, is not written
+            data["gene_medians_dtype"] = "float64"
+        return data
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON.
@@ -424,6 +444,11 @@ class GeneVocab:
     def gene_medians(self) -> np.ndarray | None:
         """Per-token statistic of length ``len(self)`` (read-only view), or ``None``."""
         return self._gene_medians
+
+    @property
+    def gene_medians_dtype(self) -> str:
+        """Precision in which :attr:`gene_medians` are kept: ``"float32"`` or ``"float64"``."""
+        return self._medians_dtype.name
 
     @property
     def source(self) -> str:
@@ -487,6 +512,7 @@ class GeneVocab:
         same_medians = (self._gene_medians is None and other._gene_medians is None) or (
             self._gene_medians is not None
             and other._gene_medians is not None
+            and self._gene_medians.dtype == other._gene_medians.dtype
             and np.array_equal(self._gene_medians, other._gene_medians)
         )
         return (
@@ -600,12 +626,13 @@ class GeneVocab:
             self._genes,
             self._symbols,
             gene_medians=gene_medians,
+            gene_medians_dtype=self.gene_medians_dtype,
             source=self._source,
             name=self._name,
         )
 
     def _check_medians(self, values: np.ndarray | Sequence[float]) -> np.ndarray:
-        medians = np.array(values, dtype=np.float32)
+        medians = np.array(values, dtype=self._medians_dtype)
         if medians.ndim != 1 or len(medians) != len(self):
             hint = (
                 f" (that is one per gene; prepend {N_SPECIAL} entries for the special tokens)"

@@ -29,7 +29,8 @@ VOCAB_NAME = "gene_vocab.json"
 FORMAT_NAME = "scforge-pretrained"
 FORMAT_VERSION = 1
 
-# init arguments that fix tensor shapes: they must match between checkpoint and model
+# init arguments that fix tensor shapes (or which tensors exist and how they are used): they
+# must match between checkpoint and model
 ARCHITECTURE_KEYS = (
     "tokenizer",
     "hidden_dim",
@@ -42,6 +43,9 @@ ARCHITECTURE_KEYS = (
     "pooling",
     "prepend_cls",
     "max_genes",
+    "append_eos",
+    "norm_position",
+    "embedding_norm",
 )
 
 

@@ -114,6 +114,18 @@ class ScForge(BaseModelClass):
     class_names
         Classes of the classification head when ``adata`` has no labels registered (a query
         loaded with :meth:`from_pretrained` keeps the fine-tuned classifier this way).
+    append_eos
+        End each cell's sequence with an end-of-sequence token (Geneformer V2 models).
+    score_dtype
+        Precision of the ``rank_value`` scores: ``"float32"`` (default) or ``"float64"``
+        (Geneformer's arithmetic, see :class:`~scforge_scvi.data.RankValueTokenizer`).
+    attention_dropout
+        Dropout on attention probabilities.
+    norm_position, embedding_norm, layer_norm_eps
+        LayerNorm placement and epsilon, see :class:`~scforge_scvi.nn.BackboneConfig`
+        (``"post"``, ``True`` and ``1e-12`` for BERT/Geneformer).
+    gene_head_activation
+        Non-linearity of the masked-gene head (``"relu"`` for Geneformer models).
 
     Notes
     -----
@@ -166,6 +178,13 @@ class ScForge(BaseModelClass):
         min_coverage: float = 0.5,
         lora: dict | None = None,
         class_names: Sequence[str] | None = None,
+        append_eos: bool = False,
+        score_dtype: str = "float32",
+        attention_dropout: float = 0.0,
+        norm_position: str = "pre",
+        embedding_norm: bool = False,
+        layer_norm_eps: float = 1e-5,
+        gene_head_activation: str = "gelu",
     ) -> None:
         super().__init__(adata, registry)
         self.preprocessing = Preprocessing(normalize, target_sum, log1p, n_top_genes)
@@ -177,7 +196,9 @@ class ScForge(BaseModelClass):
             preprocessing=self.preprocessing,
             max_genes=max_genes,
             prepend_cls=prepend_cls,
+            append_eos=append_eos,
             n_bins=n_bins,
+            score_dtype=score_dtype,
         )
         self.backbone_config = BackboneConfig(
             vocab_size=len(self.vocab),
@@ -186,6 +207,7 @@ class ScForge(BaseModelClass):
             num_heads=num_heads,
             ffn_dim=ffn_dim,
             dropout=dropout,
+            attention_dropout=attention_dropout,
             activation=activation,
             max_seq_len=max_seq_len or self.tokenizer.max_length,
             pooling=pooling,
@@ -193,12 +215,16 @@ class ScForge(BaseModelClass):
             n_bins=n_bins,
             use_positions=self.tokenizer.ordered,
             pad_token_id=self.vocab.pad_id,
+            layer_norm_eps=layer_norm_eps,
+            norm_position=norm_position,
+            embedding_norm=embedding_norm,
         )
         if self.backbone_config.max_seq_len < self.tokenizer.max_length:
             raise ValueError(
                 f"max_seq_len={self.backbone_config.max_seq_len} is shorter than the "
                 f"tokenizer's longest sequence ({self.tokenizer.max_length} = max_genes "
-                f"{max_genes} + CLS {int(prepend_cls)}); raise max_seq_len or lower max_genes."
+                f"{max_genes} + CLS {int(prepend_cls)} + EOS {int(append_eos)}); raise "
+                "max_seq_len or lower max_genes."
             )
         if pooling == "cls" and not prepend_cls:
             raise ValueError("pooling='cls' needs prepend_cls=True; use pooling='mean' instead.")
@@ -212,6 +238,7 @@ class ScForge(BaseModelClass):
             n_regression_outputs=int(self._has_regression_target()),
             head_hidden_dim=head_hidden_dim,
             head_dropout=head_dropout,
+            gene_head_activation=gene_head_activation,
         )
         self.lora_ = None
         if lora is not None:
@@ -1379,9 +1406,70 @@ class ScForge(BaseModelClass):
             Init arguments to override (e.g. ``dropout``). Architecture arguments that differ
             from the checkpoint raise an error starting "Checkpoint dimension mismatch".
         """
-        from scforge_scvi.io import check_architecture, load_weights, read_pretrained
+        from scforge_scvi.io import read_pretrained
 
-        pretrained = read_pretrained(path)
+        return cls._from_pretrained_object(read_pretrained(path), adata, kwargs)
+
+    @classmethod
+    def from_geneformer(
+        cls,
+        path: str,
+        adata: AnnData,
+        *,
+        token_dictionary: str | None = None,
+        gene_median_dictionary: str | None = None,
+        model_input_size: int | None = None,
+        special_tokens: bool | None = None,
+        **kwargs: Any,
+    ) -> ScForge:
+        """Build a model on ``adata`` from a Geneformer model directory (public weights).
+
+        The backbone, gene head, vocabulary, per-gene medians and tokenizer reproduce
+        Geneformer: BERT post-LayerNorm blocks with its embedding LayerNorm, absolute positions
+        (the token-type embedding folded in), its activation and masked-LM head; genes ranked
+        by ``counts / n_counts * 10,000 / median`` in float64, truncated to the model's input
+        size, with ``<cls>`` and ``<eos>`` for V2 models. Nothing is executed while loading
+        (see :func:`scforge_scvi.io.read_geneformer`). Fine-tune it like any model:
+        :meth:`train` with any strategy, then :meth:`save_pretrained`.
+
+        Parameters
+        ----------
+        path
+            Geneformer model directory: ``config.json`` (``BertForMaskedLM``) and
+            ``model.safetensors`` or ``pytorch_model.bin``.
+        adata
+            AnnData registered with :meth:`setup_anndata`: raw counts of all genes (no
+            feature selection), Ensembl ids in ``var_names`` or in a ``var`` column such as
+            ``gene_ids``.
+        token_dictionary, gene_median_dictionary
+            Geneformer's token dictionary (Ensembl id -> token id) and gene median dictionary
+            (``.pkl`` or ``.json``); default: the one file in ``path`` whose name contains
+            ``token_dictionary`` / ``gene_median``.
+        model_input_size
+            Longest input in tokens (special tokens included); default the model's
+            ``max_position_embeddings`` (2048 for V1, 4096 for V2 models).
+        special_tokens
+            Prepend ``<cls>`` and append ``<eos>``; default: when the token dictionary has them.
+        **kwargs
+            Init arguments to override, e.g. ``dropout`` or ``min_coverage`` (default 0.25
+            for imported models: Geneformer's vocabulary holds protein-coding and miRNA genes
+            only, a minority of a full 10x gene list on some annotations).
+        """
+        from scforge_scvi.io import read_geneformer
+
+        pretrained = read_geneformer(
+            path,
+            token_dictionary=token_dictionary,
+            gene_median_dictionary=gene_median_dictionary,
+            model_input_size=model_input_size,
+            special_tokens=special_tokens,
+        )
+        return cls._from_pretrained_object(pretrained, adata, kwargs)
+
+    @classmethod
+    def _from_pretrained_object(cls, pretrained, adata: AnnData, kwargs: dict) -> ScForge:
+        from scforge_scvi.io import check_architecture, load_weights
+
         params = pretrained.init_params
         check_architecture(params, kwargs, source=f"the requested {cls.__name__} arguments")
         params.update(kwargs)

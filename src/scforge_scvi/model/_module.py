@@ -52,6 +52,9 @@ class ScForgeModule(BaseModuleClass):
         Size of the regression head (0: no regression head).
     head_hidden_dim, head_dropout
         Task head shape.
+    gene_head_activation
+        Non-linearity of the masked-gene head's transform (``"gelu"``; ``"relu"`` for imported
+        Geneformer models, whose masked-LM head uses the encoder's activation).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class ScForgeModule(BaseModuleClass):
         n_regression_outputs: int = 0,
         head_hidden_dim: int | None = 256,
         head_dropout: float = 0.1,
+        gene_head_activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.config = backbone_config
@@ -73,7 +77,13 @@ class ScForgeModule(BaseModuleClass):
         self.expression_loss_weight = expression_loss_weight
         self.backbone = ScForgeBackbone(backbone_config)
         d = backbone_config.hidden_dim
-        self.gene_head = MaskedGeneHead(d, backbone_config.vocab_size, self.backbone.gene_embedding)
+        self.gene_head = MaskedGeneHead(
+            d,
+            backbone_config.vocab_size,
+            self.backbone.gene_embedding,
+            layer_norm_eps=backbone_config.layer_norm_eps,
+            activation=gene_head_activation,
+        )
         self.expression_head = None
         if backbone_config.value_encoding == "binned":
             self.expression_head = ExpressionHead(d, backbone_config.n_bins)

@@ -5,6 +5,7 @@ from ._backbone import (
     BackboneConfig,
     BackboneOutput,
     FeedForward,
+    PostNormTransformerBlock,
     ScForgeBackbone,
     TransformerBlock,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "FeedForward",
     "MaskedGeneHead",
     "MultiHeadSelfAttention",
+    "PostNormTransformerBlock",
     "RegressionHead",
     "ScForgeBackbone",
     "TransformerBlock",

@@ -1,8 +1,9 @@
 """The scForge backbone: a pre-LayerNorm transformer encoder over gene tokens.
 
-Read top to bottom: :class:`BackboneConfig`, :class:`FeedForward`, :class:`TransformerBlock`,
-:class:`ScForgeBackbone`. Plain ``torch``: the inputs are token ids, a padding mask and
-(optionally) expression values; nothing here knows about AnnData.
+Read top to bottom: :class:`BackboneConfig`, :class:`FeedForward`, :class:`TransformerBlock`
+(and its BERT-style post-LayerNorm variant :class:`PostNormTransformerBlock`, used by imported
+Geneformer models), :class:`ScForgeBackbone`. Plain ``torch``: the inputs are token ids, a
+padding mask and (optionally) expression values; nothing here knows about AnnData.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ._dropout import Dropout
 ACTIVATIONS = ("gelu", "relu")
 POOLINGS = ("cls", "mean")
 VALUE_ENCODINGS = ("none", "binned", "continuous")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass
@@ -63,6 +65,13 @@ class BackboneConfig:
         Token id used for padding; its gene embedding row is kept at zero.
     layer_norm_eps
         Epsilon of every LayerNorm.
+    norm_position
+        ``"pre"`` (default): pre-LayerNorm blocks and a final LayerNorm after the last block.
+        ``"post"``: BERT's post-LayerNorm blocks, ``h = norm(h + branch(h))``, and no final
+        LayerNorm (the last block's output is the hidden state), as in Geneformer.
+    embedding_norm
+        Apply a LayerNorm to the summed input embeddings, before the embedding dropout (BERT's
+        embedding LayerNorm). Off by default.
     """
 
     vocab_size: int
@@ -80,6 +89,8 @@ class BackboneConfig:
     use_positions: bool = True
     pad_token_id: int = 0
     layer_norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    embedding_norm: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -106,6 +117,7 @@ class BackboneConfig:
             ("activation", ACTIVATIONS),
             ("pooling", POOLINGS),
             ("value_encoding", VALUE_ENCODINGS),
+            ("norm_position", NORM_POSITIONS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -117,6 +129,10 @@ class BackboneConfig:
             raise ValueError(
                 f"BackboneConfig.pad_token_id ({self.pad_token_id}) must be a valid token id "
                 f"in [0, vocab_size={self.vocab_size})."
+            )
+        if not isinstance(self.embedding_norm, bool):
+            raise ValueError(
+                f"BackboneConfig.embedding_norm must be a bool, got {self.embedding_norm!r}."
             )
         if not self.layer_norm_eps > 0:
             raise ValueError(
@@ -153,7 +169,8 @@ class BackboneOutput:
     Attributes
     ----------
     hidden
-        Token hidden states after the final LayerNorm, shape ``(B, L, d)``; zero at padding.
+        Token hidden states after the final LayerNorm (after the last block for
+        ``norm_position="post"``), shape ``(B, L, d)``; zero at padding.
     cell_embedding
         One vector per cell from :meth:`ScForgeBackbone.pool`, shape ``(B, d)``.
     """
@@ -200,11 +217,25 @@ class TransformerBlock(nn.Module):
         return h
 
 
+class PostNormTransformerBlock(TransformerBlock):
+    """Post-LayerNorm (BERT) transformer block, for ``norm_position="post"``.
+
+    ``h = norm1(h + drop(attn(h)))`` then ``h = norm2(h + drop(ffn(h)))``: the same modules
+    (and state-dict keys) as :class:`TransformerBlock`, applied in BERT's order.
+    """
+
+    def forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(h + self.dropout(self.attn(h, padding_mask)))  # (B, L, d)
+        h = self.norm2(h + self.dropout(self.ffn(h)))  # (B, L, d)
+        return h
+
+
 class ScForgeBackbone(nn.Module):
     """Transformer encoder over gene tokens, optionally with expression values.
 
     The input embedding of a token is the sum of its gene embedding, its value encoding (if
-    ``value_encoding != "none"``) and its position embedding (if ``use_positions``).
+    ``value_encoding != "none"``) and its position embedding (if ``use_positions``), followed by
+    a LayerNorm if ``embedding_norm``.
 
     Parameters
     ----------
@@ -236,9 +267,17 @@ class ScForgeBackbone(nn.Module):
             self.value_mask_embedding = nn.Parameter(torch.zeros(d))
         if config.use_positions:
             self.position_embedding = nn.Embedding(config.max_seq_len, d)
+        # BERT-style options (imported Geneformer models). The defaults add no module and no
+        # per-layer work: the block class is chosen here, not branched on in forward.
+        self._embedding_norm = config.embedding_norm
+        if config.embedding_norm:
+            self.embedding_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.embedding_dropout = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        post = config.norm_position == "post"
+        block = PostNormTransformerBlock if post else TransformerBlock
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        # post-LN blocks end in a LayerNorm already: no final norm (and no `norm.*` weights)
+        self.norm = nn.Identity() if post else nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------- init
@@ -306,6 +345,8 @@ class ScForgeBackbone(nn.Module):
         if self.config.use_positions:
             positions = torch.arange(length, device=gene_ids.device)  # (L,)
             h = h + self.position_embedding(positions)  # (L, d) broadcast over B
+        if self._embedding_norm:
+            h = self.embedding_norm(h)
         h = self.embedding_dropout(h)
         for block in self.blocks:
             h = block(h, padding_mask)  # (B, L, d)

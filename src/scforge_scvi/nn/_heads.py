@@ -16,12 +16,16 @@ from ._cross_entropy import linear_cross_entropy
 
 
 class _Transform(nn.Module):
-    """``dense -> GELU -> LayerNorm``, the usual transform in front of a prediction layer."""
+    """``dense -> GELU (or ReLU) -> LayerNorm``, the usual transform before a prediction layer."""
 
-    def __init__(self, hidden_dim: int, layer_norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self, hidden_dim: int, layer_norm_eps: float = 1e-5, activation: str = "gelu"
+    ) -> None:
         super().__init__()
+        if activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}.")
         self.dense = nn.Linear(hidden_dim, hidden_dim)
-        self.activation = nn.GELU()
+        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
         self.norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, d) -> (M, d)
@@ -44,6 +48,9 @@ class MaskedGeneHead(nn.Module):
         the backbone), and the head owns only its transform and the output bias.
     layer_norm_eps
         Epsilon of the transform's LayerNorm.
+    activation
+        Non-linearity of the transform: ``"gelu"`` (default) or ``"relu"`` (BERT's masked-LM
+        head uses the encoder's activation; Geneformer's is ReLU).
 
     Notes
     -----
@@ -57,9 +64,10 @@ class MaskedGeneHead(nn.Module):
         vocab_size: int,
         embedding: nn.Embedding | None = None,
         layer_norm_eps: float = 1e-5,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
-        self.transform = _Transform(hidden_dim, layer_norm_eps)
+        self.transform = _Transform(hidden_dim, layer_norm_eps, activation)
         if embedding is not None:
             if tuple(embedding.weight.shape) != (vocab_size, hidden_dim):
                 raise ValueError(
