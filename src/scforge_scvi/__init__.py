@@ -8,6 +8,7 @@ annotation or perturbation response, and write embeddings and predictions back i
 from importlib.metadata import PackageNotFoundError, version
 
 from . import bench, data, nn, pl, train
+from ._errors import ScForgeError, ScForgeTypeError, ScForgeValueError
 from .data import GeneVocab, StreamedCells
 from .model import ScForge, ScForgeCellEncoder, ScForgePerturb
 
@@ -20,7 +21,10 @@ __all__ = [
     "GeneVocab",
     "ScForge",
     "ScForgeCellEncoder",
+    "ScForgeError",
     "ScForgePerturb",
+    "ScForgeTypeError",
+    "ScForgeValueError",
     "StreamedCells",
     "bench",
     "data",
