@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import bench, data, nn, pl, train
 from ._allocator import tune_cpu_allocator
+from ._errors import ScForgeError, ScForgeTypeError, ScForgeValueError
 from .data import GeneVocab, StreamedCells
 from .model import ScForge, ScForgeCellEncoder, ScForgePerturb
 
@@ -21,7 +22,10 @@ __all__ = [
     "GeneVocab",
     "ScForge",
     "ScForgeCellEncoder",
+    "ScForgeError",
     "ScForgePerturb",
+    "ScForgeTypeError",
+    "ScForgeValueError",
     "StreamedCells",
     "bench",
     "data",

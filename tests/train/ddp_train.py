@@ -4,6 +4,9 @@ Used by ``test_ddp.py``; also a minimal example of a multi-process launch::
 
     torchrun --nproc_per_node 2 tests/train/ddp_train.py OUT SHARD [SHARD ...] --devices 2
 
+With ``--backed`` the model is registered on ``anndata.read_h5ad(SHARD, backed="r")`` and
+trained without ``data=``: under DDP the backed file is streamed like ``StreamedCells(SHARD)``.
+
 Every rank writes the global indices of the training cells it saw to ``OUT/seen_rank{r}.npy``;
 rank 0 writes the initial and final weights to ``OUT/initial.safetensors`` and
 ``OUT/weights.safetensors``.
@@ -15,6 +18,7 @@ import argparse
 import os
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import torch
 from lightning.pytorch import Callback
@@ -46,12 +50,22 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8, help="cells per step per process")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--buffer-size", type=int, default=64)
+    parser.add_argument(
+        "--backed", action="store_true", help="register the backed file, train without data="
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cells = StreamedCells(args.shards, chunk_size=32, buffer_size=64)
-    adata = cells.sample(cells.n_obs, seed=0)
+    if args.backed:
+        (shard,) = args.shards
+        cells = None
+        adata = ad.read_h5ad(shard, backed="r")
+    else:
+        cells = StreamedCells(args.shards, chunk_size=args.chunk_size, buffer_size=args.buffer_size)
+        adata = cells.sample(cells.n_obs, seed=0)
     sf.ScForge.setup_anndata(adata, labels_key="louvain")
     model = sf.ScForge(
         adata,

@@ -65,3 +65,43 @@ def test_two_process_ddp_matches_one_process(pbmc68k_counts, tmp_path):
         np.testing.assert_allclose(b[key], a[key], atol=1e-4, err_msg=key)
     moved = max(float(np.abs(a[k] - start[k]).max()) for k in a)
     assert moved > 100 * 1e-4  # training changed the weights far beyond the tolerance
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="torch was built without gloo")
+def test_backed_anndata_trains_under_ddp_like_streamed_cells(pbmc68k_counts, tmp_path):
+    """train(distributed="ddp") on a backed AnnData streams its file: two processes train
+    like one process given data=StreamedCells(the file), each rank on half of every batch."""
+    adata = pbmc68k_counts[:320].copy()
+    del adata.layers["counts"]
+    shard = str(tmp_path / "cells.h5ad")
+    adata.write_h5ad(shard)
+    streamed, backed = tmp_path / "streamed", tmp_path / "backed"
+    # StreamedCells' default chunk and buffer sizes: what a backed AnnData is streamed with
+    common = ["--epochs", "1", "--chunk-size", "256", "--buffer-size", "8192"]
+    _run(
+        [sys.executable, str(SCRIPT), str(streamed), shard, "--batch-size", "16", *common], tmp_path
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    _run(
+        [*launcher, str(SCRIPT), str(backed), shard, "--backed", "--devices", "2",
+         "--batch-size", "8", *common],
+        tmp_path,
+    )  # fmt: skip
+
+    train_cells = np.load(streamed / "train_cells.npy")
+    np.testing.assert_array_equal(np.load(backed / "train_cells.npy"), train_cells)
+    rank0, rank1 = np.load(backed / "seen_rank0.npy"), np.load(backed / "seen_rank1.npy")
+    assert len(rank0) == len(rank1) == len(train_cells) // 2
+    assert not np.intersect1d(rank0, rank1).size
+    np.testing.assert_array_equal(np.sort(np.r_[rank0, rank1]), train_cells)
+
+    a = load_file(str(streamed / "weights.safetensors"))
+    b = load_file(str(backed / "weights.safetensors"))
+    start = load_file(str(backed / "initial.safetensors"))
+    same_start = load_file(str(streamed / "initial.safetensors"))
+    assert a.keys() == b.keys() == start.keys()
+    for key in a:
+        np.testing.assert_array_equal(start[key], same_start[key], err_msg=key)
+        np.testing.assert_allclose(b[key], a[key], atol=1e-4, err_msg=key)
+    assert max(float(np.abs(b[k] - start[k]).max()) for k in b) > 20 * 1e-4  # one epoch moved

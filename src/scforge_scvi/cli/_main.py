@@ -96,7 +96,9 @@ def _train_run(args: argparse.Namespace, config, *, objective: str) -> int:
         run_dir = Path(args.resume)
         resume_ckpt = runs.check_resume(run_dir, config)
     else:
-        run_dir = runs.check_output(config.training.checkpoint_dir, args.overwrite)
+        run_dir = runs.check_output(
+            config.training.checkpoint_dir, args.overwrite, directory=True, what="the run directory"
+        )
     checkpoint = resume_ckpt or getattr(args, "checkpoint", None)
     adata, stream = runs.read_training_data(config)
     runs.setup_data(adata, config, labels=objective != "pretrain")
@@ -170,7 +172,9 @@ def _query(args: argparse.Namespace):
         layer = "counts"
     if layer is not None and layer not in adata.layers:
         raise runs.CliError(f"--layer '{layer}' is not a layer of '{args.input}'")
-    runs.setup_query(adata, args.model, layer=layer, gene_key=args.gene_key)
+    runs.setup_query(
+        adata, args.model, layer=layer, gene_key=args.gene_key, source=f"'{args.input}'"
+    )
     return adata, ScForge.from_pretrained(str(args.model), adata), output
 
 
@@ -191,7 +195,10 @@ def _benchmark(args: argparse.Namespace) -> int:
         if spec.batch_key is not None:
             runs.require_obs(adata, spec.batch_key, "benchmarks batch_key")
     layer = config.data.layer
-    runs.setup_query(adata, args.model, layer=layer, gene_key=config.data.gene_key)
+    runs.setup_query(
+        adata, args.model, layer=layer, gene_key=config.data.gene_key,
+        source=runs.data_sources(config.data.paths),
+    )  # fmt: skip
     kwargs = runs.model_kwargs(config)
     for key in ("normalize", "target_sum", "log1p", "n_top_genes"):  # always the model's own
         kwargs.pop(key)
@@ -260,7 +267,7 @@ def _results_table(results: list[dict]) -> str:
 def _export(args: argparse.Namespace) -> int:
     from scforge_scvi.io import read_pretrained, write_pretrained
 
-    output = runs.check_output(args.output, args.overwrite)
+    output = runs.check_output(args.output, args.overwrite, directory=True, what="the model")
     runs.check_checkpoint_path(args.model)
     pretrained = read_pretrained(args.model)
     lora = [key for key in pretrained.state_dict if "lora_" in key]
@@ -539,19 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``scforge`` command line; returns the exit code (2 for bad input)."""
+    from scforge_scvi._errors import ScForgeError
     from scforge_scvi.config import ConfigError
-    from scforge_scvi.data import VocabCoverageError
-    from scforge_scvi.io import CheckpointMismatchError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     expected = (
         runs.CliError,
-        ConfigError,
-        CheckpointMismatchError,
-        VocabCoverageError,
+        ScForgeError,  # bad input found by the library: config, data, checkpoints, outputs
         FileNotFoundError,
         FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
         KeyError,
         ValueError,
     )
@@ -559,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except expected as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, OSError) and not isinstance(err, ScForgeError) and err.filename:
+            message = f"{err.strerror or err}: '{err.filename}'"  # e.g. permission denied
         if not isinstance(err, ConfigError):
             message = " ".join(str(message).split())
         print(f"scforge {args.command}: error: {message}", file=sys.stderr)

@@ -15,6 +15,7 @@ import pandas as pd
 from anndata import AnnData
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from scforge_scvi._errors import one_line
 from scforge_scvi.config import ScForgeConfig, TrainingConfig
 
 RUN_CONFIG = "config.yaml"
@@ -81,15 +82,22 @@ def unused_sections(config: ScForgeConfig, used: set[str]) -> list[str]:
 def read_h5ad(path: str | Path) -> AnnData:
     """Read an .h5ad (or .zarr) file, turning any failure into a one-line :class:`CliError`."""
     import anndata as ad
+    import h5py
 
     path = Path(path)
     if not path.exists():
         raise CliError(f"data file '{path}' does not exist")
+    if path.suffix != ".zarr" and path.is_dir():
+        raise CliError(f"'{path}' is a directory, not an .h5ad file (or a .zarr store)")
+    if path.suffix != ".zarr" and not h5py.is_hdf5(path):
+        raise CliError(
+            f"cannot read '{path}' as AnnData: it is not an HDF5 file, as an .h5ad written by "
+            "anndata is"
+        )
     try:
         return ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
     except Exception as err:  # h5py, zarr and anndata raise many kinds
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CliError(f"cannot read '{path}' as AnnData ({reason})") from None
+        raise CliError(f"cannot read '{path}' as AnnData ({one_line(err)})") from None
 
 
 def read_data(config: ScForgeConfig) -> AnnData:
@@ -112,7 +120,7 @@ def open_stream(config: ScForgeConfig):  # -> StreamedCells
     try:
         return StreamedCells(config.data.paths, layer=config.data.layer)
     except (OSError, KeyError, ValueError) as err:
-        raise CliError(str(err).strip("'\"")) from None
+        raise CliError(one_line(err).strip("'\"")) from None
 
 
 def read_training_data(config: ScForgeConfig):  # -> tuple[AnnData, StreamedCells | None]
@@ -128,6 +136,25 @@ def read_training_data(config: ScForgeConfig):  # -> tuple[AnnData, StreamedCell
     return stream.sample(STREAM_SAMPLE, seed=config.training.seed), stream
 
 
+def _setup_anndata(adata: AnnData, source: str | None, **kwargs: Any) -> None:
+    """``ScForge.setup_anndata``; a problem with the cells names the file(s) they came from."""
+    from scforge_scvi import ScForge
+    from scforge_scvi._errors import ScForgeError
+
+    try:
+        ScForge.setup_anndata(adata, **kwargs)
+    except ScForgeError as err:
+        if source is None:
+            raise
+        raise CliError(f"{source}: {one_line(err)}") from None
+
+
+def data_sources(paths) -> str:
+    """The data files, named for messages."""
+    names = [f"'{p}'" for p in paths]
+    return names[0] if len(names) == 1 else f"data.paths [{', '.join(names)}]"
+
+
 def require_obs(adata: AnnData, key: str, what: str) -> None:
     if key not in adata.obs:
         raise CliError(
@@ -136,11 +163,24 @@ def require_obs(adata: AnnData, key: str, what: str) -> None:
         )
 
 
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an output path that exists unless ``overwrite``."""
+def check_output(
+    path: str | Path, overwrite: bool, *, directory: bool = False, what: str = "the output"
+) -> Path:
+    """Refuse an output path that exists unless ``overwrite``, or that cannot be written.
+
+    ``directory``: the output is a directory (a run directory, an exported model) rather
+    than a file. Nothing is created.
+    """
+    from scforge_scvi.io._pretrained import check_writable
+
     path = Path(path)
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
         raise CliError(f"output '{path}' already exists; pass --overwrite to replace it")
+    if directory and path.is_file():
+        raise CliError(f"output '{path}' is a file; {what} is a directory: choose another path")
+    if not directory and path.is_dir():
+        raise CliError(f"output '{path}' is a directory; {what} is a file: choose another path")
+    check_writable(path if directory else path.parent, what)
     return path
 
 
@@ -167,7 +207,6 @@ def model_kwargs(config: ScForgeConfig) -> dict[str, Any]:
 
 def setup_data(adata: AnnData, config: ScForgeConfig, *, labels: bool) -> None:
     """``ScForge.setup_anndata`` with ``data.layer``, ``data.gene_key`` and the label column."""
-    from scforge_scvi import ScForge
 
     layer, gene_key = config.data.layer, config.data.gene_key
     if layer is not None and layer not in adata.layers:
@@ -183,18 +222,23 @@ def setup_data(adata: AnnData, config: ScForgeConfig, *, labels: bool) -> None:
             kwargs["target_key"] = finetune.label_key
         else:
             kwargs["labels_key"] = finetune.label_key
-    ScForge.setup_anndata(adata, **kwargs)
+    source = "the cells sampled from " if config.data.streaming else ""
+    _setup_anndata(adata, source + data_sources(config.data.paths), **kwargs)
 
 
 def setup_query(
-    adata: AnnData, checkpoint: str | Path, *, layer: str | None, gene_key: str | None
+    adata: AnnData,
+    checkpoint: str | Path,
+    *,
+    layer: str | None,
+    gene_key: str | None,
+    source: str | None = None,
 ) -> None:
     """Register query cells so that a checkpoint's fitted head (if any) is kept.
 
     The checkpoint's class names are registered as the categories of a temporary, all
     unlabelled column; the cells' own labels (if present) are not needed.
     """
-    from scforge_scvi import ScForge
     from scforge_scvi.io import read_pretrained
 
     pretrained = read_pretrained(checkpoint)
@@ -207,7 +251,7 @@ def setup_query(
     elif any(key.startswith("regressor.") for key in pretrained.state_dict):
         adata.obs[_QUERY_LABELS] = np.zeros(adata.n_obs, dtype=np.float32)
         kwargs["target_key"] = _QUERY_LABELS
-    ScForge.setup_anndata(adata, **kwargs)
+    _setup_anndata(adata, source, **kwargs)
 
 
 def drop_query_labels(adata: AnnData) -> None:

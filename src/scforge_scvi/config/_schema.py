@@ -56,6 +56,8 @@ from pydantic import (
     model_validator,
 )
 
+from scforge_scvi._errors import ScForgeValueError
+
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "NAMED_GENE_VOCABS",
@@ -109,7 +111,7 @@ FinetuneStrategy = Literal["full", "frozen", "gradual_unfreeze", "lora"]
 # --------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class ConfigError(ScForgeValueError):
     """An invalid configuration: one human-readable message per problem.
 
     Parameters

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeKeyError, ScForgeValueError
 from scforge_scvi._logging import logger
 
 from ._preprocess import check_raw_counts, library_size, log_normalize
@@ -33,7 +34,7 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "
 # ----------------------------------------------------------------------------- validation
 def _obs_column(adata: ad.AnnData, key: str, what: str) -> pd.Series:
     if key not in adata.obs.columns:
-        raise KeyError(
+        raise ScForgeKeyError(
             f"{what} column {key!r} is not in adata.obs; available columns: "
             f"{list(adata.obs.columns)}."
         )
@@ -66,14 +67,14 @@ def validate_perturbation_adata(
     """
     perts = _obs_column(adata, perturbation_key, "Perturbation")
     if perts.isna().any():
-        raise ValueError(
+        raise ScForgeValueError(
             f"adata.obs[{perturbation_key!r}] has {int(perts.isna().sum())} missing values; "
             "every cell needs a perturbation (controls included)."
         )
     perts = perts.astype(str)
     present = pd.Index(perts.unique())
     if control_label not in present:
-        raise ValueError(
+        raise ScForgeValueError(
             f"Control label {control_label!r} is not a value of adata.obs[{perturbation_key!r}]; "
             f"available categories: {sorted(present)}."
         )
@@ -81,7 +82,7 @@ def validate_perturbation_adata(
         categories = adata.obs[perturbation_key].cat.categories.astype(str)
         empty = sorted(set(categories) - set(present))
         if empty:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"Perturbation(s) {empty} of adata.obs[{perturbation_key!r}] have no cells. "
                 f"Drop the unused categories first: "
                 f"adata.obs[{perturbation_key!r}] = "
@@ -98,7 +99,7 @@ def validate_perturbation_adata(
     missing = has_control[~has_control]
     if len(missing):
         names = [" / ".join(np.atleast_1d(i).astype(str)) for i in missing.index]
-        raise ValueError(
+        raise ScForgeValueError(
             f"No {control_label!r} control cells for {' x '.join(group_keys)} {names}; basal "
             "cells are sampled from the controls of the same group. Add controls or drop "
             "those cells."
@@ -135,10 +136,10 @@ def read_perturbation_h5ad(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No perturbation dataset at {path}.")
+        raise ScForgeFileNotFoundError(f"No perturbation dataset at {path}.")
     adata = ad.read_h5ad(path)
     if layer is not None and layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        raise ScForgeKeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
     counts = adata.X if layer is None else adata.layers[layer]
     check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
     validate_perturbation_adata(adata, perturbation_key, control_label, cell_type_key, batch_key)
@@ -150,7 +151,7 @@ def _check_names(requested: Sequence[str] | None, valid: pd.Index, what: str) ->
     requested = [] if requested is None else [str(x) for x in requested]
     unknown = sorted(set(requested) - set(valid))
     if unknown:
-        raise ValueError(f"Unknown {what} {unknown}; valid values: {sorted(valid)}.")
+        raise ScForgeValueError(f"Unknown {what} {unknown}; valid values: {sorted(valid)}.")
     return requested
 
 
@@ -199,15 +200,15 @@ def assign_perturbation_split(
     val_p = _check_names(val_perturbations, valid_perts, "val_perturbations")
     test_p = _check_names(test_perturbations, valid_perts, "test_perturbations")
     if control_label in val_p + test_p:
-        raise ValueError(
+        raise ScForgeValueError(
             f"The control {control_label!r} cannot be held out: its cells are the basal input."
         )
     overlap = sorted(set(val_p) & set(test_p))
     if overlap:
-        raise ValueError(f"Perturbations {overlap} are in both val and test.")
+        raise ScForgeValueError(f"Perturbations {overlap} are in both val and test.")
     if cell_type_key is None:
         if val_cell_types or test_cell_types or fewshot_cell_types:
-            raise ValueError("Holding out cell types needs `cell_type_key`.")
+            raise ScForgeValueError("Holding out cell types needs `cell_type_key`.")
         cell_types = pd.Series("all", index=adata.obs_names)
     else:
         cell_types = _obs_column(adata, cell_type_key, "Cell-type").astype(str)
@@ -215,7 +216,9 @@ def assign_perturbation_split(
     val_c = _check_names(val_cell_types, valid_types, "val_cell_types")
     test_c = _check_names(test_cell_types, valid_types, "test_cell_types")
     if set(val_c) & set(test_c):
-        raise ValueError(f"Cell types {sorted(set(val_c) & set(test_c))} are in both val and test.")
+        raise ScForgeValueError(
+            f"Cell types {sorted(set(val_c) & set(test_c))} are in both val and test."
+        )
     if fewshot_cell_types is None:
         fewshot = [c for c in valid_types if c not in val_c + test_c]
     else:
@@ -239,7 +242,7 @@ def normalize_split_labels(values: pd.Series, key: str) -> np.ndarray:
     labels = values.astype(str)
     unknown = sorted(set(labels.unique()) - set(_SPLIT_ALIASES))
     if unknown:
-        raise ValueError(
+        raise ScForgeValueError(
             f"adata.obs[{key!r}] has values {unknown}; valid split values are "
             f"{sorted(_SPLIT_ALIASES)}."
         )
@@ -284,7 +287,7 @@ def sample_cell_sets(
         if len(cells) == 0:
             continue
         if len(pool) == 0:
-            raise ValueError(f"Group {g} has target cells but an empty basal pool.")
+            raise ScForgeValueError(f"Group {g} has target cells but an empty basal pool.")
         n_sets = -(-len(cells) // set_len)
         fill = rng.choice(cells, size=n_sets * set_len - len(cells), replace=True)
         target = np.concatenate([rng.permutation(cells), fill]).reshape(n_sets, set_len)
@@ -320,7 +323,7 @@ def load_pbmc3k_counts(path: str | Path | None = None) -> ad.AnnData:
     """
     path = _shared_data_dir() / "pbmc3k_raw_labeled.h5ad" if path is None else Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"pbmc3k counts not found at {path}.")
+        raise ScForgeFileNotFoundError(f"pbmc3k counts not found at {path}.")
     adata = ad.read_h5ad(path)
     adata.var_names_make_unique()
     return adata
@@ -344,7 +347,7 @@ def _select_genes(counts: sp.csr_matrix, n_genes: int, min_fraction: float) -> n
     score[expressed] = z.fillna(-np.inf).to_numpy()
     n_available = int(expressed.sum())
     if n_available < n_genes:
-        raise ValueError(
+        raise ScForgeValueError(
             f"Only {n_available} genes are detected in >= {min_fraction:.0%} of the cells; "
             f"asked for n_genes={n_genes}."
         )
@@ -461,11 +464,11 @@ def make_semisynthetic_perturbation_data(
     mean_count = np.asarray(counts.mean(axis=0)).ravel()
     candidates = np.argsort(-mean_count)[: 3 * n_perturbations]  # the best-expressed genes
     if len(candidates) < n_perturbations:
-        raise ValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
+        raise ScForgeValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
     targets = np.sort(rng.choice(candidates, size=n_perturbations, replace=False))
     pert_names = list(gene_names[targets])
     if control_label in pert_names:
-        raise ValueError(f"The control label {control_label!r} is also a gene name.")
+        raise ScForgeValueError(f"The control label {control_label!r} is also a gene name.")
 
     weights = np.zeros((n_perturbations, n_programs))
     weights[np.arange(n_perturbations), programs[targets]] = -rng.uniform(0.7, 1.2, n_perturbations)

@@ -10,13 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import h5py
 import numpy as np
 import scipy.sparse as sp
+
+from scforge_scvi._errors import ScForgeTypeError, ScForgeValueError
 
 from ._vocab import GeneVocab
 
 _NORMALIZE_CHOICES = ("library_size", "none")
 _CHECK_CHUNK = 1 << 24  # stored values checked at a time by check_raw_counts
+_CHECK_ROWS = 4096  # rows of a backed matrix read at a time
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,18 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.normalize not in _NORMALIZE_CHOICES:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"preprocessing.normalize={self.normalize!r} is not valid; "
                 f"choose one of {_NORMALIZE_CHOICES}."
             )
         if not self.target_sum > 0:
-            raise ValueError(f"preprocessing.target_sum must be positive, got {self.target_sum}.")
+            raise ScForgeValueError(
+                f"preprocessing.target_sum must be positive, got {self.target_sum}."
+            )
         if self.n_top_genes is not None and self.n_top_genes < 1:
-            raise ValueError(
-                f"preprocessing.n_top_genes must be a positive integer or None, got {self.n_top_genes}."
+            raise ScForgeValueError(
+                "preprocessing.n_top_genes must be a positive integer or None, got "
+                f"{self.n_top_genes}."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,20 +72,76 @@ class Preprocessing:
         """Settings from :meth:`to_dict`'s output; unknown keys are an error, not ignored."""
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"Unknown preprocessing keys {sorted(unknown)}; valid keys are "
                 f"{sorted(cls.__dataclass_fields__)}."
             )
         return cls(**d)
 
 
-def check_raw_counts(x: np.ndarray | sp.spmatrix, where: str, max_check: int = 1_000_000) -> None:
+def is_backed(x: Any) -> bool:
+    """Whether ``x`` is a matrix on disk (a backed AnnData's ``X``), not in memory."""
+    from anndata.abc import CSCDataset, CSRDataset
+
+    return isinstance(x, CSRDataset | CSCDataset | h5py.Dataset)
+
+
+def backed_source(adata: Any) -> str:
+    """`` (backed by 'file')`` for a backed AnnData, else an empty string (for messages)."""
+    filename = getattr(adata, "filename", None) if getattr(adata, "isbacked", False) else None
+    return f" (backed by '{filename}')" if filename else ""
+
+
+def row_blocks(x: Any, rows: int | None = None):
+    """``(start, block)`` pairs covering ``x``: the whole matrix when it is in memory, blocks
+    of ``rows`` (default 4096) consecutive rows read from disk when it is backed (never all
+    of it at once).
+    """
+    rows = rows or _CHECK_ROWS
+    if not is_backed(x):
+        yield 0, x
+        return
+    from anndata.abc import CSCDataset
+
+    if isinstance(x, CSCDataset):  # rows of a column-compressed file cannot be read cheaply
+        raise ScForgeValueError(
+            "The backed counts are stored column by column (CSC), so they cannot be read a "
+            "block of cells at a time; rewrite the file with X as CSR "
+            "(adata.X = adata.X.tocsr()) or load it into memory (adata.to_memory())."
+        )
+    n = int(x.shape[0])
+    for start in range(0, n, rows):
+        yield start, x[start : min(start + rows, n)]
+
+
+def read_row_sample(x: Any, max_rows: int, seed: int = 0) -> tuple[np.ndarray, Any]:
+    """At most ``max_rows`` rows of ``x`` in memory (seeded sample, in row order) and their
+    indices. An in-memory ``x`` with no more rows than that is returned as it is."""
+    n = int(x.shape[0])
+    if n <= max_rows and not is_backed(x):
+        return np.arange(n), x
+    rows = np.arange(n)
+    if n > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+    if not is_backed(x):
+        return rows, x[rows]
+    blocks = []
+    for start, block in row_blocks(x):
+        mine = rows[(rows >= start) & (rows < start + block.shape[0])] - start
+        blocks.append(block[mine])
+    if sp.issparse(blocks[0]):
+        return rows, sp.vstack(blocks, format="csr")
+    return rows, np.concatenate([np.asarray(b) for b in blocks])
+
+
+def check_raw_counts(x: Any, where: str, max_check: int = 1_000_000) -> np.ndarray:
     """Raise a clear error unless ``x`` holds finite, non-negative integer counts.
 
     Parameters
     ----------
     x
-        Dense or sparse matrix of counts.
+        Dense or sparse matrix of counts, in memory or backed on disk (a backed AnnData's
+        ``X``: read a block of rows at a time, never loaded whole).
     where
         Human-readable location used in the message, e.g. ``"adata.layers['counts']"``.
     max_check
@@ -87,25 +150,47 @@ def check_raw_counts(x: np.ndarray | sp.spmatrix, where: str, max_check: int = 1
         negative values are looked for among all stored values: a single corrupt cell must
         not slip through.
 
+    Returns
+    -------
+    The total counts of each cell (float64), computed in the same pass.
+
     Raises
     ------
-    ValueError
+    ScForgeValueError
         Naming ``where`` and, for negative or non-integer values, how to pass raw counts.
+    ScForgeTypeError
+        When the matrix does not hold numbers.
     """
-    values = x.data if sp.issparse(x) else np.asarray(x).ravel()
-    values = np.asarray(values)
-    if values.size == 0:
-        return
-    n_bad, lowest = 0, np.inf
-    for start in range(0, values.size, _CHECK_CHUNK):  # bounded temporaries on large data
-        chunk = values[start : start + _CHECK_CHUNK]
-        finite = np.isfinite(chunk)
-        n_bad += int(chunk.size - np.count_nonzero(finite))
-        if finite.any():
-            lowest = min(lowest, float(chunk[finite].min()))
+    n_bad, n_values, lowest = 0, 0, np.inf
+    n_int_checked, non_integer = 0, None
+    sums = np.zeros(int(x.shape[0]), dtype=np.float64)
+    for start, block in row_blocks(x):
+        values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+        values = np.asarray(values)
+        if values.dtype.kind not in "biuf":
+            raise ScForgeTypeError(
+                f"{where} holds values of dtype {values.dtype}, not numbers; scforge needs "
+                "raw UMI/read counts (integers stored as int or float)."
+            )
+        n_values += values.size
+        for lo in range(0, values.size, _CHECK_CHUNK):  # bounded temporaries on large data
+            chunk = values[lo : lo + _CHECK_CHUNK]
+            finite = np.isfinite(chunk)
+            n_bad += int(chunk.size - np.count_nonzero(finite))
+            if finite.any():
+                lowest = min(lowest, float(chunk[finite].min()))
+        if non_integer is None and n_int_checked < max_check and not n_bad:
+            head = values[: max_check - n_int_checked]
+            n_int_checked += head.size
+            off = head != np.round(head)
+            if off.any():
+                non_integer = head[off][0]
+        if not n_bad and values.size:
+            stop = start + block.shape[0]
+            sums[start:stop] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
     if n_bad:
-        raise ValueError(
-            f"{where} contains NaN or infinite values ({n_bad:,} of {values.size:,} stored "
+        raise ScForgeValueError(
+            f"{where} contains NaN or infinite values ({n_bad:,} of {n_values:,} stored "
             "values). scforge needs raw UMI/read counts; remove or fix those cells before "
             "calling setup_anndata."
         )
@@ -115,11 +200,12 @@ def check_raw_counts(x: np.ndarray | sp.spmatrix, where: str, max_check: int = 1
         "(normalised or log-transformed values cannot be used)."
     )
     if lowest < 0:
-        raise ValueError(f"{where} contains negative values (min {lowest:g}).{hint}")
-    head = values[:max_check]
-    if not np.all(head == np.round(head)):
-        bad = head[head != np.round(head)][0]
-        raise ValueError(f"{where} contains non-integer values (e.g. {bad:g}).{hint}")
+        raise ScForgeValueError(f"{where} contains negative values (min {lowest:g}).{hint}")
+    if non_integer is not None:
+        raise ScForgeValueError(
+            f"{where} contains non-integer values (e.g. {non_integer:g}).{hint}"
+        )
+    return sums
 
 
 def library_size(x: np.ndarray | sp.spmatrix) -> np.ndarray:
@@ -201,7 +287,7 @@ def fit_gene_medians(
     special tokens) get the median of the fitted values, a neutral scale.
     """
     if vocab.gene_medians is not None and not refit:
-        raise ValueError(
+        raise ScForgeValueError(
             "This vocabulary already holds per-gene medians (fitted on the pretraining corpus). "
             "They are part of the model and are not refitted; pass refit=True to replace them."
         )

@@ -37,6 +37,11 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scforge_scvi._errors import (
+    ScForgeFileNotFoundError,
+    ScForgeKeyError,
+    ScForgeValueError,
+)
 from scforge_scvi._logging import logger
 
 from ._vocab import GeneVocab, VocabCoverageError
@@ -64,13 +69,23 @@ class CellShard:
         self.layer = layer
         self._group: Any = None
         if not self.path.exists():
-            raise FileNotFoundError(f"Shard '{self.path}' does not exist.")
+            raise ScForgeFileNotFoundError(f"Shard '{self.path}' does not exist.")
+        if self.path.suffix != ".zarr" and self.path.is_dir():
+            raise ScForgeValueError(
+                f"'{self.path}' is a directory, not an .h5ad file; pass .h5ad files or .zarr "
+                "stores (directories named *.zarr)."
+            )
+        if self.path.suffix != ".zarr" and not h5py.is_hdf5(self.path):
+            raise ScForgeValueError(
+                f"Cannot open shard '{self.path}': it is not an HDF5 file, as an .h5ad written "
+                "by anndata is; pass .h5ad files or .zarr stores."
+            )
         group = self._open()
         try:
             elem = self._matrix(group)
             encoding = str(elem.attrs.get("encoding-type", "array"))
             if encoding == "csc_matrix":
-                raise ValueError(
+                raise ScForgeValueError(
                     f"The counts of '{self.path}' ({self._where}) are stored column by column "
                     "(CSC), so rows cannot be read in chunks; rewrite the file with "
                     "adata.X = adata.X.tocsr() (or the layer likewise)."
@@ -110,7 +125,7 @@ class CellShard:
             return group["X"]
         layers = group["layers"] if "layers" in group else {}  # noqa: SIM401 (zarr groups)
         if self.layer not in layers:
-            raise KeyError(
+            raise ScForgeKeyError(
                 f"Layer '{self.layer}' is not in '{self.path}'; its layers: "
                 f"{', '.join(layers) or 'none'}."
             )
@@ -143,7 +158,7 @@ class CellShard:
             obs = group["obs"]
             if key not in obs:
                 columns = [c for c in obs if c != obs.attrs.get("_index", "_index")]
-                raise KeyError(
+                raise ScForgeKeyError(
                     f"'{key}' is not an obs column of '{self.path}'; available columns: "
                     f"{', '.join(columns) or 'none'}."
                 )
@@ -198,9 +213,9 @@ class StreamedCells:
         if isinstance(paths, str | os.PathLike):
             paths = [paths]
         if not paths:
-            raise ValueError("StreamedCells needs at least one .h5ad or .zarr path.")
+            raise ScForgeValueError("StreamedCells needs at least one .h5ad or .zarr path.")
         if chunk_size < 1 or buffer_size < 1:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"chunk_size and buffer_size must be >= 1; got {chunk_size}, {buffer_size}."
             )
         self.layer, self.chunk_size, self.buffer_size = layer, int(chunk_size), int(buffer_size)
@@ -212,9 +227,31 @@ class StreamedCells:
                 continue
             self.shards.append(shard)
         if not self.shards:
-            raise ValueError(f"None of the {len(paths)} shards holds any cell.")
+            raise ScForgeValueError(f"None of the {len(paths)} shards holds any cell.")
         sizes = np.array([s.n_obs for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._check_common_genes()
+
+    def _check_common_genes(self) -> None:
+        """Refuse a shard that names none of the other shards' genes (in ``var_names`` or
+        any text column of ``var``): its cells could not be related to the others'."""
+        if len(self.shards) < 2:
+            return
+        ids = [_gene_identifiers(shard.var) for shard in self.shards]
+        for i in reversed(range(len(self.shards))):
+            others = set().union(*(ids[j] for j in range(len(ids)) if j != i))
+            if ids[i] & others:
+                continue
+            shard = self.shards[i]
+            other = [str(s.path) for j, s in enumerate(self.shards) if j != i]
+            theirs = [str(g) for g in self.shards[0 if i else 1].var.index[:3]]
+            mine = [str(g) for g in shard.var.index[:3]]
+            raise ScForgeValueError(
+                f"Shard '{shard.path}' shares no gene with the other shard(s) "
+                f"{', '.join(repr(o) for o in other[:3])} (its genes e.g. {mine}, theirs "
+                f"{theirs}); shards are joined on their gene identifiers, so every shard must "
+                "name (mostly) the same genes the same way, in var_names or a var column."
+            )
 
     @property
     def n_obs(self) -> int:
@@ -324,6 +361,17 @@ class StreamedCells:
     def labels(self, key: str) -> pd.Series:
         """The obs column ``key`` of every shard, concatenated in global cell order."""
         return pd.concat([s.obs_column(key) for s in self.shards], ignore_index=True)
+
+
+def _gene_identifiers(var: pd.DataFrame) -> set[str]:
+    """Every gene identifier a shard's ``var`` holds (version suffixes of Ensembl ids off)."""
+    values = [var.index.astype(str)]
+    for column in var.columns:
+        col = var[column]
+        if col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype | pd.StringDtype):
+            values.append(pd.Index(col.astype(str)))
+    names = pd.Index(np.concatenate([v.to_numpy(dtype=object) for v in values]))
+    return set(names.str.replace(r"^(ENS[A-Z]*G\d+)\.\d+$", r"\1", regex=True))
 
 
 # ------------------------------------------------------------------------------ the stream

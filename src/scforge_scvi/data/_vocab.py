@@ -26,6 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from scforge_scvi._errors import (
+    ScForgeFileNotFoundError,
+    ScForgeKeyError,
+    ScForgeTypeError,
+    ScForgeValueError,
+)
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -71,7 +78,7 @@ _HEADER_FIELDS = frozenset(("ensembl_id", "gene_id", "gene_ids", "gene", "genes"
 MatchBy = Literal["auto", "ensembl", "symbol"]
 
 
-class VocabCoverageError(ValueError):
+class VocabCoverageError(ScForgeValueError):
     """Too few of the data's genes were found in the gene vocabulary."""
 
 
@@ -161,11 +168,11 @@ class GeneVocab:
         self._medians_dtype = np.dtype(gene_medians_dtype)
         gene_index = _as_str_index(genes)
         if len(gene_index) == 0:
-            raise ValueError("A GeneVocab needs at least one gene; got an empty gene list.")
+            raise ScForgeValueError("A GeneVocab needs at least one gene; got an empty gene list.")
         gene_index = _strip_versions(gene_index)
         bad = [g for g in ("", *SPECIAL_TOKENS) if g in gene_index]
         if bad:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"Gene identifiers may not be empty or a special token; found {_examples(bad)}."
             )
         _check_unique(gene_index, where="the gene list")
@@ -175,7 +182,7 @@ class GeneVocab:
         if symbols is not None:
             symbol_index = _as_str_index(symbols)
             if len(symbol_index) != len(gene_index):
-                raise ValueError(
+                raise ScForgeValueError(
                     f"`symbols` must be parallel to `genes`: got {len(symbol_index)} symbols for "
                     f"{len(gene_index)} genes."
                 )
@@ -297,7 +304,7 @@ class GeneVocab:
             If no vocabulary has that name; the message lists the available ones.
         """
         if name not in _NAMED_VOCABS:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"Unknown gene vocabulary {name!r}. Available named vocabularies: "
                 f"{', '.join(repr(n) for n in cls.available_names())}. To use your own genes, "
                 "call GeneVocab.from_file(path) or GeneVocab.from_adata(adata)."
@@ -314,22 +321,24 @@ class GeneVocab:
         """Rebuild a vocabulary from :meth:`to_dict` output, validating its format."""
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(
+            raise ScForgeValueError(
                 f"{origin} is not a scforge gene vocabulary: expected a JSON object with "
                 f'"format": "{FORMAT_NAME}", found {found!r}. Write vocabularies with '
                 "GeneVocab.save, or read gene lists with GeneVocab.from_file."
             )
         version = data.get("format_version")
         if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"{origin} has gene vocabulary format_version {version!r}; this version of "
                 f"scforge_scvi reads format_version 1 to {FORMAT_VERSION}."
             )
         missing = [k for k in ("special_tokens", "genes") if k not in data]
         if missing:
-            raise ValueError(f"{origin} is missing the field(s) {missing} of a gene vocabulary.")
+            raise ScForgeValueError(
+                f"{origin} is missing the field(s) {missing} of a gene vocabulary."
+            )
         if tuple(data["special_tokens"]) != SPECIAL_TOKENS:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"{origin} has special tokens {data['special_tokens']!r}, but scforge_scvi uses "
                 f"{list(SPECIAL_TOKENS)!r}; token ids would not line up."
             )
@@ -338,15 +347,17 @@ class GeneVocab:
             if not (key == "symbols" and value is None) and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)
             ):
-                raise ValueError(f"{origin}: field {key!r} must be a list of strings.")
+                raise ScForgeValueError(f"{origin}: field {key!r} must be a list of strings.")
         medians = data.get("gene_medians")
         if medians is not None and not (
             isinstance(medians, list) and all(isinstance(v, int | float) for v in medians)
         ):
-            raise ValueError(f"{origin}: field 'gene_medians' must be a list of numbers or null.")
+            raise ScForgeValueError(
+                f"{origin}: field 'gene_medians' must be a list of numbers or null."
+            )
         medians_dtype = data.get("gene_medians_dtype", "float32")
         if medians_dtype not in ("float32", "float64"):
-            raise ValueError(
+            raise ScForgeValueError(
                 f"{origin}: field 'gene_medians_dtype' must be 'float32' or 'float64', got "
                 f"{medians_dtype!r}."
             )
@@ -364,7 +375,7 @@ class GeneVocab:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"Could not read a gene vocabulary from '{path}': it is not valid JSON "
                 f"({exc.msg} at line {exc.lineno}, column {exc.colno}). The file may be truncated "
                 "or was not written by GeneVocab.save."
@@ -381,7 +392,9 @@ class GeneVocab:
         if rows and rows[0][0].strip().lower() in _HEADER_FIELDS:
             rows = rows[1:]
         if not rows:
-            raise ValueError(f"'{path}' lists no genes (one gene identifier per line expected).")
+            raise ScForgeValueError(
+                f"'{path}' lists no genes (one gene identifier per line expected)."
+            )
         genes = [row[0].strip() for row in rows]
         n_columns = {min(len(row), 2) for row in rows}
         if n_columns == {2}:
@@ -389,7 +402,7 @@ class GeneVocab:
         elif n_columns == {1}:
             symbols = None
         else:
-            raise ValueError(
+            raise ScForgeValueError(
                 f"'{path}' mixes lines with and without a symbol column; give every line "
                 "either 'gene_id' alone or 'gene_id<TAB>symbol'."
             )
@@ -545,7 +558,7 @@ class GeneVocab:
         """
         token_id = self._find(name)
         if token_id is None:
-            raise KeyError(
+            raise ScForgeKeyError(
                 f"{name!r} is neither a special token, a gene id nor a gene symbol of the "
                 f"vocabulary {self._label} ({self.n_genes} genes)."
             )
@@ -639,18 +652,20 @@ class GeneVocab:
                 if medians.ndim == 1 and len(medians) == self.n_genes
                 else ""
             )
-            raise ValueError(
+            raise ScForgeValueError(
                 f"gene_medians must hold one value per token, {len(self)} values "
                 f"({N_SPECIAL} special tokens + {self.n_genes} genes); got shape "
                 f"{medians.shape}{hint}."
             )
         if not np.isfinite(medians).all():
             first = int(np.flatnonzero(~np.isfinite(medians))[0])
-            raise ValueError(f"gene_medians must be finite; token {first} has {medians[first]}.")
+            raise ScForgeValueError(
+                f"gene_medians must be finite; token {first} has {medians[first]}."
+            )
         bad = np.flatnonzero(medians[N_SPECIAL:] <= 0)
         if len(bad):
             i = int(bad[0])
-            raise ValueError(
+            raise ScForgeValueError(
                 f"gene_medians of genes must be positive; {len(bad)} are not, e.g. gene "
                 f"{self._genes[i]!r} (token {i + N_SPECIAL}) has {medians[i + N_SPECIAL]}."
             )
@@ -703,9 +718,9 @@ class GeneVocab:
             If less than ``min_coverage`` of the data's genes are in the vocabulary.
         """
         if by not in ("auto", "ensembl", "symbol"):
-            raise ValueError(f"by must be 'auto', 'ensembl' or 'symbol'; got {by!r}.")
+            raise ScForgeValueError(f"by must be 'auto', 'ensembl' or 'symbol'; got {by!r}.")
         if not 0.0 <= min_coverage <= 1.0:
-            raise ValueError(f"min_coverage must lie in [0, 1]; got {min_coverage}.")
+            raise ScForgeValueError(f"min_coverage must lie in [0, 1]; got {min_coverage}.")
 
         best: GeneMatch | None = None
         for kind, key, names in _candidates(data, gene_key=gene_key, by=by):
@@ -715,7 +730,7 @@ class GeneVocab:
         assert best is not None
 
         if coverage_of not in ("data", "vocab"):
-            raise ValueError(f"coverage_of must be 'data' or 'vocab'; got {coverage_of!r}.")
+            raise ScForgeValueError(f"coverage_of must be 'data' or 'vocab'; got {coverage_of!r}.")
         if coverage_of == "vocab" and best.vocab_coverage < min_coverage:
             raise VocabCoverageError(
                 f"Only {best.vocab_coverage:.1%} of the {best.n_vocab_genes} genes of the "
@@ -873,7 +888,7 @@ def _check_unique(genes: pd.Index, *, where: str) -> None:
     if genes.is_unique:
         return
     duplicated = list(genes[genes.duplicated()].unique())
-    raise ValueError(
+    raise ScForgeValueError(
         f"Gene identifiers in {where} must be unique to build a GeneVocab, but "
         f"{len(duplicated)} occur more than once (after removing Ensembl version suffixes): "
         f"{_examples(duplicated)}. For an AnnData, call `adata.var_names_make_unique()` or pass "
@@ -887,7 +902,7 @@ def _is_anndata(data: Any) -> bool:
 
 def _var_column(adata: AnnData, key: str) -> pd.Index:
     if key not in adata.var.columns:
-        raise ValueError(
+        raise ScForgeValueError(
             f"gene_key {key!r} is not a column of adata.var; available columns: "
             f"{list(map(str, adata.var.columns))}. Use gene_key=None for adata.var_names."
         )
@@ -908,9 +923,11 @@ def _candidates(
     """(kind, description, names) triples to try, Ensembl first so that it wins a tie."""
     if not _is_anndata(data):
         if gene_key is not None:
-            raise ValueError("gene_key selects a column of adata.var; it needs an AnnData.")
+            raise ScForgeValueError("gene_key selects a column of adata.var; it needs an AnnData.")
         if isinstance(data, str):
-            raise TypeError("match() needs an AnnData or a sequence of gene names, not a str.")
+            raise ScForgeTypeError(
+                "match() needs an AnnData or a sequence of gene names, not a str."
+            )
         names = _as_str_index(data)
         kinds = ["ensembl", "symbol"] if by == "auto" else [by]
         return [(kind, "the given names", names) for kind in kinds]
@@ -939,7 +956,7 @@ def _candidates(
     if by != "auto" and by not in sources:
         columns = _ID_COLUMNS if by == "ensembl" else _SYMBOL_COLUMNS
         what = "Ensembl ids" if by == "ensembl" else "gene symbols"
-        raise ValueError(
+        raise ScForgeValueError(
             f"by={by!r} but neither adata.var_names nor any of the var columns {list(columns)} "
             f"hold {what}. Pass gene_key naming the var column with {what}; available columns: "
             f"{list(map(str, var.columns))}."
@@ -949,11 +966,11 @@ def _candidates(
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"No gene vocabulary file at '{path}'.")
+        raise ScForgeFileNotFoundError(f"No gene vocabulary file at '{path}'.")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(
+        raise ScForgeValueError(
             f"'{path}' is not a text file; expected a gene vocabulary JSON written by "
             "GeneVocab.save or a text file with one gene per line."
         ) from None

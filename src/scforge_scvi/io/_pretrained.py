@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scforge_scvi._errors import (
+    ScForgeFileExistsError,
+    ScForgeFileNotFoundError,
+    ScForgePermissionError,
+    ScForgeValueError,
+    one_line,
+)
 from scforge_scvi._logging import logger
 from scforge_scvi.data import GeneVocab
 
@@ -49,7 +59,7 @@ ARCHITECTURE_KEYS = (
 )
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ScForgeValueError):
     """A checkpoint's architecture differs from the requested one."""
 
 
@@ -103,6 +113,101 @@ def _json_dump(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _previous(path: Path) -> Path:
+    """Where :func:`atomic_directory` keeps the previous directory while swapping."""
+    return path.with_name(f".{path.name}.old")
+
+
+def resolve_directory(path: str | os.PathLike) -> Path:
+    """``path``, or the previous complete directory when a save was killed mid-swap.
+
+    :func:`atomic_directory` moves the previous directory aside to ``.NAME.old`` just before
+    the new one takes its place; a process killed between the two renames leaves only the
+    previous one, which is then read (and put back by the next save).
+    """
+    path = Path(path)
+    previous = _previous(path)
+    if not path.exists() and previous.is_dir():
+        logger.warning(f"{path} was being replaced when its writer stopped; reading {previous}.")
+        return previous
+    return path
+
+
+def check_writable(directory: str | os.PathLike, what: str = "the output") -> None:
+    """Raise a clear error unless files can be created in ``directory`` (which may not exist
+    yet: its nearest existing ancestor is checked). Nothing is created.
+
+    Raises
+    ------
+    ScForgePermissionError
+        If that directory is read-only for this process.
+    ScForgeFileExistsError
+        If a file stands where a directory is needed.
+    """
+    directory = Path(directory).absolute()
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ScForgeFileExistsError(
+            f"'{existing}' is a file, so {what} cannot be written under it; choose a directory."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ScForgePermissionError(
+            f"Cannot write {what} to '{directory}': '{existing}' is read-only for this user; "
+            "choose a writable directory."
+        )
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Write a directory atomically: yield a temporary sibling to fill, then swap it in.
+
+    A crash or kill before the swap leaves any previous directory at ``path`` untouched (and
+    a hidden ``.NAME.*`` temporary that nothing reads); one during the swap leaves the
+    previous directory at ``.NAME.old``, where :func:`resolve_directory` finds it.
+
+    Raises
+    ------
+    ScForgeFileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    ScForgePermissionError
+        If the parent directory cannot be written.
+    """
+    path = Path(path)
+    previous = _previous(path)
+    if path.exists() and not overwrite:
+        raise ScForgeFileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    if path.exists() and not path.is_dir():
+        raise ScForgeFileExistsError(
+            f"{path} exists and is a file, not a model directory; choose another path."
+        )
+    check_writable(path.parent, f"'{path.name}'")
+    if not path.exists() and previous.is_dir():  # a swap was interrupted: restore it first
+        os.replace(previous, path)
+        if not overwrite:
+            raise ScForgeFileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except PermissionError as err:
+        raise ScForgePermissionError(
+            f"Cannot write '{path.name}' to '{path.parent}' ({err.strerror or err}); choose a "
+            "writable directory."
+        ) from None
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+            os.replace(tmp, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_pretrained(
     path: str | os.PathLike,
     config: dict[str, Any],
@@ -113,69 +218,84 @@ def write_pretrained(
 ) -> Path:
     """Write a pretrained directory atomically (temporary sibling, then swap)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         _json_dump(
             {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **config}, tmp / CONFIG_NAME
         )
         vocab.save(tmp / VOCAB_NAME)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+_EXPECTED = (
+    f"pass a pretrained directory ({CONFIG_NAME} + {WEIGHTS_NAME} + {VOCAB_NAME}) or a .ckpt "
+    "written by scforge training"
+)
+
+
 def read_pretrained(path: str | os.PathLike) -> Pretrained:
-    """Read a pretrained directory or an scforge Lightning checkpoint (weights only)."""
-    path = Path(path)
+    """Read a pretrained directory or an scforge Lightning checkpoint (weights only).
+
+    Raises
+    ------
+    ScForgeFileNotFoundError
+        If nothing is at ``path`` or a directory lacks one of the three files.
+    ScForgeValueError
+        If a file is truncated, corrupt, not JSON / safetensors / a PyTorch checkpoint, holds
+        pickled objects other than tensors (never unpickled), or was not written by scforge.
+    """
+    path = resolve_directory(path)
     if not path.exists():
-        raise FileNotFoundError(f"No pretrained model at {path}.")
+        raise ScForgeFileNotFoundError(f"No pretrained model at '{path}'; {_EXPECTED}.")
     if path.is_file():
         return _read_checkpoint(path)
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME) if not (path / n).exists()]
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME) if not (path / n).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{path} is not a pretrained scforge directory: missing {missing} "
+        raise ScForgeFileNotFoundError(
+            f"'{path}' is not a pretrained scforge directory: missing {missing} "
             f"(expected {CONFIG_NAME}, {WEIGHTS_NAME} and {VOCAB_NAME})."
         )
     try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path / CONFIG_NAME} is not valid JSON: {err}") from err
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path / CONFIG_NAME} is not an scforge config (format {FORMAT_NAME!r}).")
+        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScForgeValueError(
+            f"{path / CONFIG_NAME} is not valid JSON ({one_line(err)}); the directory is "
+            "truncated or was not written by save_pretrained."
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise ScForgeValueError(
+            f"{path / CONFIG_NAME} is not an scforge config (no format {FORMAT_NAME!r}); "
+            f"{_EXPECTED}."
+        )
     try:
         state_dict = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{path / WEIGHTS_NAME} is truncated or corrupt and cannot be read ({err}); "
+        raise ScForgeValueError(
+            f"{path / WEIGHTS_NAME} is truncated or corrupt and cannot be read ({one_line(err)}); "
             "no model was built. Re-export it from the training run."
-        ) from err
+        ) from None
     return Pretrained(config, GeneVocab.load(path / VOCAB_NAME), state_dict, str(path))
 
 
 def _read_checkpoint(path: Path) -> Pretrained:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means: not ours, or corrupt
-        raise ValueError(f"{path} could not be read as a checkpoint ({err}).") from err
+    except pickle.UnpicklingError:  # weights_only refused an object: nothing was run
+        raise ScForgeValueError(
+            f"{path} holds pickled Python objects, not only tensors, and scforge never "
+            f"unpickles those (nothing in it was run); {_EXPECTED}."
+        ) from None
+    except Exception as err:  # truncated, empty, not a zip/pickle at all
+        raise ScForgeValueError(
+            f"{path} could not be read as a checkpoint: it is truncated or not a PyTorch "
+            f"checkpoint ({one_line(err)}); {_EXPECTED}."
+        ) from None
     meta = ckpt.get("scforge") if isinstance(ckpt, dict) else None
-    if meta is None:
-        raise ValueError(
-            f"{path} is not a checkpoint written by scforge (no 'scforge' metadata); pass a "
-            "pretrained directory (config.json + model.safetensors + gene_vocab.json) instead."
+    if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ScForgeValueError(
+            f"{path} is not a checkpoint written by scforge (no 'scforge' metadata; a "
+            f"checkpoint of another model or architecture); {_EXPECTED}."
         )
     prefix = "module."
     state_dict = {

@@ -25,6 +25,13 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
 from scforge_scvi._allocator import tune_cpu_allocator
+from scforge_scvi._errors import (
+    ScForgeFileNotFoundError,
+    ScForgeKeyError,
+    ScForgeTypeError,
+    ScForgeValueError,
+    one_line,
+)
 from scforge_scvi._logging import logger
 from scforge_scvi.data import (
     GeneVocab,
@@ -36,6 +43,7 @@ from scforge_scvi.data import (
 )
 from scforge_scvi.data._bucketing import LengthGroupedDataSplitter, token_lengths
 from scforge_scvi.data._collate import TokenCollator
+from scforge_scvi.data._preprocess import backed_source, is_backed, read_row_sample
 from scforge_scvi.data._streaming import CellStream, StreamedCells, StreamedDataModule, split_cells
 from scforge_scvi.nn import BackboneConfig
 from scforge_scvi.train._callbacks import (
@@ -56,20 +64,74 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 VocabLike = GeneVocab | str | dict | None
+#: cells of a backed AnnData read to fit per-gene medians and select highly variable genes
+BACKED_FIT_CELLS = 10_000
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _check_counts(counts, where: str) -> None:
-    """Reject anything but raw counts; warn about cells without any count."""
-    check_raw_counts(counts, where)
-    n_empty = int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())
+    """Reject anything but raw counts; warn about cells without any count.
+
+    A backed matrix (``X`` of ``read_h5ad(..., backed="r")``) is read a block of rows at a
+    time, never loaded whole.
+    """
+    n_obs, n_vars = counts.shape
+    if n_obs == 0 or n_vars == 0:
+        raise ScForgeValueError(
+            f"{where} is empty ({n_obs} cells x {n_vars} genes); scforge needs at least one "
+            "cell and one gene of raw counts."
+        )
+    sums = check_raw_counts(counts, where)
+    n_empty = int((sums == 0).sum())
     if n_empty:
         warnings.warn(
             f"{n_empty} cells have zero counts in {where}; they are kept and tokenised to "
             "the <cls> token alone (their embedding carries no expression information).",
             UserWarning,
             stacklevel=3,
+        )
+
+
+def _check_adata(adata) -> None:
+    """Refuse what scvi-tools would fail on obscurely: a non-AnnData, a backed subset."""
+    if not isinstance(adata, AnnData):
+        raise ScForgeTypeError(
+            f"setup_anndata needs an AnnData, got {type(adata).__name__}; for cells on disk "
+            "read them with anndata.read_h5ad(path, backed='r') or stream them with "
+            "StreamedCells(paths)."
+        )
+    if adata.isbacked and adata.is_view:
+        raise ScForgeValueError(
+            f"This AnnData is a subset (view) of the backed file '{adata.filename}', which "
+            "cannot be registered without copying it; register the whole backed AnnData, or "
+            "load the subset into memory with adata[...].to_memory()."
+        )
+
+
+def _check_labels_column(column: pd.Series, key: str) -> None:
+    """A labels column holds class names: floats (a measurement) are a mistake."""
+    from pandas.api.types import is_float_dtype
+
+    if is_float_dtype(column.dtype):
+        raise ScForgeTypeError(
+            f"labels_key={key!r} is a column of floating-point numbers ({column.nunique()} "
+            "distinct values), not class labels; pass a column of class names (strings or "
+            "categories, e.g. adata.obs[key].astype(str)), or target_key= to regress a number."
+        )
+
+
+def _check_target_column(column: pd.Series, key: str) -> None:
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if not is_numeric_dtype(column.dtype) or is_bool_dtype(column.dtype):
+        raise ScForgeTypeError(
+            f"target_key={key!r} is a column of {column.dtype} values, not numbers; a "
+            "regression target must be numeric (for classes use labels_key=)."
+        )
+    if not np.isfinite(column.to_numpy(dtype=np.float64, na_value=np.nan)).all():
+        raise ScForgeValueError(
+            f"target_key={key!r} holds NaN or infinite values; every cell needs a finite target."
         )
 
 
@@ -229,6 +291,13 @@ class ScForge(BaseModelClass):
         if pooling == "cls" and not prepend_cls:
             raise ValueError("pooling='cls' needs prepend_cls=True; use pooling='mean' instead.")
         self.class_names_ = self._registered_class_names() or list(class_names or [])
+        if len(self.class_names_) == 1:
+            raise ScForgeValueError(
+                f"labels_key={self._setup_arg('labels_key')!r} has a single class "
+                f"({self.class_names_[0]!r}) among its labelled cells; a classifier needs at "
+                "least two: register a column with two or more classes, or no labels_key to "
+                "pretrain."
+            )
         self.module = self._module_cls(
             self.backbone_config,
             n_special=self.vocab.n_special,
@@ -290,9 +359,11 @@ class ScForge(BaseModelClass):
             (``None``: ``adata.var_names``, or a column of Ensembl ids when one is found).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        _check_adata(adata)
         where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+        where += backed_source(adata) if layer is None else ""
         if layer is not None and layer not in adata.layers:
-            raise KeyError(
+            raise ScForgeKeyError(
                 f"Layer {layer!r} not found; available layers: {sorted(adata.layers)} "
                 "(use layer=None for adata.X)."
             )
@@ -302,15 +373,19 @@ class ScForge(BaseModelClass):
             (target_key, "target_key"),
         ):
             if key is not None and key not in adata.obs:
-                raise KeyError(
+                raise ScForgeKeyError(
                     f"{name}={key!r} is not a column of adata.obs; available columns: "
                     f"{list(adata.obs.columns)}."
                 )
         if gene_key is not None and gene_key not in adata.var:
-            raise KeyError(
+            raise ScForgeKeyError(
                 f"gene_key={gene_key!r} is not a column of adata.var; available columns: "
                 f"{list(adata.var.columns)}."
             )
+        if labels_key is not None:
+            _check_labels_column(adata.obs[labels_key], labels_key)
+        if target_key is not None:
+            _check_target_column(adata.obs[target_key], target_key)
         counts = adata.layers[layer] if layer is not None else adata.X
         _check_counts(counts, where)
         fields = [
@@ -466,6 +541,23 @@ class ScForge(BaseModelClass):
         layer = self._setup_arg("layer")
         return adata.layers[layer] if layer is not None else adata.X
 
+    def _fitting_counts(self, adata: AnnData, what: str):
+        """The registered counts in memory, for fitting the vocabulary's statistics.
+
+        A backed matrix is not loaded whole: up to :data:`BACKED_FIT_CELLS` cells (a seeded
+        sample, all of them when there are no more) are read from the file a block at a time.
+        """
+        counts = self._counts(adata)
+        if not is_backed(counts):
+            return counts
+        rows, sample = read_row_sample(counts, BACKED_FIT_CELLS, seed=0)
+        if len(rows) < adata.n_obs:
+            logger.info(
+                f"{what} on {len(rows):,} of the {adata.n_obs:,} cells of the backed file "
+                f"'{adata.filename}' (a seeded sample)."
+            )
+        return sample
+
     def _resolve_vocab(self, vocab: VocabLike) -> GeneVocab:
         if isinstance(vocab, dict):
             return GeneVocab.from_dict(vocab)
@@ -482,7 +574,7 @@ class ScForge(BaseModelClass):
         if resolved.gene_medians is None:
             logger.info(f"Fitting per-gene medians on {self.adata.n_obs} cells.")
             resolved = fit_gene_medians(
-                self._counts(self.adata),
+                self._fitting_counts(self.adata, "Per-gene medians are fitted"),
                 match.vocab_ids,
                 resolved,
                 target_sum=self.preprocessing.target_sum,
@@ -496,7 +588,8 @@ class ScForge(BaseModelClass):
         if n_top is not None and n_top < adata.n_vars:
             import scanpy as sc
 
-            view = AnnData(X=self._counts(adata).copy(), var=adata.var[[]].copy())
+            counts = self._fitting_counts(adata, "Highly variable genes are selected")
+            view = AnnData(X=counts.copy(), var=adata.var[[]].copy())
             view.var_names = adata.var_names
             sc.pp.normalize_total(view, target_sum=self.preprocessing.target_sum)
             sc.pp.log1p(view)
@@ -654,7 +747,10 @@ class ScForge(BaseModelClass):
         distributed
             Lightning strategy spreading training over processes: ``"ddp"``, ``"fsdp"``,
             ``"ddp_spawn"``, ...; ``"auto"`` lets Lightning choose. Multi-process training
-            needs ``data=`` (each rank streams its share of every global batch).
+            needs ``data=`` (each rank streams its share of every global batch), or a
+            backed AnnData (``read_h5ad(path, backed="r")``): its file is then streamed as
+            ``data=StreamedCells(adata.filename)`` would be (streamed split, labels read
+            from the file).
         num_nodes
             Machines taking part (with ``devices`` processes each).
         **trainer_kwargs
@@ -692,10 +788,7 @@ class ScForge(BaseModelClass):
             callbacks.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
         self._configure_strategy(objective, strategy, freeze_backbone_epochs, lora, callbacks)
         if distributed != "auto" and data is None:
-            raise ValueError(
-                f"distributed={distributed!r} needs streamed cells: pass data=StreamedCells(...) "
-                "(or .h5ad/.zarr paths) so that each process reads its share of every batch."
-            )
+            data = self._backed_cells(distributed)  # a backed AnnData's file, or an error
         if distributed != "auto" and strategy == "gradual_unfreeze" and freeze_backbone_epochs:
             raise ValueError(
                 f"strategy='gradual_unfreeze' cannot be combined with distributed="
@@ -924,6 +1017,27 @@ class ScForge(BaseModelClass):
         val = CellStream(cells, split[1], shuffle=False, **common) if len(split[1]) else None
         return StreamedDataModule(train, val, num_workers=num_workers), split
 
+    def _backed_cells(self, distributed: str) -> StreamedCells:
+        """The file of a backed AnnData as streamed cells, for multi-process training.
+
+        Every process reads its share of each batch from the file itself, exactly as with
+        ``data=StreamedCells(adata.filename)``. An in-memory AnnData cannot be shared so.
+        """
+        adata = self.adata
+        if not (adata.isbacked and adata.filename is not None and not adata.is_view):
+            raise ScForgeValueError(
+                f"distributed={distributed!r} needs streamed cells: pass "
+                "data=StreamedCells(...) (or .h5ad/.zarr paths), or register a backed AnnData "
+                "(anndata.read_h5ad(path, backed='r')), so that each process reads its share "
+                "of every batch from disk; this AnnData is in memory."
+            )
+        layer = self._setup_arg("layer")
+        logger.info(
+            f"distributed={distributed!r}: streaming the cells of the backed file "
+            f"'{adata.filename}' ({'X' if layer is None else f'layers[{layer!r}]'})."
+        )
+        return StreamedCells(adata.filename, layer=layer)
+
     def _streamed_columns(self, cells: StreamedCells) -> list[np.ndarray]:
         """Per shard, each gene's vocabulary id; genes outside it share the last column."""
         unknown = len(self.vocab)
@@ -1010,9 +1124,11 @@ class ScForge(BaseModelClass):
             )
         else:
             ids = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-            if not adata.isbacked:  # a backed file is read in row order
+            if adata.isbacked:  # scvi-tools reads the rows of a backed file in ascending order
+                order = np.argsort(ids, kind="stable")
+            else:
                 order = np.argsort(-self._token_lengths(adata, ids), kind="stable")
-                ids = ids[order]
+            ids = ids[order]
             loader = self._loader(adata, ids, batch_size)
         outputs = []
         for tensors in loader:
@@ -1185,7 +1301,9 @@ class ScForge(BaseModelClass):
         # unlabelled cells (the unlabelled category or a missing label) are not scored
         keep = labelled[indices]
         scored = indices[keep]
-        probs = self.predict(adata[scored].copy(), return_probabilities=True)
+        sub = adata[scored]
+        sub = sub.to_memory() if sub.isbacked else sub.copy()
+        probs = self.predict(sub, return_probabilities=True)
         pred = np.asarray(self.class_names_)[probs.to_numpy().argmax(1)]
         truth = all_truth[scored]
         labels = list(self.class_names_)
@@ -1297,41 +1415,28 @@ class ScForge(BaseModelClass):
         Size of ``adapter_model.safetensors`` in bytes.
         """
         import json
-        import os
-        import shutil
-        import tempfile
         from pathlib import Path
 
         from safetensors.torch import save_file
 
+        from scforge_scvi.io._pretrained import atomic_directory
+
         if self.lora_ is None:
-            raise ValueError(
+            raise ScForgeValueError(
                 "This model has no LoRA adapters; train with strategy='lora' first "
                 "(or use save_pretrained for the full model)."
             )
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
         config = {
             "lora": dict(self.lora_),
             "class_names": list(self.class_names_),
             "labels_key": self._setup_arg("labels_key"),
             "backbone": self.backbone_config.to_dict(),
         }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path, overwrite=overwrite) as tmp:
             (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
             tensors = {k: v.cpu().contiguous() for k, v in self._adapter_state_dict().items()}
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME))
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         size = (path / ADAPTER_WEIGHTS_NAME).stat().st_size
         logger.info(f"Saved LoRA adapters and task head to {path} ({size / 1e6:.2f} MB).")
         return size
@@ -1343,19 +1448,29 @@ class ScForge(BaseModelClass):
         :meth:`from_pretrained` of the base directory) and for the same class names.
         """
         import json
-        from pathlib import Path
 
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from scforge_scvi.io._pretrained import resolve_directory
         from scforge_scvi.train import load_lora_state_dict
 
-        path = Path(path)
+        path = resolve_directory(path)
         config_file = path / ADAPTER_CONFIG_NAME
-        if not config_file.exists():
-            raise FileNotFoundError(f"No {ADAPTER_CONFIG_NAME} in {path}.")
-        config = json.loads(config_file.read_text())
+        if not config_file.is_file() or not (path / ADAPTER_WEIGHTS_NAME).is_file():
+            raise ScForgeFileNotFoundError(
+                f"'{path}' is not an adapter directory: it needs {ADAPTER_CONFIG_NAME} and "
+                f"{ADAPTER_WEIGHTS_NAME} (written by save_adapter)."
+            )
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ScForgeValueError(
+                f"{config_file} is not valid JSON ({one_line(err)}); the directory is "
+                "truncated or was not written by save_adapter."
+            ) from None
         if config["class_names"] != list(self.class_names_):
-            raise ValueError(
+            raise ScForgeValueError(
                 f"The adapter's head was fitted for labels {config['class_names']}; this model "
                 f"has {list(self.class_names_)}."
             )
@@ -1366,7 +1481,13 @@ class ScForge(BaseModelClass):
             raise ValueError(
                 f"This model already carries LoRA adapters {self.lora_}, not {settings.to_dict()}."
             )
-        state = load_file(str(path / ADAPTER_WEIGHTS_NAME))
+        try:
+            state = load_file(str(path / ADAPTER_WEIGHTS_NAME))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ScForgeValueError(
+                f"{path / ADAPTER_WEIGHTS_NAME} is truncated or corrupt and cannot be read "
+                f"({one_line(err)}); nothing was loaded."
+            ) from None
         prefix = "backbone."
         load_lora_state_dict(
             self.module.backbone,
@@ -1471,7 +1592,13 @@ class ScForge(BaseModelClass):
         from scforge_scvi.io import check_architecture, load_weights
 
         params = pretrained.init_params
-        check_architecture(params, kwargs, source=f"the requested {cls.__name__} arguments")
+        saved = dict(params)  # a None that was saved stands for the value it implied
+        backbone = pretrained.config.get("backbone", {})
+        if saved.get("max_seq_len") is None:
+            saved["max_seq_len"] = backbone.get("max_seq_len")
+        if saved.get("ffn_dim") is None and backbone.get("hidden_dim"):
+            saved["ffn_dim"] = backbone.get("ffn_dim") or 4 * backbone["hidden_dim"]
+        check_architecture(saved, kwargs, source=f"the requested {cls.__name__} arguments")
         params.update(kwargs)
         manager = cls._get_most_recent_anndata_manager(adata, required=True)
         if manager.registry["setup_args"].get("labels_key") is None and pretrained.class_names:

@@ -42,6 +42,7 @@ from scvi.utils import setup_anndata_dsp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from scforge_scvi._errors import ScForgeKeyError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
     normalize_split_labels,
@@ -590,6 +591,11 @@ class ScForgePerturb(BaseModelClass):
             log1p-normalised expression computed from these counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if layer is not None and layer not in adata.layers:
+            raise ScForgeKeyError(
+                f"Layer {layer!r} not found; available layers: {sorted(adata.layers)} "
+                "(use layer=None for adata.X)."
+            )
         counts = adata.X if layer is None else adata.layers[layer]
         check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
         validate_perturbation_adata(

@@ -54,6 +54,10 @@ class BestCheckpoint(Callback):
     ) -> None:
         self.monitor = monitor
         self.dirpath = Path(dirpath) if dirpath is not None else None
+        if self.dirpath is not None:  # fail now, not after the first epoch of training
+            from scforge_scvi.io._pretrained import check_writable
+
+            check_writable(self.dirpath, "checkpoints")
         self.restore_best = restore_best
         self.best_score: float | None = None
         self.best_epoch: int | None = None
