@@ -737,7 +737,8 @@ class ScForge(BaseModelClass):
         group_by_length
             Put cells of similar token length into the same minibatch (shuffled groups of
             16 batches, see :class:`~scforge_scvi.data.LengthGroupedSampler`), so that batches
-            carry little padding; ``False`` draws plain random minibatches.
+            carry little padding; ``False`` draws plain random minibatches (as does a backed
+            AnnData, whose counts are never read whole).
         data
             Train on cells streamed from disk instead of the registered AnnData: a
             :class:`~scforge_scvi.data.StreamedCells`, or one or more ``.h5ad``/``.zarr``
@@ -810,7 +811,7 @@ class ScForge(BaseModelClass):
                 "collate_fn": self._collator(self.adata),
                 "num_workers": num_workers,
             }
-            if group_by_length:
+            if group_by_length and not self.adata.isbacked:  # lengths would read all of X
                 lengths = self._token_lengths(self.adata)
                 splitter = LengthGroupedDataSplitter(self.adata_manager, lengths=lengths, **common)
             else:
@@ -1316,11 +1317,16 @@ class ScForge(BaseModelClass):
         ).astype(int)
         if baseline and own_data and len(fitted):
             fitted = fitted[labelled[fitted] & ~np.isin(fitted, scored)]
+            counts, truth_of, fit_at, score_at = self._counts(adata), all_truth, fitted, scored
+            if adata.isbacked:  # read only the rows the baseline uses
+                rows = np.union1d(fitted, scored)
+                counts, truth_of = counts[rows], all_truth[rows]
+                fit_at, score_at = np.searchsorted(rows, fitted), np.searchsorted(rows, scored)
             reference = logreg_on_cells(
-                self._counts(adata),
-                all_truth,
-                fitted,
-                scored,
+                counts,
+                truth_of,
+                fit_at,
+                score_at,
                 n_top_genes=n_top_genes,
                 target_sum=self.preprocessing.target_sum,
                 class_names=labels,
