@@ -35,8 +35,13 @@ from scforge_scvi.train._lora import count_parameters
 REPO = Path(__file__).resolve().parents[1]
 PBMC3K = REPO / ".." / "shared" / "data" / "pbmc3k_raw_labeled.h5ad"
 TRAIN_SIZE, VALIDATION_SIZE = 0.7, 0.1
-ARMS = ("pretrained:full", "random:full", "pretrained:frozen", "pretrained:gradual_unfreeze",
-        "pretrained:lora")
+ARMS = (
+    "pretrained:full",
+    "random:full",
+    "pretrained:frozen",
+    "pretrained:gradual_unfreeze",
+    "pretrained:lora",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +92,9 @@ def split(codes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     idx = np.arange(len(codes))
     rest, test = train_test_split(
-        idx, test_size=1 - TRAIN_SIZE - VALIDATION_SIZE, random_state=seed,
+        idx,
+        test_size=1 - TRAIN_SIZE - VALIDATION_SIZE,
+        random_state=seed,
         stratify=codes.astype(str),
     )
     return np.sort(rest), np.sort(test)
@@ -100,15 +107,30 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     adata, key = load(args.dataset)
-    print(f"{args.dataset}: {adata.n_obs} cells x {adata.n_vars} genes, labels {key!r} "
-          f"(load {time.perf_counter() - start:.1f} s)", flush=True)
-    arch = dict(tokenizer=args.tokenizer, n_top_genes=args.n_top_genes,
-                max_genes=args.max_genes, hidden_dim=args.hidden_dim,
-                num_layers=args.num_layers, num_heads=args.num_heads, pooling=args.pooling)
-    fit = dict(lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-               class_weights=None if args.class_weights == "none" else args.class_weights,
-               batch_size=args.batch_size, train_size=TRAIN_SIZE,
-               validation_size=VALIDATION_SIZE, enable_progress_bar=False)
+    print(
+        f"{args.dataset}: {adata.n_obs} cells x {adata.n_vars} genes, labels {key!r} "
+        f"(load {time.perf_counter() - start:.1f} s)",
+        flush=True,
+    )
+    arch = dict(
+        tokenizer=args.tokenizer,
+        n_top_genes=args.n_top_genes,
+        max_genes=args.max_genes,
+        hidden_dim=args.hidden_dim,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        pooling=args.pooling,
+    )
+    fit = dict(
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio,
+        class_weights=None if args.class_weights == "none" else args.class_weights,
+        batch_size=args.batch_size,
+        train_size=TRAIN_SIZE,
+        validation_size=VALIDATION_SIZE,
+        enable_progress_bar=False,
+    )
     results = []
     for seed in args.seeds:
         labelled = adata.copy()
@@ -120,15 +142,25 @@ def main(argv=None) -> None:
             del pre.obs[key]
             ScForge.setup_anndata(pre)
             model = ScForge(pre, **arch)
-            model.train(max_epochs=args.pretrain_epochs, objective="pretrain",
-                        lr=args.pretrain_lr, warmup_steps=args.warmup_steps,
-                        min_lr_ratio=args.min_lr_ratio, batch_size=args.batch_size,
-                        train_size=0.9, validation_size=0.1, seed=seed,
-                        enable_progress_bar=False)
+            model.train(
+                max_epochs=args.pretrain_epochs,
+                objective="pretrain",
+                lr=args.pretrain_lr,
+                warmup_steps=args.warmup_steps,
+                min_lr_ratio=args.min_lr_ratio,
+                batch_size=args.batch_size,
+                train_size=0.9,
+                validation_size=0.1,
+                seed=seed,
+                enable_progress_bar=False,
+            )
             model.save_pretrained(str(Path(tmp) / "pre"))
             t_pre = time.perf_counter() - t0
-            print(f"seed {seed}: pretraining {args.pretrain_epochs} epochs on {len(rest)} "
-                  f"cells: {t_pre:.0f} s", flush=True)
+            print(
+                f"seed {seed}: pretraining {args.pretrain_epochs} epochs on {len(rest)} "
+                f"cells: {t_pre:.0f} s",
+                flush=True,
+            )
             for arm in args.arms:
                 init, strategy = arm.split(":")
                 t0 = time.perf_counter()
@@ -137,8 +169,13 @@ def main(argv=None) -> None:
                     model = ScForge(labelled, vocab=model.vocab, **arch)
                 torch.manual_seed(seed)
                 freeze = max(1, args.epochs // 3) if strategy == "gradual_unfreeze" else 0
-                model.train(max_epochs=args.epochs, strategy=strategy, seed=seed,
-                            freeze_backbone_epochs=freeze, **fit)
+                model.train(
+                    max_epochs=args.epochs,
+                    strategy=strategy,
+                    seed=seed,
+                    freeze_backbone_epochs=freeze,
+                    **fit,
+                )
                 t_fit = time.perf_counter() - t0
                 if not np.array_equal(model.test_indices_, test):
                     sys.exit("The model's test cells differ from the benchmark's split.")
@@ -147,26 +184,43 @@ def main(argv=None) -> None:
                 t_eval = time.perf_counter() - t0
                 base = scores["baseline_logreg"]
                 row = {
-                    "dataset": args.dataset, "seed": seed, "init": init, "strategy": strategy,
+                    "dataset": args.dataset,
+                    "seed": seed,
+                    "init": init,
+                    "strategy": strategy,
                     "trainable": count_parameters(model.module)[0],
                     "best_epoch": int(model.best_epoch_ or -1),
-                    "pretrain_s": t_pre, "finetune_s": t_fit, "evaluate_s": t_eval,
+                    "pretrain_s": t_pre,
+                    "finetune_s": t_fit,
+                    "evaluate_s": t_eval,
                     "recipe_s": t_pre + t_fit,
-                    "macro_f1": scores["macro_f1"], "accuracy": scores["accuracy"],
-                    "logreg_macro_f1": base["macro_f1"], "logreg_accuracy": base["accuracy"],
+                    "macro_f1": scores["macro_f1"],
+                    "accuracy": scores["accuracy"],
+                    "logreg_macro_f1": base["macro_f1"],
+                    "logreg_accuracy": base["accuracy"],
                     "ratio": scores["relative_macro_f1"],
-                    "per_class_f1": scores["per_class_f1"], "support": scores["support"],
+                    "per_class_f1": scores["per_class_f1"],
+                    "support": scores["support"],
                     "logreg_per_class_f1": base["per_class_f1"],
                 }
                 results.append(row)
-                print(f"  {init:10s} {strategy:16s} macro-F1 {row['macro_f1']:.3f} "
-                      f"(logreg {row['logreg_macro_f1']:.3f}, ratio {row['ratio']:.3f}) "
-                      f"acc {row['accuracy']:.3f}  fine-tune {t_fit:.0f} s, evaluate "
-                      f"{t_eval:.0f} s, best epoch {row['best_epoch']}", flush=True)
+                print(
+                    f"  {init:10s} {strategy:16s} macro-F1 {row['macro_f1']:.3f} "
+                    f"(logreg {row['logreg_macro_f1']:.3f}, ratio {row['ratio']:.3f}) "
+                    f"acc {row['accuracy']:.3f}  fine-tune {t_fit:.0f} s, evaluate "
+                    f"{t_eval:.0f} s, best epoch {row['best_epoch']}",
+                    flush=True,
+                )
                 small = sorted(row["support"], key=row["support"].get)[:2]
-                print("    smallest classes: " + ", ".join(
-                    f"{c} (n={row['support'][c]}) F1 {row['per_class_f1'][c]:.2f} vs "
-                    f"{row['logreg_per_class_f1'][c]:.2f}" for c in small), flush=True)
+                print(
+                    "    smallest classes: "
+                    + ", ".join(
+                        f"{c} (n={row['support'][c]}) F1 {row['per_class_f1'][c]:.2f} vs "
+                        f"{row['logreg_per_class_f1'][c]:.2f}"
+                        for c in small
+                    ),
+                    flush=True,
+                )
     print("\nmean +- sd over seeds:")
     for arm in args.arms:
         init, strategy = arm.split(":")
@@ -174,14 +228,19 @@ def main(argv=None) -> None:
         f1 = np.array([r["macro_f1"] for r in rows])
         ratio = np.array([r["ratio"] for r in rows])
         wall = np.array([r["recipe_s"] for r in rows])
-        print(f"  {arm:28s} macro-F1 {f1.mean():.3f} +- {f1.std():.3f}  ratio "
-              f"{ratio.mean():.3f} +- {ratio.std():.3f}  pretrain+fine-tune {wall.mean():.0f} s")
+        print(
+            f"  {arm:28s} macro-F1 {f1.mean():.3f} +- {f1.std():.3f}  ratio "
+            f"{ratio.mean():.3f} +- {ratio.std():.3f}  pretrain+fine-tune {wall.mean():.0f} s"
+        )
     logreg = np.array([r["logreg_macro_f1"] for r in results if r["strategy"] == "full"])
     print(f"  logistic regression          macro-F1 {logreg.mean():.3f} +- {logreg.std():.3f}")
     print(f"total wall {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":
