@@ -168,15 +168,16 @@ def classify_step(module, batch, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def grouped_batches(model, adata, idx, batch_size, group_batches):
-    """Training-order batches of ``idx`` (length-grouped unless ``group_batches == 1``)."""
+def grouped_batches(model, adata, idx, batch_size, group_batches=16, shuffle=True):
+    """Batches of ``idx`` as training (``shuffle``, length-grouped unless ``group_batches ==
+    1``) or validation (longest first) draws them."""
     torch.manual_seed(0)
     return length_grouped_loader(
         model.adata_manager,
         idx,
         model._token_lengths(adata, idx),
         batch_size=batch_size,
-        shuffle=True,
+        shuffle=shuffle,
         collate_fn=model._collator(adata),
         group_batches=group_batches,
     )
@@ -289,6 +290,7 @@ def epoch_breakdown(model, adata, train_idx, val_idx, batch: int, n_steps: int) 
             generator=gen,
         )
         t2 = time.perf_counter()
+        # inference masks again (it takes unmasked tokens): its masking time is subtracted
         out = module.inference(
             tokens=tokens, masking=masking, generator=torch.Generator().manual_seed(step)
         )
@@ -317,16 +319,7 @@ def epoch_breakdown(model, adata, train_idx, val_idx, batch: int, n_steps: int) 
     module.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
-        for i, b in enumerate(
-            length_grouped_loader(
-                model.adata_manager,
-                val_idx,
-                model._token_lengths(adata, val_idx),
-                batch_size=batch,
-                shuffle=False,
-                collate_fn=model._collator(adata),
-            )
-        ):
+        for i, b in enumerate(grouped_batches(model, adata, val_idx, batch, shuffle=False)):
             out = module.inference(
                 **module._get_inference_input(b),
                 masking=masking,

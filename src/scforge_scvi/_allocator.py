@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -22,16 +23,14 @@ _state = {"tuned": False}
 def tune_cpu_allocator() -> bool:
     """Make glibc reuse freed memory for large CPU tensors (Linux only, process-wide).
 
-    Called by ``scforge`` commands and by :meth:`ScForge.train` on the CPU; calling it again
-    does nothing. Set the environment variable ``SCFORGE_TUNE_MALLOC=0`` to leave the
+    Called by :meth:`ScForge.train` and by inference on the CPU (so by every ``scforge``
+    command); calling it again does nothing. Set the environment variable ``SCFORGE_TUNE_MALLOC=0`` to leave the
     allocator alone.
 
     Returns
     -------
     Whether the allocator settings are now in place.
     """
-    import os
-
     if _state["tuned"]:
         return True
     if not sys.platform.startswith("linux") or os.environ.get("SCFORGE_TUNE_MALLOC") == "0":

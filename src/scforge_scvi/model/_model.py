@@ -1128,7 +1128,9 @@ class ScForge(BaseModelClass):
             if adata.isbacked:  # scvi-tools reads the rows of a backed file in ascending order
                 order = np.argsort(ids, kind="stable")
             else:
-                order = np.argsort(-self._token_lengths(adata, ids), kind="stable")
+                # all cells: no copy of the counts; a subset: only its rows are read
+                lengths = self._token_lengths(adata, None if indices is None else ids)
+                order = np.argsort(-lengths, kind="stable")
             ids = ids[order]
             loader = self._loader(adata, ids, batch_size)
         outputs = []
