@@ -95,6 +95,35 @@ def test_table_shape_is_checked():
         PerturbationSetModel(config, perturbation_table=torch.zeros(3, 5))
 
 
+def test_extra_table_rows_and_feature_vectors_passed_directly():
+    """Rows past the categories are perturbations known by features; vectors can be passed."""
+    torch.manual_seed(0)
+    table = torch.randn(7, 5)  # 4 categories + 3 perturbations without training cells
+    config = tiny_config(perturbation_features="table", perturbation_dim=5, n_table_rows=7)
+    model = PerturbationSetModel(config, perturbation_table=table)
+    torch.nn.init.normal_(model.decoder.linear2.weight, std=1.0)
+    basal = torch.rand(2, 6, 12)
+    by_row = model(basal, torch.tensor([5, 2])).prediction
+    by_vector = model(basal, torch.tensor([-1, -1]), perturbation_features=table[[5, 2]]).prediction
+    torch.testing.assert_close(by_row, by_vector)
+    # a control set keeps the learned control vector whatever features come with it
+    enc = model.perturbation_encoder
+    torch.testing.assert_close(
+        enc(torch.tensor([0]), torch.full((1, 5), 9.0)), enc(torch.tensor([0]))
+    )
+    with pytest.raises(ValueError, match=r"features must have shape \(2, 5\)"):
+        model(basal, torch.tensor([1, 2]), perturbation_features=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="one_hot"):
+        PerturbationSetModel(tiny_config())(
+            basal, torch.tensor([1, 2]), perturbation_features=torch.zeros(2, 4)
+        )
+    with pytest.raises(ValueError, match="n_table_rows must be an integer >= n_perturbations"):
+        tiny_config(perturbation_features="table", perturbation_dim=5, n_table_rows=3)
+    with pytest.raises(ValueError, match="n_table_rows is only meaningful"):
+        tiny_config(n_table_rows=7)
+    assert PerturbConfig.from_dict(config.to_dict()) == config
+
+
 def test_batch_embedding_is_required_iff_configured():
     model = PerturbationSetModel(tiny_config(n_batches=2))
     basal = torch.rand(2, 6, 12)

@@ -8,8 +8,9 @@ controls included, ``obs`` holding the perturbation and the cell type.
 Baselines
     :func:`control_mean_baseline` (no effect), :func:`perturbation_mean_baseline` (the
     cell-eval baseline: every perturbed cell set to the mean of the training perturbation
-    means), :func:`linear_baseline` (the linear model of Ahlmann-Eltze et al.: ridge
-    regression on gene-PCA perturbation embeddings).
+    means), :func:`linear_baseline` (the linear model of Ahlmann-Eltze et al. 2025: ridge
+    regression on perturbation embeddings, the genes' PCA scores of the target genes or a
+    given perturbation feature table, which predicts perturbations never seen in training).
 
 Metrics, as cell-eval defines them, per cell type and perturbation
     ``mae`` / ``mse`` between the predicted and real pseudobulks (means of log1p values);
@@ -34,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from scforge_scvi.data._perturb_data import feature_table
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
 
 METRICS = ("mae", "mse", "pearson_delta", "discrimination_score_l1", "overlap_at_N")
@@ -263,15 +265,19 @@ def linear_baseline(
     n_components: int = 10,
     ridge: float = 0.1,
     target_genes: Mapping[str, str] | None = None,
+    perturbation_features: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
 ) -> ad.AnnData:
-    """The linear model of Ahlmann-Eltze et al.: ridge on gene-PCA perturbation embeddings.
+    """The linear model of Ahlmann-Eltze et al. (2025): ridge on perturbation embeddings.
 
     ``Y ≈ G W Pᵀ + b``: ``Y`` holds the training changes from the control mean (genes x
     perturbations), ``G`` the genes' scores on the top ``n_components`` principal components of
-    ``Y``, ``P`` the rows of ``G`` of each perturbation's target gene, ``b`` the mean change,
-    and ``W`` is the ridge solution. A held-out perturbation is predicted from its target
-    gene's row of ``G``. The model is fitted on the training perturbations of the same cell
-    type when there are at least two (few-shot), else on all training cell types pooled.
+    ``Y``, ``P`` the embedding of each perturbation, ``b`` the mean change, and ``W`` is the
+    ridge solution. ``P`` is the row of ``G`` of each perturbation's target gene, or, with
+    ``perturbation_features``, the perturbation's row of that table (the paper's variant with
+    external embeddings); a held-out perturbation is predicted from its own embedding, so
+    with a feature table it need not have been seen in training. The model is fitted on the
+    training perturbations of the same cell type when there are at least two, else on all
+    training cell types pooled.
 
     Parameters
     ----------
@@ -283,32 +289,52 @@ def linear_baseline(
         ``λ`` of both ridge solves.
     target_genes
         Perturbation -> target gene name; default: the perturbation's own name (as in
-        CRISPR screens). A target missing from the genes is an error.
+        CRISPR screens). A target missing from the genes is an error. Not read with
+        ``perturbation_features``.
+    perturbation_features
+        Perturbation feature table (DataFrame indexed by name, or a mapping name -> vector)
+        with a row for every training and predicted perturbation; replaces the target genes'
+        PCA scores as ``P``.
     """
     groups, effects, _ = _training_effects(train, perturbation_key, control_label, cell_type_key)
     wanted, control_means = _requested_groups(real, perturbation_key, control_label, cell_type_key)
     gene_index = pd.Index(real.var_names.astype(str))
     if not gene_index.equals(pd.Index(train.var_names.astype(str))):
         raise ValueError("train and real must have the same genes in the same order.")
-    targets = dict(target_genes or {})
     names = set(groups["perturbation"]) | set(wanted["perturbation"])
-    target_of = {p: targets.get(p, p) for p in names}
-    missing = sorted(p for p, g in target_of.items() if g not in gene_index)
-    if missing:
-        raise ValueError(
-            f"The target genes of perturbations {missing} are not among the genes, so the "
-            "linear baseline cannot embed them; pass `target_genes` mapping each perturbation "
-            "to a measured gene."
-        )
-    column = {p: gene_index.get_loc(g) for p, g in target_of.items()}
+    if perturbation_features is not None:
+        table = feature_table(perturbation_features)
+        missing = sorted(names - set(table.index))
+        if missing:
+            raise ValueError(
+                f"Perturbations {missing} have no row in perturbation_features, so the linear "
+                "baseline cannot embed them."
+            )
+        features = {p: table.loc[p].to_numpy(dtype=np.float64) for p in names}
+    else:
+        targets = dict(target_genes or {})
+        target_of = {p: targets.get(p, p) for p in names}
+        missing = sorted(p for p, g in target_of.items() if g not in gene_index)
+        if missing:
+            raise ValueError(
+                f"The target genes of perturbations {missing} are not among the genes, so the "
+                "linear baseline cannot embed them; pass `target_genes` mapping each "
+                "perturbation to a measured gene, or `perturbation_features`."
+            )
+        column = {p: gene_index.get_loc(g) for p, g in target_of.items()}
+
+    def embed(g: np.ndarray, perts: Sequence[str]) -> np.ndarray:
+        """``P``: feature rows, or the target genes' rows of ``G``."""
+        if perturbation_features is not None:
+            return np.stack([features[x] for x in perts])
+        return g[[column[x] for x in perts]]
 
     fits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         y = effects[rows].T  # genes x perturbations
         g = _gene_pca(y, n_components)
-        p = g[[column[x] for x in groups["perturbation"].to_numpy()[rows]]]
-        w, b = _fit_linear(y, p, g, ridge)
+        w, b = _fit_linear(y, embed(g, groups["perturbation"].to_numpy()[rows]), g, ridge)
         return g, w, b
 
     pooled = None
@@ -322,7 +348,7 @@ def linear_baseline(
         else:
             pooled = pooled or fit(np.arange(len(groups)))
             g, w, b = pooled
-        predicted[(c, pert)] = control_means[c] + g @ w @ g[column[pert]] + b
+        predicted[(c, pert)] = control_means[c] + g @ w @ embed(g, [pert])[0] + b
     return _assemble_prediction(real, predicted, perturbation_key, control_label, cell_type_key)
 
 

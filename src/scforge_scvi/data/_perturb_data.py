@@ -14,7 +14,7 @@ cell types.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -144,6 +144,48 @@ def read_perturbation_h5ad(
     check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
     validate_perturbation_adata(adata, perturbation_key, control_label, cell_type_key, batch_key)
     return adata
+
+
+# ------------------------------------------------------------------ perturbation features
+def feature_table(
+    features: pd.DataFrame | Mapping[str, Sequence[float]], what: str = "perturbation feature table"
+) -> pd.DataFrame:
+    """A perturbation feature table as a float32 DataFrame indexed by name, checked.
+
+    Parameters
+    ----------
+    features
+        A DataFrame indexed by perturbation name (one column per feature) or a mapping
+        name -> vector.
+    what
+        How error messages name the table.
+    """
+    if isinstance(features, pd.DataFrame):
+        table = features.copy()
+    elif isinstance(features, Mapping):
+        table = pd.DataFrame.from_dict(
+            {k: np.asarray(v, dtype=np.float64).ravel() for k, v in features.items()},
+            orient="index",
+        )
+    else:
+        raise TypeError(
+            f"The {what} must be a DataFrame indexed by perturbation name or a mapping "
+            f"name -> vector, got {type(features).__name__}."
+        )
+    table.index = table.index.astype(str)
+    if table.index.has_duplicates:
+        dupes = sorted(set(table.index[table.index.duplicated()]))
+        raise ValueError(f"The {what} has duplicate rows for {dupes}.")
+    if table.shape[1] == 0:
+        raise ValueError(f"The {what} has no columns.")
+    try:
+        values = table.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"The {what} must hold numbers only ({err}).") from err
+    if not np.isfinite(values).all():
+        bad = sorted(table.index[~np.isfinite(values).all(axis=1)])
+        raise ValueError(f"The {what} contains NaN or infinite values (rows {bad[:10]}).")
+    return pd.DataFrame(values, index=table.index)
 
 
 # ---------------------------------------------------------------------------------- splits
@@ -366,6 +408,11 @@ def _gene_programs(logn: np.ndarray, n_programs: int, seed: int) -> np.ndarray:
     return km.fit_predict(loadings)
 
 
+def _soft_threshold(u: np.ndarray, t: float) -> np.ndarray:
+    """``sign(u) * max(|u| - t, 0)``: zero for small inputs, linear beyond ``t``."""
+    return np.sign(u) * np.maximum(np.abs(u) - t, 0.0)
+
+
 def make_semisynthetic_perturbation_data(
     source: ad.AnnData,
     cell_type_key: str,
@@ -381,6 +428,8 @@ def make_semisynthetic_perturbation_data(
     escape_rate: float = 0.1,
     smoothing: float = 0.2,
     min_cell_fraction: float = 0.1,
+    n_features: int = 0,
+    feature_noise: float = 0.3,
     perturbation_key: str = "target_gene",
     control_label: str = "non-targeting",
     seed: int = 0,
@@ -398,6 +447,20 @@ def make_semisynthetic_perturbation_data(
        perturbations, a second program, and a handful of perturbation-specific genes.
        The strength of each program differs between cell types, so a response seen in one
        cell type predicts, but does not equal, the response in another.
+    3b. With ``n_features > 0`` the effects come from a hidden feature vector instead, so
+       that perturbations never seen in training can be predicted from features: each
+       perturbation gets a latent ``z ~ N(0, I_n_features)``. With ``soft(u, t) = sign(u)
+       max(|u| - t, 0)`` and Gaussian maps ``A`` (``n_features x n_programs``) and ``B``
+       (``n_features x n_genes``), both with standard deviation ``1 / sqrt(n_features)``
+       (so ``z A`` and ``z B`` have unit variance), its program weights are
+       ``tanh(2 soft(z A, 1))`` (about a third of the programs move, none linearly in ``z``)
+       and its gene-specific effects are ``program_effect * soft(z B, 2)`` (about 5% of the
+       genes). Only the target's knockdown is tied to the target gene, not to ``z``. The
+       features handed to a model are ``z + feature_noise * N(0, I)``
+       (``uns["perturbation_truth"]["features"]``; the noiseless ``z`` is ``["latent"]``), so
+       they are informative but not exact, as an embedding of the target gene would be.
+       The cells drawn are the same as with ``n_features=0`` (the latent part has a random
+       stream of its own).
     4. Every cell of the benchmark (controls included) is a real cell of its cell type,
        drawn with replacement, whose counts are drawn again:
        ``Poisson(((1 - smoothing) x + smoothing * L * profile_c) * exp(r * lfc))`` with the
@@ -421,6 +484,10 @@ def make_semisynthetic_perturbation_data(
     min_cell_fraction
         Genes detected in fewer cells are never kept (effects on genes that are almost never
         detected cannot be measured).
+    n_features, feature_noise
+        Width of the hidden perturbation feature vectors (``0``: effects are not generated
+        from features, the original recipe) and the standard deviation of the noise added to
+        them in the feature table handed out (see 3b).
     perturbation_key, control_label
         Name of the perturbation column and of the control (perturbations are named after
         their target gene, as in CRISPR screens).
@@ -432,8 +499,14 @@ def make_semisynthetic_perturbation_data(
     AnnData with raw counts in ``X``, ``obs[perturbation_key]``, ``obs[cell_type_key]``,
     ``var["program"]``, ``var["is_target"]``, and the ground truth in
     ``uns["perturbation_truth"]``: ``targets`` (perturbation -> gene) and, per cell type,
-    the applied log fold changes ``lfc[cell_type]`` (perturbations x genes).
+    the applied log fold changes ``lfc[cell_type]`` (perturbations x genes); with
+    ``n_features > 0`` also ``features`` (the noisy table, perturbations x n_features, rows in
+    the order of ``perturbations``) and ``latent`` (the noiseless vectors).
     """
+    if n_features < 0 or feature_noise < 0:
+        raise ValueError(
+            f"n_features and feature_noise must be >= 0, got {n_features} and {feature_noise}."
+        )
     rng = np.random.default_rng(seed)
     check_raw_counts(source.X, "source.X")
     labels = _obs_column(source, cell_type_key, "Cell-type").astype(str)
@@ -481,6 +554,20 @@ def make_semisynthetic_perturbation_data(
     for p in range(n_perturbations):
         genes_p = rng.choice(n_genes, size=8, replace=False)
         specific[p, genes_p] = rng.normal(0.0, 0.6, size=8) * program_effect
+    latent = features = None
+    if n_features > 0:
+        # effects generated from a hidden feature vector per perturbation (recipe step 3b);
+        # a random stream of its own keeps the cells identical to the n_features=0 screen
+        frng = np.random.default_rng([seed, 1])
+        latent = frng.normal(size=(n_perturbations, n_features))
+        to_programs = frng.normal(size=(n_features, n_programs)) / np.sqrt(n_features)
+        strength_p = 1.0 / (
+            1.0 + np.exp(-2.0 * latent @ (frng.normal(size=n_features) / np.sqrt(n_features)))
+        )
+        weights = strength_p[:, None] * np.tanh(latent @ to_programs)
+        to_genes = frng.normal(size=(n_features, n_genes)) / np.sqrt(n_features)
+        specific = _soft_threshold(latent @ to_genes, 2.0) * program_effect
+        features = latent + feature_noise * frng.normal(size=latent.shape)
 
     lfc = {}
     for c, cell_type in enumerate(cell_types):
@@ -536,4 +623,36 @@ def make_semisynthetic_perturbation_data(
         "lfc": {cell_type: lfc[cell_type].astype(np.float32) for cell_type in cell_types},
         "seed": seed,
     }
+    if features is not None:
+        out.uns["perturbation_truth"]["features"] = features.astype(np.float32)
+        out.uns["perturbation_truth"]["latent"] = latent.astype(np.float32)
     return out
+
+
+def perturbation_feature_table(adata: ad.AnnData, *, latent: bool = False) -> pd.DataFrame:
+    """The perturbation feature table of a screen built with ``n_features > 0``.
+
+    Parameters
+    ----------
+    adata
+        Output of :func:`make_semisynthetic_perturbation_data`.
+    latent
+        Return the noiseless latent vectors instead of the noisy features.
+
+    Returns
+    -------
+    DataFrame indexed by perturbation name, one column per feature (the format of
+    ``ScForgePerturb(perturbation_features=...)``).
+    """
+    truth = adata.uns.get("perturbation_truth", {})
+    key = "latent" if latent else "features"
+    if key not in truth:
+        raise KeyError(
+            "This screen has no perturbation features: build it with "
+            "make_semisynthetic_perturbation_data(..., n_features=16)."
+        )
+    values = np.asarray(truth[key], dtype=np.float32)
+    names = [str(p) for p in truth["perturbations"]]
+    return pd.DataFrame(
+        values, index=pd.Index(names), columns=[f"f{i}" for i in range(values.shape[1])]
+    )

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from scforge_scvi._errors import ScForgeKeyError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
+    feature_table,
     normalize_split_labels,
     sample_cell_sets,
     validate_perturbation_adata,
@@ -375,34 +376,28 @@ class ScForgeCellEncoder(nn.Module):
 # --------------------------------------------------------------------------- model class
 def _perturbation_table(
     features: pd.DataFrame | Mapping[str, Sequence[float]], categories: Sequence[str], control: str
-) -> torch.Tensor:
-    """Rows of a user table in category order; the control's row is a placeholder."""
-    table = (
-        features.copy()
-        if isinstance(features, pd.DataFrame)
-        else pd.DataFrame.from_dict(
-            {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}, orient="index"
-        )
-    )
-    table.index = table.index.astype(str)
-    if table.index.has_duplicates:
-        dupes = sorted(set(table.index[table.index.duplicated()]))
-        raise ValueError(f"The perturbation table has duplicate rows for {dupes}.")
+) -> tuple[list[str], torch.Tensor]:
+    """The feature table as the model stores it: ``(names, rows)``.
+
+    The categories come first, in category order (the control's row is a placeholder: the
+    control has a learned vector), then every other perturbation of the user's table in its
+    order: those have no training cells and are predicted from their features alone.
+    """
+    table = feature_table(features)
     missing = [c for c in categories if c != control and c not in table.index]
     if missing:
         raise ValueError(
             f"Perturbations {missing[:10]}{' ...' if len(missing) > 10 else ''} "
             f"({len(missing)} in all) are missing from the perturbation feature table; every "
-            "perturbation needs a row (a missing one is never replaced by zeros). The control "
-            "needs none: it has its own learned vector."
+            "perturbation with cells needs a row (a missing one is never replaced by zeros). "
+            "The control needs none: it has its own learned vector."
         )
-    values = np.zeros((len(categories), table.shape[1]), dtype=np.float32)
-    for i, name in enumerate(categories):
-        if name != control:
-            values[i] = table.loc[name].to_numpy(dtype=np.float32)
-    if not np.isfinite(values).all():
-        raise ValueError("The perturbation feature table contains NaN or infinite values.")
-    return torch.from_numpy(values)
+    known = set(categories)
+    names = list(categories) + [n for n in table.index if n not in known and n != control]
+    values = np.zeros((len(names), table.shape[1]), dtype=np.float32)
+    rows = [i for i, n in enumerate(names) if n != control]
+    values[rows] = table.loc[[names[i] for i in rows]].to_numpy(dtype=np.float32)
+    return names, torch.from_numpy(values)
 
 
 def _remap(
@@ -448,9 +443,13 @@ class ScForgePerturb(BaseModelClass):
         Cells per set.
     perturbation_features
         ``None`` for one-hot perturbations, or a table ``perturbation name -> vector``
-        (DataFrame indexed by name, or a mapping), e.g. protein-language-model embeddings of
-        the target genes. Every perturbation except the control needs a row; the control has
-        its own learned vector.
+        (DataFrame indexed by name, or a mapping), e.g. gene or protein-language-model
+        embeddings of the targets. Every perturbation with cells in ``adata`` except the
+        control needs a row; the control has its own learned vector. The table may cover
+        more perturbations than ``adata`` has cells for (e.g. every perturbation of a
+        screen): the model keeps the whole table (:meth:`perturbation_table`; it is saved with
+        the weights) and :meth:`predict` accepts any perturbation in it, predicted from its
+        features alone.
     basal_encoder
         A pretrained cell encoder as the basal encoder, e.g. a ScForge backbone wrapped by
         :meth:`ScForgeCellEncoder.from_scforge` (with ``basal_input="counts"``), or any
@@ -514,17 +513,19 @@ class ScForgePerturb(BaseModelClass):
         self.cell_types_ = [str(x) for x in self._categories(_KEYS.CELL_TYPE_KEY)]
         self.batches_ = [str(x) for x in self._categories(_KEYS.BATCH_KEY)]
         self.genes_ = [str(g) for g in self.adata.var_names] if self.adata is not None else []
-        table = None
+        table, self.feature_perturbations_ = None, []
         if perturbation_features is not None:
-            table = _perturbation_table(
+            self.feature_perturbations_, table = _perturbation_table(
                 perturbation_features, self.perturbations_, self.control_label_
             )
+        n_extra = len(self.feature_perturbations_) - len(self.perturbations_)
         config = PerturbConfig(
             n_genes=int(self.summary_stats.n_vars),
             n_perturbations=len(self.perturbations_),
             control_index=self.perturbations_.index(self.control_label_),
             perturbation_features="one_hot" if table is None else "table",
             perturbation_dim=None if table is None else int(table.shape[1]),
+            n_table_rows=len(self.feature_perturbations_) if n_extra > 0 else None,
             n_batches=len(self.batches_) if setup.get("batch_key") else 0,
             basal_dim=basal_dim,
             hidden_dim=hidden_dim,
@@ -551,8 +552,9 @@ class ScForgePerturb(BaseModelClass):
             }
         self.init_report_: dict[str, list[str]] = {}
         self.active_checkpoint_: str | None = None  # which kept weights the module holds
+        extra = f" + {n_extra} known only by their features" if n_extra > 0 else ""
         self._model_summary_string = (
-            f"ScForgePerturb: {config.n_perturbations} perturbations "
+            f"ScForgePerturb: {config.n_perturbations} perturbations{extra} "
             f"({config.perturbation_features}), {config.n_genes} genes, set of "
             f"{config.cell_set_len} cells, {self.module.num_parameters():,} parameters"
         )
@@ -630,6 +632,19 @@ class ScForgePerturb(BaseModelClass):
             cell_type=codes(_KEYS.CELL_TYPE_KEY),
             batch=codes(_KEYS.BATCH_KEY),
         )
+
+    def perturbation_table(self) -> pd.DataFrame | None:
+        """The stored perturbation feature table (``None`` for a one-hot model).
+
+        One row per perturbation the model can predict, the control excluded: the
+        perturbations with training cells first (category order), then those known only by
+        their features.
+        """
+        if self.module.config.perturbation_features != "table":
+            return None
+        values = self.module.perturbation_encoder.table.detach().cpu().numpy()
+        frame = pd.DataFrame(values, index=pd.Index(self.feature_perturbations_))
+        return frame.drop(index=self.control_label_)
 
     @property
     def _setup(self) -> dict[str, Any]:
@@ -929,6 +944,7 @@ class ScForgePerturb(BaseModelClass):
             "basal_input": self.basal_input_,
             "genes": list(self.genes_),
             "perturbations": list(self.perturbations_),
+            "feature_perturbations": list(self.feature_perturbations_),
             "batches": list(self.batches_),
             "control_label": self.control_label_,
             "setup": {
@@ -1043,8 +1059,11 @@ class ScForgePerturb(BaseModelClass):
         }
         kwargs.update(overrides)
         if arch["perturbation_features"] == "table" and kwargs.get("perturbation_features") is None:
+            # the whole stored table, perturbations without training cells included
             table = state["perturbation_encoder.table"].numpy()
-            kwargs["perturbation_features"] = pd.DataFrame(table, index=saved["perturbations"])
+            names = saved.get("feature_perturbations") or saved["perturbations"]
+            frame = pd.DataFrame(table, index=pd.Index(names))
+            kwargs["perturbation_features"] = frame.drop(index=saved["control_label"])
         model = cls(adata, **kwargs)
         model.init_report_ = model._load_matching(state, saved)
         return model
@@ -1057,7 +1076,6 @@ class ScForgePerturb(BaseModelClass):
             "decoder.linear2.weight": (0, "genes"),
             "decoder.linear2.bias": (0, "genes"),
             "perturbation_encoder.embedding.weight": (0, "perturbations"),
-            "perturbation_encoder.table": (0, "perturbations"),
             "batch_embedding.weight": (0, "batches"),
         }
         if not self.module.external_basal_encoder:
@@ -1081,13 +1099,15 @@ class ScForgePerturb(BaseModelClass):
                 report["initialised"].append(key)
                 continue
             source = state[key]
+            if key == "perturbation_encoder.table":
+                # rebuilt by the constructor from the feature table (the saved one unless
+                # another was passed), whatever perturbations the new AnnData has
+                report["loaded"].append(key)
+                continue
             if key in axes:
                 axis, what = axes[key]
                 old, new = list(saved.get(what, [])), new_names[what]
                 if old != new:
-                    if key == "perturbation_encoder.table":
-                        report["loaded"].append(key)  # rebuilt from the feature table
-                        continue
                     remapped = _remap(source, target, old, new, axis)
                     if remapped is not None:
                         merged[key], n_shared = remapped
@@ -1118,12 +1138,84 @@ class ScForgePerturb(BaseModelClass):
         return report
 
     # -- prediction --------------------------------------------------------------------------
+    def _perturbation_inputs(
+        self,
+        names: Sequence[str],
+        features: pd.DataFrame | Mapping[str, Sequence[float]] | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Row index (or ``-1``) and, for a table model, feature vector of each perturbation.
+
+        A one-hot model knows its categories only. A table model reads a perturbation's
+        features from ``features`` (rows there take precedence), else from its stored table.
+        """
+        names = [str(n) for n in names]
+        config = self.module.config
+        if config.perturbation_features == "one_hot":
+            if features is not None:
+                raise ValueError(
+                    "perturbation_features= was passed to predict, but this model is one-hot "
+                    "(created without perturbation_features): it cannot read feature vectors "
+                    "and only predicts the perturbations it was trained on."
+                )
+            unknown = sorted(set(names) - set(self.perturbations_))
+            if unknown:
+                raise ValueError(
+                    f"Unknown perturbations {unknown}; the model knows {len(self.perturbations_)}: "
+                    f"{self.perturbations_[:20]}{' ...' if len(self.perturbations_) > 20 else ''}. "
+                    "A one-hot model only predicts perturbations it was trained on; to predict "
+                    "new ones, create the model with perturbation_features= (a feature vector per "
+                    "perturbation, e.g. an embedding of the target gene)."
+                )
+            codes = np.array([self.perturbations_.index(n) for n in names], dtype=np.int64)
+            return codes, None
+        table = self.module.perturbation_encoder.table.detach().cpu().numpy()
+        width = table.shape[1]
+        given = None
+        if features is not None:
+            given = feature_table(features, "perturbation feature table passed to predict")
+            if given.shape[1] != width:
+                raise ValueError(
+                    f"The perturbation feature table passed to predict has {given.shape[1]} "
+                    f"columns; the model reads vectors of width {width}."
+                )
+        row = {n: i for i, n in enumerate(self.feature_perturbations_)}
+        missing = sorted(
+            n for n in set(names) if n not in row and (given is None or n not in given.index)
+        )
+        if missing:
+            raise ValueError(
+                f"No perturbation features for {missing[:20]}{' ...' if len(missing) > 20 else ''} "
+                f"({len(missing)} in all): they are not in the model's perturbation table "
+                f"({len(self.feature_perturbations_) - 1} perturbations) nor in a table passed to "
+                "predict. Pass their feature vectors as predict(..., perturbation_features=table) "
+                f"(a DataFrame indexed by perturbation name, or a mapping name -> vector of width "
+                f"{width}), or include them in the perturbation_features= given when creating "
+                "the model."
+            )
+        codes = np.array([row.get(n, -1) for n in names], dtype=np.int64)
+        vectors = np.stack(
+            [
+                given.loc[n].to_numpy() if given is not None and n in given.index else table[row[n]]
+                for n in names
+            ]
+        ).astype(np.float32)
+        return codes, vectors
+
+    def _group_codes(self, adata: ad.AnnData, key: str, categories: Sequence[str]) -> np.ndarray:
+        """Codes of ``adata.obs[setup[key]]`` among the model's categories (``-1``: unknown)."""
+        column = self._setup.get(key)
+        if column is None:
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        values = adata.obs[column].astype(str)
+        return pd.Index(categories).get_indexer(values).astype(np.int64)
+
     @torch.inference_mode()
     def predict(
         self,
         adata: ad.AnnData | None = None,
         *,
         perturbations: Sequence[str] | None = None,
+        perturbation_features: pd.DataFrame | Mapping[str, Sequence[float]] | None = None,
         n_cells: int | str = "controls",
         checkpoint: str = "best",
         sets_per_batch: int = 64,
@@ -1139,10 +1231,20 @@ class ScForgePerturb(BaseModelClass):
         ----------
         adata
             Cells with the model's genes, in the same order; its controls are the basal cells
-            and are copied, unchanged, into the result. Default: the registered AnnData.
+            and are copied, unchanged, into the result. Default: the registered AnnData. It
+            may hold cells of perturbations the model was not trained on (a table model
+            predicts them from their features; their cells only fix which groups, and with
+            ``n_cells="observed"`` how many cells, are predicted).
         perturbations
             Perturbations to predict in every cell type; default: the perturbed groups present
-            in ``adata`` (each cell type with its own perturbations).
+            in ``adata`` (each cell type with its own perturbations). A model created with
+            ``perturbation_features`` predicts any perturbation of its stored table or of
+            ``perturbation_features`` here, trained on or not; a one-hot model only the
+            perturbations it was trained on.
+        perturbation_features
+            Feature vectors for perturbations to predict (DataFrame indexed by name, or a
+            mapping name -> vector, of the model's feature width); its rows take precedence
+            over the stored table. Only for models created with ``perturbation_features``.
         n_cells
             Cells to predict per (perturbation, cell type, batch) group: ``"controls"``
             (default) perturbs every control cell of the group once, i.e. predicts the whole
@@ -1163,42 +1265,55 @@ class ScForgePerturb(BaseModelClass):
         AnnData with the genes of ``adata`` in the same order; ``obs`` holds the perturbation
         and cell type (and batch) columns under their registered names and
         ``obs["scforge_predicted"]`` (``False`` for the real controls); ``X`` holds
-        non-negative log1p-normalised values.
+        non-negative log1p-normalised values. The perturbation column's categories are the
+        model's categories followed by any other perturbation predicted.
         """
         adata = self.adata if adata is None else adata
         self._check_genes(adata)
-        adata = self._validate_anndata(adata)
+        setup = self._setup
+        control_label = self.control_label_
+        names = adata.obs[setup["perturbation_key"]].astype(str).to_numpy()
+        cell_type = self._group_codes(adata, "cell_type_key", self.cell_types_)
+        batch = self._group_codes(adata, "batch_key", self.batches_)
+        # cells of perturbations outside the registry cannot be registered; only their
+        # groups are read (the basal cells are controls)
+        registered = np.isin(names, self.perturbations_)
+        known = adata if registered.all() else adata[registered].copy()
+        known = self._validate_anndata(known)
         if checkpoint != self.active_checkpoint_:
             if checkpoint == "best" and self.active_checkpoint_ is None:
                 logger.info("Predicting with the loaded weights (this model was not trained here).")
             else:
                 self.use_checkpoint(checkpoint)
         self.module.eval()
-        cells = self._read_cells(adata)
+        cells = self._read_cells(known)
         control = self._control_code
-        if perturbations is not None:
-            unknown = sorted(set(map(str, perturbations)) - set(self.perturbations_))
-            if unknown:
-                raise ValueError(
-                    f"Unknown perturbations {unknown}; the model knows {len(self.perturbations_)}: "
-                    f"{self.perturbations_[:20]}{' ...' if len(self.perturbations_) > 20 else ''}."
-                )
-            wanted_codes = [
-                self.perturbations_.index(str(p))
-                for p in perturbations
-                if str(p) != self.control_label_
-            ]
         frame = pd.DataFrame({"p": cells.perturbation, "c": cells.cell_type, "b": cells.batch})
         pools = {
             k: v.to_numpy()
             for k, v in frame[frame["p"] == control].groupby(["c", "b"]).groups.items()
         }
-        perturbed = frame[frame["p"] != control].groupby(["p", "c", "b"]).size()
-        missing = sorted({(c, b) for (_, c, b) in perturbed.index} - set(pools))
+        is_perturbed = names != control_label
+        observed = (
+            pd.DataFrame({"p": names, "c": cell_type, "b": batch})[is_perturbed]
+            .groupby(["p", "c", "b"], sort=False)
+            .size()
+        )
+        for what, codes, key in (
+            ("cell types", cell_type, "cell_type_key"),
+            ("batches", batch, "batch_key"),
+        ):
+            if (codes[is_perturbed] < 0).any():
+                column = adata.obs[setup[key]].astype(str).to_numpy()
+                unknown = sorted(set(column[is_perturbed & (codes < 0)]))
+                raise ValueError(
+                    f"The AnnData to predict has {what} {unknown} that the model does not know."
+                )
+        missing = sorted({(c, b) for (_, c, b) in observed.index} - set(pools))
         if missing:
-            names = [f"{self.cell_types_[c]} / {self.batches_[b]}" for c, b in missing]
+            labels = [f"{self.cell_types_[c]} / {self.batches_[b]}" for c, b in missing]
             raise ValueError(
-                f"No {self.control_label_!r} control cells for cell type / batch {names} in the "
+                f"No {control_label!r} control cells for cell type / batch {labels} in the "
                 "AnnData to predict; its controls are the basal cells."
             )
         if isinstance(n_cells, str) and n_cells not in ("controls", "observed"):
@@ -1208,26 +1323,41 @@ class ScForgePerturb(BaseModelClass):
         if not isinstance(n_cells, str) and int(n_cells) < 1:
             raise ValueError(f"n_cells must be positive, got {n_cells}.")
 
-        def size(p: int, c: int, b: int) -> int:
-            if n_cells == "controls":
-                return len(pools[(c, b)])
-            if n_cells == "observed":
-                return int(perturbed.get((p, c, b), 0)) or len(pools[(c, b)])
-            return int(n_cells)
-
         if perturbations is None:
-            groups = list(perturbed.index)
+            wanted = list(dict.fromkeys(p for p, _, _ in observed.index))
         else:
-            groups = [(p, c, b) for (c, b) in sorted(pools) for p in wanted_codes]
-        jobs = [(p, c, b, size(p, c, b)) for p, c, b in groups]
-        if not jobs:
+            wanted = list(dict.fromkeys(str(p) for p in perturbations if str(p) != control_label))
+        if not wanted:
             raise ValueError(
                 "Nothing to predict: the AnnData has no perturbed cells and no "
                 "`perturbations` were requested."
             )
+        codes, vectors = self._perturbation_inputs(wanted, perturbation_features)
+        # output order: the model's categories first, then the others as asked for
+        order = {p: i for i, p in enumerate(self.perturbations_)}
+        rank = {p: order.get(p, len(order) + i) for i, p in enumerate(wanted)}
+        index = {p: i for i, p in enumerate(wanted)}
+        if perturbations is None:
+            groups = sorted(observed.index, key=lambda g: (rank[g[0]], g[1], g[2]))
+        else:
+            groups = [(p, c, b) for (c, b) in sorted(pools) for p in wanted]
+
+        def size(p: str, c: int, b: int) -> int:
+            if n_cells == "controls":
+                return len(pools[(c, b)])
+            if n_cells == "observed":
+                return int(observed.get((p, c, b), 0)) or len(pools[(c, b)])
+            return int(n_cells)
+
+        jobs = [(p, c, b, size(p, c, b)) for p, c, b in groups]
+        if not jobs:
+            raise ValueError(
+                f"No {control_label!r} control cells in the AnnData to predict; its controls "
+                "are the basal cells."
+            )
         rng = np.random.default_rng(seed)
         set_len = self.module.config.cell_set_len
-        basal_sets, set_meta, n_keep = [], [], []
+        basal_sets, set_meta = [], []
         for p, c, b, n in jobs:
             pool = pools[(c, b)]
             n_sets = -(-n // set_len)
@@ -1237,14 +1367,14 @@ class ScForgePerturb(BaseModelClass):
                 draw = rng.choice(pool, size=n, replace=True)
             pad = rng.choice(pool, size=n_sets * set_len - n, replace=True)
             basal_sets.append(np.concatenate([draw, pad]).reshape(n_sets, set_len))
-            set_meta.append(np.tile([p, b], (n_sets, 1)))
-            n_keep.append(n)
+            set_meta.append(np.tile([index[p], b], (n_sets, 1)))
         basal_idx = np.concatenate(basal_sets)
         meta = np.concatenate(set_meta)
         outputs = []
         device = self.module.device
         for start in range(0, len(basal_idx), sets_per_batch):
             rows = basal_idx[start : start + sets_per_batch]
+            which = meta[start : start + sets_per_batch, 0]
             basal = torch.from_numpy(cells.log1p[rows.ravel()].toarray()).view(*rows.shape, -1)
             basal_input = None
             if cells.counts is not None:
@@ -1252,11 +1382,20 @@ class ScForgePerturb(BaseModelClass):
                     *rows.shape, -1
                 )
                 basal_input = basal_input.to(device)
-            pert = torch.as_tensor(meta[start : start + sets_per_batch, 0], device=device)
-            batch = None
+            pert = torch.as_tensor(codes[which], device=device)
+            features = None if vectors is None else torch.from_numpy(vectors[which]).to(device)
+            batch_codes = None
             if self.module.config.n_batches:
-                batch = torch.as_tensor(meta[start : start + sets_per_batch, 1], device=device)
-            out = self.module(basal.to(device), pert, batch, basal_input=basal_input)
+                batch_codes = torch.as_tensor(
+                    meta[start : start + sets_per_batch, 1], device=device
+                )
+            out = self.module(
+                basal.to(device),
+                pert,
+                batch_codes,
+                basal_input=basal_input,
+                perturbation_features=features,
+            )
             outputs.append(out.prediction.cpu().numpy())
         pred = np.concatenate(outputs).reshape(-1, len(self.genes_))
         # keep the first n cells of each job
@@ -1265,31 +1404,37 @@ class ScForgePerturb(BaseModelClass):
             keep.append(np.arange(offset, offset + n))
             offset += sets.size
         pred = pred[np.concatenate(keep)]
-        return self._prediction_anndata(adata, cells, jobs, pred)
+        categories = list(self.perturbations_) + [p for p in wanted if p not in order]
+        return self._prediction_anndata(known, cells, jobs, pred, categories)
 
     def _prediction_anndata(
         self,
         adata: ad.AnnData,
         cells: _Cells,
-        jobs: list[tuple[int, int, int, int]],
+        jobs: list[tuple[str, int, int, int]],
         pred: np.ndarray,
+        perturbation_categories: list[str],
     ) -> ad.AnnData:
         setup = self._setup
-        columns = {setup["perturbation_key"]: (self.perturbations_, 0)}
+        pert_key = setup["perturbation_key"]
+        columns: dict[str, tuple[list[str], int]] = {}
         if setup.get("cell_type_key"):
             columns[setup["cell_type_key"]] = (self.cell_types_, 1)
         if setup.get("batch_key"):
             columns[setup["batch_key"]] = (self.batches_, 2)
-        codes = np.concatenate([np.tile(job[:3], (job[3], 1)) for job in jobs])
+        sizes = [job[3] for job in jobs]
         obs_pred = pd.DataFrame(
-            {key: np.asarray(names)[codes[:, axis]] for key, (names, axis) in columns.items()},
-            index=[f"predicted_{i}" for i in range(len(codes))],
+            {pert_key: np.repeat([job[0] for job in jobs], sizes)},
+            index=[f"predicted_{i}" for i in range(sum(sizes))],
         )
+        for key, (names, axis) in columns.items():
+            obs_pred[key] = np.repeat(np.asarray(names)[[job[axis] for job in jobs]], sizes)
         obs_pred["scforge_predicted"] = True
         is_control = cells.perturbation == self._control_code
-        obs_ctrl = adata.obs.loc[is_control, list(columns)].astype(str)
+        obs_ctrl = adata.obs.loc[is_control, [pert_key, *columns]].astype(str)
         obs_ctrl["scforge_predicted"] = False
         obs = pd.concat([obs_pred, obs_ctrl])
+        obs[pert_key] = pd.Categorical(obs[pert_key], categories=perturbation_categories)
         for key, (names, _) in columns.items():
             obs[key] = pd.Categorical(obs[key], categories=names)
         x = np.vstack([pred.astype(np.float32), cells.log1p[np.flatnonzero(is_control)].toarray()])

@@ -50,6 +50,11 @@ class PerturbConfig:
     perturbation_dim
         Width of the feature vectors of a ``"table"``; ignored (``n_perturbations``) for
         ``"one_hot"``.
+    n_table_rows
+        Rows of a ``"table"``: the ``n_perturbations`` categories first (category order),
+        then perturbations that have features but no training cells, which are predicted
+        from their features alone. ``None`` means ``n_perturbations``. Must be ``None`` for
+        ``"one_hot"``.
     n_batches
         Number of batches; ``0`` means no batch embedding.
     basal_dim
@@ -73,6 +78,7 @@ class PerturbConfig:
     control_index: int = 0
     perturbation_features: str = "one_hot"
     perturbation_dim: int | None = None
+    n_table_rows: int | None = None
     n_batches: int = 0
     basal_dim: int | None = None
     hidden_dim: int = 128
@@ -110,6 +116,21 @@ class PerturbConfig:
                 "PerturbConfig.perturbation_dim must be a positive integer (the width of the "
                 f"feature table) when perturbation_features='table', got {self.perturbation_dim!r}."
             )
+        if self.n_table_rows is not None:
+            if self.perturbation_features != "table":
+                raise ValueError(
+                    "PerturbConfig.n_table_rows is only meaningful with "
+                    f"perturbation_features='table', got {self.perturbation_features!r}."
+                )
+            if (
+                isinstance(self.n_table_rows, bool)
+                or not isinstance(self.n_table_rows, int)
+                or self.n_table_rows < self.n_perturbations
+            ):
+                raise ValueError(
+                    "PerturbConfig.n_table_rows must be an integer >= n_perturbations "
+                    f"({self.n_perturbations}), got {self.n_table_rows!r}."
+                )
         if self.n_batches < 0:
             raise ValueError(f"PerturbConfig.n_batches must be >= 0, got {self.n_batches}.")
         if self.hidden_dim % self.num_heads != 0:
@@ -130,6 +151,11 @@ class PerturbConfig:
         if self.perturbation_features == "one_hot":
             return self.n_perturbations
         return int(self.perturbation_dim)
+
+    @property
+    def resolved_table_rows(self) -> int:
+        """Rows of the perturbation feature table (``n_perturbations`` unless extended)."""
+        return self.n_perturbations if self.n_table_rows is None else self.n_table_rows
 
     @property
     def resolved_basal_dim(self) -> int:
@@ -212,6 +238,10 @@ class PerturbationEncoder(nn.Module):
     With ``"one_hot"`` features the first linear layer of the MLP on a one-hot vector is an
     embedding lookup, which is what is computed. With a ``"table"`` the features are a fixed
     buffer (saved with the weights) and the control's row is the learned ``control_vector``.
+    The buffer may have more rows than there are categories (``n_table_rows``): a row
+    index past the categories is a perturbation known only by its features. Feature
+    vectors can also be passed directly (``features``), e.g. for a perturbation outside the
+    table.
     """
 
     def __init__(self, config: PerturbConfig, table: torch.Tensor | None = None) -> None:
@@ -226,13 +256,14 @@ class PerturbationEncoder(nn.Module):
                 )
             self.embedding = nn.Embedding(config.n_perturbations, d_hidden)
         else:
-            expected = (config.n_perturbations, d_in)
+            expected = (config.resolved_table_rows, d_in)
             if table is None:
                 table = torch.zeros(expected)  # filled by load_state_dict
             if tuple(table.shape) != expected:
                 raise ValueError(
                     f"The perturbation table has shape {tuple(table.shape)}; expected {expected} "
-                    "(one row per perturbation category, control included)."
+                    "(one row per perturbation category, control included, then any "
+                    "perturbations known only by their features)."
                 )
             self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32).clone())
             self.control_vector = nn.Parameter(torch.zeros(d_in))
@@ -241,11 +272,35 @@ class PerturbationEncoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.linear_out = nn.Linear(d_hidden, config.hidden_dim)
 
-    def forward(self, perturbation: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, d)
+    def forward(
+        self, perturbation: torch.Tensor, features: torch.Tensor | None = None
+    ) -> torch.Tensor:  # (B,) [, (B, F)] -> (B, d)
+        """Encode perturbations given as row indices, or as feature vectors.
+
+        Parameters
+        ----------
+        perturbation
+            Row index per set, ``(B,)``; with ``features`` only compared with the control's
+            index (a control set gets the learned control vector whatever its features).
+        features
+            ``(B, perturbation_dim)`` feature vectors that replace the table lookup
+            (``"table"`` mode only).
+        """
         if self.mode == "one_hot":
+            if features is not None:
+                raise ValueError(
+                    "Feature vectors were passed but perturbation_features='one_hot': this "
+                    "model only knows its perturbation categories."
+                )
             h = self.embedding(perturbation)  # (B, hidden)
         else:
-            features = self.table[perturbation]  # (B, F)
+            if features is None:
+                features = self.table[perturbation]  # (B, F)
+            elif features.shape != (perturbation.shape[0], self.table.shape[1]):
+                raise ValueError(
+                    f"features must have shape ({perturbation.shape[0]}, "
+                    f"{self.table.shape[1]}), got {tuple(features.shape)}."
+                )
             is_control = (perturbation == self.control_index)[:, None]
             features = torch.where(is_control, self.control_vector, features)
             h = self.linear_in(features)
@@ -260,9 +315,10 @@ class PerturbationSetModel(nn.Module):
     config
         The :class:`PerturbConfig`.
     perturbation_table
-        ``(n_perturbations, perturbation_dim)`` feature table for
-        ``perturbation_features="table"`` (rows in category order; the control's row is
-        ignored and replaced by a learned vector).
+        ``(n_table_rows, perturbation_dim)`` feature table for
+        ``perturbation_features="table"`` (the categories' rows in category order, then
+        perturbations known only by their features; the control's row is ignored and
+        replaced by a learned vector).
     basal_encoder
         Optional pluggable encoder of the basal cells, e.g. a pretrained ScForge backbone
         wrapped to map a ``(N, ...)`` tensor of cells (whatever ``basal_input`` the caller
@@ -362,6 +418,7 @@ class PerturbationSetModel(nn.Module):
         perturbation: torch.Tensor,
         batch: torch.Tensor | None = None,
         basal_input: torch.Tensor | None = None,
+        perturbation_features: torch.Tensor | None = None,
     ) -> PerturbOutput:
         """Predict the perturbed expression of a batch of cell sets.
 
@@ -370,12 +427,17 @@ class PerturbationSetModel(nn.Module):
         basal
             log1p-normalised expression of the control cells, ``(B, S, G)``.
         perturbation
-            Perturbation category per set, integer ``(B,)``.
+            Perturbation per set, integer ``(B,)``: a row of the feature table (the
+            categories come first), or, with ``perturbation_features``, only compared with
+            the control's index.
         batch
             Batch category per set, integer ``(B,)``; required iff ``n_batches > 0``.
         basal_input
             What the basal encoder reads, ``(B, S, ...)``; ``None`` means ``basal``. A
             pluggable encoder of raw counts gets the counts here.
+        perturbation_features
+            ``(B, perturbation_dim)`` feature vector per set, replacing the table lookup
+            (``"table"`` models only): predicts perturbations outside the table.
 
         Returns
         -------
@@ -399,7 +461,7 @@ class PerturbationSetModel(nn.Module):
         cells = basal if basal_input is None else basal_input
         flat = cells.reshape(n_sets * set_len, *cells.shape[2:])  # (B*S, ...)
         h = self.basal_projection(self.basal_encoder(flat)).view(n_sets, set_len, -1)  # (B, S, d)
-        h = h + self.perturbation_encoder(perturbation)[:, None, :]  # (B, S, d)
+        h = h + self.perturbation_encoder(perturbation, perturbation_features)[:, None, :]
         if self.batch_embedding is not None:
             h = h + self.batch_embedding(batch)[:, None, :]
         for block in self.blocks:
