@@ -189,10 +189,9 @@ def export_for_state(
 def run_state(args: argparse.Namespace, data: Path, seed: int, steps: int, val_freq: int) -> dict:
     """Train and predict with State in its own environment; returns its info (or the error)."""
     out = data / "state"
+    # no ``nice`` here: State inherits this process's priority, as the other methods run
+    # at it (a nested ``nice`` starved State on a shared machine and inflated its time)
     command = [
-        "nice",
-        "-n",
-        "15",
         args.state_python,
         str(Path(__file__).with_name("state_runner.py")),
         "--data",
@@ -383,14 +382,6 @@ def main_unseen(args: argparse.Namespace) -> None:
         )
     per_group = pd.concat(groups, ignore_index=True)
     summary = summarise(per_group)
-    seconds = pd.DataFrame([f["seconds"] for f in facts])
-    methods = list(dict.fromkeys(per_group["method"]))
-    print(markdown(summary, seconds, methods))
-    overall = summary[summary["cell_type"] == "all"].pivot(
-        index="seed", columns="method", values="score"
-    )
-    print("\nNormalised score vs the perturbation mean, per seed:")
-    print(overall[methods].round(3).to_string())
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -399,6 +390,32 @@ def main_unseen(args: argparse.Namespace) -> None:
                 default=str,
             )
         )
+    report(summary, facts)
+
+
+def report(summary: pd.DataFrame, facts: list[dict]) -> None:
+    """The tables per cell type (mean +- sd over seeds) and the overall score per seed."""
+    seconds = pd.DataFrame([f["seconds"] for f in facts])
+    methods = list(dict.fromkeys(summary["method"]))
+    print(markdown(summary, seconds, methods))
+    overall = summary[summary["cell_type"] == "all"].pivot(
+        index="seed", columns="method", values="score"
+    )
+    print("\nNormalised score vs the perturbation mean, per seed:")
+    print(overall[methods].round(3).to_string())
+
+
+def main_from_json(paths: list[str]) -> None:
+    """Merge the ``--json`` files of separate runs (e.g. one seed each) into one report."""
+    summaries, facts = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        summaries.append(pd.DataFrame(data["summary"]))
+        facts += data["facts"]
+    summary = pd.concat(summaries, ignore_index=True)
+    if summary.duplicated(["seed", "method", "cell_type"]).any():
+        raise SystemExit("The --from-json files share a seed.")
+    report(summary, facts)
 
 
 # ---------------------------------------------------------------------- few-shot split
@@ -516,10 +533,18 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="/tmp/scforge_perturbation_benchmark")
     parser.add_argument("--json", default=None, help="write the facts and summary here")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        help="report on the --json files of earlier runs (e.g. one seed each) instead",
+    )
     args = parser.parse_args()
     args.seeds = args.seeds or ([0, 1, 2] if args.split == "unseen" else [0])
     quiet()
-    if args.split == "unseen":
+    if args.from_json:
+        main_from_json(args.from_json)
+    elif args.split == "unseen":
         main_unseen(args)
     else:
         main_fewshot(args)

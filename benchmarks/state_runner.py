@@ -181,6 +181,22 @@ def predict(model, cells: ad.AnnData, split: dict, features: pd.DataFrame, seed:
     )
 
 
+def validation_curve(run: Path) -> dict:
+    """The step with the lowest validation loss and that loss (from Lightning's CSV log)."""
+    frames = [pd.read_csv(path) for path in sorted(run.glob("version_*/metrics.csv"))]
+    if not frames or "val_loss" not in frames[-1]:
+        return {}
+    val = frames[-1].dropna(subset=["val_loss"])
+    if val.empty:
+        return {}
+    best = val.loc[val["val_loss"].idxmin()]
+    return {
+        "best_step": int(best["step"]) + 1,
+        "best_val_loss": float(best["val_loss"]),
+        "n_validations": len(val),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -213,6 +229,7 @@ def main() -> None:
     info = {
         "train_s": train_s,
         "checkpoint": checkpoint.name,
+        **validation_curve(run),
         "versions": {
             p: metadata.version(p) for p in ("arc-state", "cell-load", "torch", "lightning")
         },
