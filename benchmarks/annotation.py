@@ -63,9 +63,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--class-weights", default="balanced")
+    p.add_argument("--token-dropout", type=float, default=0.0)
+    p.add_argument("--monitor", default=None, help="selection metric (default: ScForge.train's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--history", action="store_true", help="print validation metrics by epoch")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also score the test cells after every epoch (analysis of selection rules only)",
+    )
     return p.parse_args(argv)
+
+
+class TestTrace:
+    """Test macro-F1 after every validation, for analysing selection rules (``--trace``).
+
+    Only printed and stored: model selection never sees it.
+    """
+
+    def __init__(self, model, test: np.ndarray, key: str) -> None:
+        from lightning.pytorch import Callback
+
+        from scforge_scvi.bench import classification_scores
+
+        cells = model.adata[test].copy()
+        truth = cells.obs[key].astype(str).to_numpy()
+        trace = self
+
+        class _Hook(Callback):
+            def on_validation_epoch_end(self, trainer, pl_module) -> None:
+                if trainer.sanity_checking:
+                    return
+                was_training = pl_module.training
+                probs = model.predict(cells, return_probabilities=True).to_numpy()
+                pred = np.asarray(model.class_names_)[probs.argmax(1)]
+                scores = classification_scores(truth, pred, list(model.class_names_))
+                trace.macro_f1.append(scores["macro_f1"])
+                pl_module.train(was_training)
+
+        self.macro_f1: list[float] = []
+        self.callback = _Hook()
 
 
 def load(dataset: str):
@@ -126,6 +164,8 @@ def main(argv=None) -> None:
         warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio,
         class_weights=None if args.class_weights == "none" else args.class_weights,
+        token_dropout=args.token_dropout,
+        monitor=args.monitor,
         batch_size=args.batch_size,
         train_size=TRAIN_SIZE,
         validation_size=VALIDATION_SIZE,
@@ -169,11 +209,13 @@ def main(argv=None) -> None:
                     model = ScForge(labelled, vocab=model.vocab, **arch)
                 torch.manual_seed(seed)
                 freeze = max(1, args.epochs // 3) if strategy == "gradual_unfreeze" else 0
+                trace = TestTrace(model, test, key) if args.trace else None
                 model.train(
                     max_epochs=args.epochs,
                     strategy=strategy,
                     seed=seed,
                     freeze_backbone_epochs=freeze,
+                    callbacks=[trace.callback] if trace else [],
                     **fit,
                 )
                 t_fit = time.perf_counter() - t0
@@ -211,6 +253,15 @@ def main(argv=None) -> None:
                     f"{t_eval:.0f} s, best epoch {row['best_epoch']}",
                     flush=True,
                 )
+                if args.history:
+                    history = {k: v.iloc[:, 0].to_numpy() for k, v in model.history.items()}
+                    if trace:
+                        history["test_macro_f1 (analysis only)"] = trace.macro_f1
+                        row["test_macro_f1_by_epoch"] = trace.macro_f1
+                    for name, values in history.items():
+                        if name.startswith(("val_", "test_")):
+                            values = " ".join(f"{x:.3f}" for x in values)
+                            print(f"    {name} by epoch: {values}", flush=True)
                 small = sorted(row["support"], key=row["support"].get)[:2]
                 print(
                     "    smallest classes: "

@@ -122,3 +122,24 @@ def test_expression_objective_trains(pbmc68k_counts, vocab, strategy):
         out.loss.backward()
         optimizer.step()
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_token_dropout_hides_gene_tokens_but_never_cls(pbmc68k_counts, vocab):
+    tokens = _tokens(pbmc68k_counts, vocab, "binned_expression")
+    module = _module(vocab, "binned").eval()
+    plain = module.inference(tokens)["embedding"]
+    rate = 0.4
+    out = module.inference(tokens, token_dropout=rate, generator=torch.Generator().manual_seed(3))
+    again = module.inference(tokens, token_dropout=rate, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out["embedding"], again["embedding"])  # seeded: reproducible
+    assert not torch.allclose(out["embedding"], plain)
+    # the same draw, applied by hand: the dropped genes act exactly like padding
+    draw = torch.rand(tokens.gene_ids.shape, generator=torch.Generator().manual_seed(3))
+    special = tokens.gene_ids < vocab.n_special
+    kept = tokens.padding_mask & ((draw >= rate) | special)
+    assert kept[:, 0].all()  # CLS is never dropped
+    genes = tokens.padding_mask & ~special
+    dropped = (genes & ~kept).sum() / genes.sum()
+    assert 0.3 < float(dropped) < 0.5
+    by_hand = module.backbone(tokens.gene_ids, kept, tokens.values).cell_embedding
+    torch.testing.assert_close(out["embedding"], by_hand)

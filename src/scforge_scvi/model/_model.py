@@ -54,6 +54,7 @@ from scforge_scvi.train._callbacks import (
 )
 from scforge_scvi.train._lora import LoraSettings, apply_lora, count_parameters
 from scforge_scvi.train._plans import STRATEGIES, ScForgeTrainingPlan
+from scforge_scvi.train._schedules import default_max_epochs
 
 from ._constants import SCFORGE_OUTPUT_KEYS as OUT
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
@@ -650,7 +651,7 @@ class ScForge(BaseModelClass):
     # -- training ----------------------------------------------------------------------------
     def train(
         self,
-        max_epochs: int = 10,
+        max_epochs: int | None = None,
         *,
         objective: Literal["pretrain", "classify", "regress"] | None = None,
         strategy: Literal["full", "frozen", "gradual_unfreeze", "lora"] = "full",
@@ -662,6 +663,7 @@ class ScForge(BaseModelClass):
         backbone_lr: float | None = None,
         head_lr: float | None = None,
         class_weights: Literal["balanced", "sqrt"] | Sequence[float] | None = None,
+        token_dropout: float = 0.0,
         freeze_backbone_epochs: int = 0,
         lora: LoraSettings | dict | None = None,
         masking: MaskingConfig | dict | None = None,
@@ -671,6 +673,7 @@ class ScForge(BaseModelClass):
         gradient_clip: float | None = 1.0,
         early_stopping: bool = False,
         patience: int = 5,
+        monitor: str | None = None,
         checkpoint_dir: str | None = None,
         seed: int = 0,
         accelerator: str = "auto",
@@ -687,7 +690,9 @@ class ScForge(BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Number of passes over the training cells.
+            Number of passes over the training cells. Default: 10 for pretraining; for a
+            task head, enough epochs for about 1,000 optimizer steps (between 5 and 100:
+            e.g. 17 epochs for 1,900 training cells at ``batch_size=32``).
         objective
             ``"pretrain"``, ``"classify"`` or ``"regress"``. Default: ``"classify"`` when
             labels are registered, ``"regress"`` when a target is, else ``"pretrain"``.
@@ -709,6 +714,10 @@ class ScForge(BaseModelClass):
             frequency of the training cells, mean 1 over cells), ``"sqrt"`` (its square
             root: a milder push towards small classes), one weight per class in
             ``model.class_names_`` order, or ``None`` (plain cross-entropy).
+        token_dropout
+            Fine-tuning augmentation: the fraction of each training cell's gene tokens hidden
+            at random in every step (never in validation or inference; ignored when
+            pretraining, whose masking plays that part).
         freeze_backbone_epochs
             Epochs with a frozen backbone for ``strategy="gradual_unfreeze"``.
         lora
@@ -725,7 +734,12 @@ class ScForge(BaseModelClass):
         gradient_clip
             Gradient-norm clipping value (``None``: off).
         early_stopping, patience
-            Stop when the validation loss has not improved for ``patience`` epochs.
+            Stop when ``monitor`` has not improved for ``patience`` epochs.
+        monitor
+            Validation metric that picks the epoch whose weights are kept (and drives early
+            stopping): ``"val_acc"`` (highest; of equal values the later epoch) when
+            classifying, else ``"val_loss"`` (lowest). Any logged metric works; names ending
+            in ``loss`` or ``perplexity`` are minimised, others maximised.
         checkpoint_dir
             Write resumable ``best.ckpt`` and ``last.ckpt`` there (atomically).
         seed
@@ -759,7 +773,7 @@ class ScForge(BaseModelClass):
 
         Notes
         -----
-        The weights of the epoch with the lowest validation loss are restored at the end:
+        The weights of the best validation epoch (see ``monitor``) are restored at the end:
         :meth:`embed` and :meth:`predict` use the best model.
 
         On the CPU (Linux), training first calls :func:`~scforge_scvi.tune_cpu_allocator`
@@ -775,6 +789,11 @@ class ScForge(BaseModelClass):
         objective = objective or self._default_objective()
         if strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
+        if not 0.0 <= token_dropout < 1.0:
+            raise ScForgeValueError(
+                f"token_dropout={token_dropout!r} must lie in [0, 1): it is the fraction of a "
+                "cell's gene tokens hidden in each fine-tuning step."
+            )
         if objective == "classify" and self._setup_arg("labels_key") is None:
             raise ValueError(
                 "objective='classify' needs labels: call "
@@ -783,10 +802,13 @@ class ScForge(BaseModelClass):
         scvi.settings.seed = seed
         seed_everything(seed, workers=True, verbose=False)
         callbacks = [EpochSeed(seed), *trainer_kwargs.pop("callbacks", [])]
-        best = BestCheckpoint(monitor="val_loss", dirpath=checkpoint_dir)
+        if monitor is None:
+            monitor = "val_acc" if objective == "classify" else "val_loss"
+        mode = "min" if monitor.endswith(("loss", "perplexity")) else "max"
+        best = BestCheckpoint(monitor=monitor, dirpath=checkpoint_dir, mode=mode)
         callbacks.append(best)
         if early_stopping:
-            callbacks.append(EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
+            callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode=mode))
         self._configure_strategy(objective, strategy, freeze_backbone_epochs, lora, callbacks)
         if distributed != "auto" and data is None:
             data = self._backed_cells(distributed)  # a backed AnnData's file, or an error
@@ -818,6 +840,9 @@ class ScForge(BaseModelClass):
                 splitter = self._data_splitter_cls(
                     self.adata_manager, load_sparse_tensor=True, **common
                 )
+        if max_epochs is None:
+            max_epochs = default_max_epochs(objective, len(train_idx), batch_size)
+            logger.info(f"max_epochs={max_epochs} ({objective}, {len(train_idx)} training cells).")
         if isinstance(masking, dict):
             masking = MaskingConfig(**masking)
         weights = None
@@ -835,6 +860,7 @@ class ScForge(BaseModelClass):
             head_lr=head_lr,
             seed=seed,
             class_weights=weights,
+            token_dropout=token_dropout,
             checkpoint_metadata={"config": self.pretrained_config(), "vocab": self.vocab.to_dict()},
         )
         trainable, total = count_parameters(self.module)

@@ -126,10 +126,20 @@ class ScForgeModule(BaseModuleClass):
         tokens: TokenizedBatch,
         masking: MaskingConfig | None = None,
         generator: torch.Generator | None = None,
+        token_dropout: float = 0.0,
     ) -> dict[str, Any]:
-        """Mask (when ``masking`` is given) and encode a tokenised minibatch."""
+        """Mask (when ``masking`` is given) and encode a tokenised minibatch.
+
+        ``token_dropout`` hides that fraction of each cell's gene tokens (never special
+        tokens such as CLS) from attention and pooling: an augmentation for fine-tuning.
+        """
         masked = None
         gene_ids, value_mask = tokens.gene_ids, None
+        padding_mask = tokens.padding_mask
+        if token_dropout > 0:
+            keep = torch.rand(gene_ids.shape, generator=generator).to(gene_ids.device)
+            keep = (keep >= token_dropout) | (gene_ids < self.n_special)
+            padding_mask = padding_mask & keep
         if masking is not None:
             masked = mask_tokens(
                 tokens,
@@ -142,7 +152,7 @@ class ScForgeModule(BaseModuleClass):
             gene_ids = masked.gene_ids
             if tokens.values is not None:  # hide the value wherever the gene is a target
                 value_mask = masked.target_mask
-        out = self.backbone(gene_ids, tokens.padding_mask, tokens.values, value_mask)
+        out = self.backbone(gene_ids, padding_mask, tokens.values, value_mask)
         return {
             "tokens": tokens,
             "masked": masked,

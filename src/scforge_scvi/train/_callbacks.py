@@ -32,12 +32,15 @@ def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
 
 
 class BestCheckpoint(Callback):
-    """Track the epoch of minimum validation loss; restore its weights when training ends.
+    """Track the best validation epoch; restore its weights when training ends.
 
     Parameters
     ----------
     monitor
-        Logged metric to minimise.
+        Logged metric that decides the best epoch.
+    mode
+        ``"min"`` (a loss: the lowest value wins) or ``"max"`` (e.g. accuracy: the highest
+        value wins, and of equal values the later epoch, trained at a lower learning rate).
     dirpath
         If given, ``best.ckpt`` (minimum ``monitor``) and ``last.ckpt`` (end of every
         validation) are written there atomically; both are resumable Lightning checkpoints.
@@ -51,8 +54,12 @@ class BestCheckpoint(Callback):
         monitor: str = "val_loss",
         dirpath: str | os.PathLike | None = None,
         restore_best: bool = True,
+        mode: str = "min",
     ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}.")
         self.monitor = monitor
+        self.mode = mode
         self.dirpath = Path(dirpath) if dirpath is not None else None
         if self.dirpath is not None:  # fail now, not after the first epoch of training
             from scforge_scvi.io._pretrained import check_writable
@@ -80,7 +87,12 @@ class BestCheckpoint(Callback):
         if value is None:
             return
         value = float(value)
-        if self.best_score is None or value < self.best_score:
+        better = (
+            (value < self.best_score if self.mode == "min" else value >= self.best_score)
+            if self.best_score is not None
+            else True
+        )
+        if better:
             self.best_score, self.best_epoch = value, trainer.current_epoch
             self._best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in pl_module.module.state_dict().items()

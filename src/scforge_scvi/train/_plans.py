@@ -59,6 +59,9 @@ class ScForgeTrainingPlan(TrainingPlan):
         reproducible.
     class_weights
         Optional per-class weights of the classification loss.
+    token_dropout
+        Fraction of each training cell's gene tokens hidden at random in fine-tuning steps
+        (an augmentation; never in validation, inference or pretraining).
     checkpoint_metadata
         JSON-like description of the model (config and vocabulary) stored in every Lightning
         checkpoint under ``"scforge"``, so that a ``.ckpt`` loads with ``weights_only=True``
@@ -79,6 +82,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         head_lr: float | None = None,
         seed: int = 0,
         class_weights: torch.Tensor | None = None,
+        token_dropout: float = 0.0,
         checkpoint_metadata: dict | None = None,
     ) -> None:
         super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW")
@@ -90,6 +94,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         self.head_lr = lr if head_lr is None else head_lr
         self.seed = int(seed)
         self.class_weights = class_weights
+        self.token_dropout = float(token_dropout)
         self.checkpoint_metadata = checkpoint_metadata
 
     # -- steps -------------------------------------------------------------------------------
@@ -106,6 +111,11 @@ class ScForgeTrainingPlan(TrainingPlan):
         if self.objective == "pretrain":
             inference_kwargs = {
                 "masking": self.masking,
+                "generator": self._mask_generator(stage, batch_idx),
+            }
+        elif stage == "train" and self.token_dropout > 0:
+            inference_kwargs = {
+                "token_dropout": self.token_dropout,
                 "generator": self._mask_generator(stage, batch_idx),
             }
         loss_kwargs: dict[str, Any] = {"objective": self.objective}

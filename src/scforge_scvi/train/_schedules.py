@@ -92,3 +92,21 @@ def make_lr_scheduler(
         min_lr_ratio=min_lr_ratio,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+
+
+PRETRAIN_EPOCHS = 10
+FINETUNE_STEPS = 1_000
+
+
+def default_max_epochs(objective: str, n_train: int, batch_size: int) -> int:
+    """Epochs of a training run whose ``max_epochs`` is not given.
+
+    Pretraining: ``PRETRAIN_EPOCHS``. A task head (``classify`` / ``regress``): enough epochs
+    for about ``FINETUNE_STEPS`` optimizer steps, between 5 and 100, so that small and large
+    datasets get a similar number of updates (`docs/benchmarks_annotation.md` has the
+    measurements behind the figure).
+    """
+    if objective == "pretrain":
+        return PRETRAIN_EPOCHS
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return int(min(100, max(5, math.ceil(FINETUNE_STEPS / steps_per_epoch))))
