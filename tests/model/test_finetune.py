@@ -572,3 +572,26 @@ def test_confusion_matrix_and_training_curves_plots(finetuned, tmp_path):
     lines = curves.axes[0].get_lines()
     assert len(lines) == 2 and all(len(line.get_xdata()) == 4 for line in lines)
     plt.close("all")
+
+
+def test_classification_keeps_the_epoch_of_best_validation_accuracy(finetuned):
+    model = finetuned["model"]
+    accuracy = model.history["val_acc"].iloc[:, 0].to_numpy()
+    # of equal accuracies the later epoch (trained at a lower learning rate) is kept
+    best = len(accuracy) - 1 - int(np.argmax(accuracy[::-1]))
+    assert model.best_epoch_ == best
+
+
+def test_default_epochs_give_similar_step_counts_to_small_and_large_data():
+    from scforge_scvi.train._schedules import default_max_epochs
+
+    assert default_max_epochs("pretrain", 10_000, 32) == 10
+    small, large = (
+        default_max_epochs("classify", 490, 32),
+        default_max_epochs("classify", 1_900, 32),
+    )
+    assert small > large  # fewer cells, more epochs
+    for n, epochs in ((490, small), (1_900, large)):
+        assert 900 <= epochs * -(-n // 32) <= 1_100  # about 1,000 optimizer steps
+    assert default_max_epochs("classify", 10, 32) == 100
+    assert default_max_epochs("classify", 1_000_000, 32) == 5
