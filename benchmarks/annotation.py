@@ -31,6 +31,7 @@ import torch
 
 from scforge_scvi.model._model import ScForge
 from scforge_scvi.train._lora import count_parameters
+from scforge_scvi.train._schedules import default_max_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC3K = REPO / ".." / "shared" / "data" / "pbmc3k_raw_labeled.h5ad"
@@ -56,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--pooling", default="mean")
-    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -197,7 +198,7 @@ def main(argv=None) -> None:
             model.save_pretrained(str(Path(tmp) / "pre"))
             t_pre = time.perf_counter() - t0
             print(
-                f"seed {seed}: pretraining {args.pretrain_epochs} epochs on {len(rest)} "
+                f"seed {seed}: pretraining {len(model.history['train_loss_epoch'])} epochs on {len(rest)} "
                 f"cells: {t_pre:.0f} s",
                 flush=True,
             )
@@ -208,7 +209,12 @@ def main(argv=None) -> None:
                 if init == "random":
                     model = ScForge(labelled, vocab=model.vocab, **arch)
                 torch.manual_seed(seed)
-                freeze = max(1, args.epochs // 3) if strategy == "gradual_unfreeze" else 0
+                epochs = args.epochs or default_max_epochs(
+                    "classify",
+                    len(labelled) - len(test) - round(VALIDATION_SIZE * len(labelled)),
+                    args.batch_size,
+                )
+                freeze = max(1, epochs // 3) if strategy == "gradual_unfreeze" else 0
                 trace = TestTrace(model, test, key) if args.trace else None
                 model.train(
                     max_epochs=args.epochs,
