@@ -171,7 +171,7 @@ def check_output(
     ``directory``: the output is a directory (a run directory, an exported model) rather
     than a file. Nothing is created.
     """
-    from scforge_scvi.io._pretrained import check_writable
+    from scforge_scvi.io._atomic import check_writable
 
     path = Path(path)
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):

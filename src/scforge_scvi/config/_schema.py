@@ -36,8 +36,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
-import tempfile
 import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -57,6 +55,7 @@ from pydantic import (
 )
 
 from scforge_scvi._errors import ScForgeValueError
+from scforge_scvi.io._atomic import atomic_file
 
 __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
@@ -1078,15 +1077,8 @@ class ScForgeConfig(_Section):
         text = "# scforge_scvi configuration (every key, defaults filled in)\n" + yaml.safe_dump(
             self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True
         )
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-            os.chmod(tmp_name, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return path
 
 

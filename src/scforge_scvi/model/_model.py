@@ -1427,7 +1427,7 @@ class ScForge(BaseModelClass):
 
         from safetensors.torch import save_file
 
-        from scforge_scvi.io._pretrained import atomic_directory
+        from scforge_scvi.io._atomic import atomic_directory
 
         if self.lora_ is None:
             raise ScForgeValueError(
@@ -1460,7 +1460,7 @@ class ScForge(BaseModelClass):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from scforge_scvi.io._pretrained import resolve_directory
+        from scforge_scvi.io._atomic import resolve_directory
         from scforge_scvi.train import load_lora_state_dict
 
         path = resolve_directory(path)

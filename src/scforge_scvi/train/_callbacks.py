@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,10 @@ def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
 
     A crash mid-write leaves the previous checkpoint intact.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from scforge_scvi.io._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         trainer.save_checkpoint(tmp, weights_only=False)  # resumable: optimizer, schedule, loops
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class BestCheckpoint(Callback):
@@ -55,7 +49,7 @@ class BestCheckpoint(Callback):
         self.monitor = monitor
         self.dirpath = Path(dirpath) if dirpath is not None else None
         if self.dirpath is not None:  # fail now, not after the first epoch of training
-            from scforge_scvi.io._pretrained import check_writable
+            from scforge_scvi.io._atomic import check_writable
 
             check_writable(self.dirpath, "checkpoints")
         self.restore_best = restore_best
