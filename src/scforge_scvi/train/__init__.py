@@ -3,10 +3,10 @@
 from ._callbacks import (
     BestCheckpoint,
     EpochSeed,
-    GradualUnfreezing,
     StreamEpoch,
     atomic_save_checkpoint,
 )
+from ._freezing import STRATEGIES, GradualUnfreezing, check_frozen_are_loaded, configure_strategy
 from ._lora import (
     LoraSettings,
     apply_lora,
@@ -17,7 +17,7 @@ from ._lora import (
     merge_lora,
 )
 from ._optim import build_adamw, parameter_group_summary, parameter_groups
-from ._plans import STRATEGIES, ScForgeTrainingPlan
+from ._plans import ScForgeTrainingPlan
 from ._schedules import cosine_with_warmup, make_lr_scheduler
 
 __all__ = [
@@ -31,6 +31,8 @@ __all__ = [
     "apply_lora",
     "atomic_save_checkpoint",
     "build_adamw",
+    "check_frozen_are_loaded",
+    "configure_strategy",
     "cosine_with_warmup",
     "count_parameters",
     "load_lora_state_dict",

@@ -1,4 +1,4 @@
-"""Lightning callbacks: best weights with atomic checkpoints, gradual unfreezing, streams."""
+"""Lightning callbacks: best weights with atomic checkpoints, epoch seeds, streams."""
 
 from __future__ import annotations
 
@@ -101,25 +101,6 @@ class BestCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_score = state_dict.get("best_score")
         self.best_epoch = state_dict.get("best_epoch")
-
-
-class GradualUnfreezing(Callback):
-    """Keep the backbone frozen for ``freeze_backbone_epochs`` epochs, then train it.
-
-    The backbone's parameters are in the optimizer from the start (their own group and
-    learning rate), so unfreezing only flips ``requires_grad``.
-    """
-
-    def __init__(self, freeze_backbone_epochs: int) -> None:
-        self.freeze_backbone_epochs = int(freeze_backbone_epochs)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        frozen = trainer.current_epoch < self.freeze_backbone_epochs
-        backbone = pl_module.module.backbone
-        was_frozen = not any(p.requires_grad for p in backbone.parameters())
-        backbone.requires_grad_(not frozen)
-        if was_frozen and not frozen and trainer.current_epoch > 0:
-            logger.info(f"Unfreezing backbone at epoch {trainer.current_epoch}")
 
 
 class StreamEpoch(Callback):
