@@ -249,7 +249,7 @@ def setup_query(
             [_UNLABELLED] * adata.n_obs, categories=[*pretrained.class_names, _UNLABELLED]
         )
         kwargs.update(labels_key=_QUERY_LABELS, unlabeled_category=_UNLABELLED)
-    elif any(key.startswith("regressor.") for key in pretrained.state_dict):
+    elif pretrained.has_regression_head:
         adata.obs[_QUERY_LABELS] = np.zeros(adata.n_obs, dtype=np.float32)
         kwargs["target_key"] = _QUERY_LABELS
     _setup_anndata(adata, source, **kwargs)

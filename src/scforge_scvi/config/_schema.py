@@ -55,27 +55,10 @@ from pydantic import (
 )
 
 from scforge_scvi._errors import ScForgeValueError
-from scforge_scvi.io._atomic import atomic_file
-
-__all__ = [
-    "DEFAULT_LORA_TARGET_MODULES",
-    "NAMED_GENE_VOCABS",
-    "BenchmarkSpec",
-    "ConfigError",
-    "DataConfig",
-    "FinetuneConfig",
-    "FinetuneStrategy",
-    "HeadConfig",
-    "LoraConfig",
-    "MaskingConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "PreprocessingConfig",
-    "ScForgeConfig",
-    "SchedulerConfig",
-    "TokenizerConfig",
-    "TrainingConfig",
-]
+from scforge_scvi.data import TOKENIZERS
+from scforge_scvi.io import atomic_file
+from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
+from scforge_scvi.train import STRATEGIES
 
 NAMED_GENE_VOCABS = ("human_protein_coding", "data")
 """Vocabulary names accepted by ``data.gene_vocab`` besides a file path."""
@@ -102,7 +85,7 @@ PRECISIONS = (
     "64",
 )
 
-FinetuneStrategy = Literal["full", "frozen", "gradual_unfreeze", "lora"]
+FinetuneStrategy = Literal[STRATEGIES]  # type: ignore[valid-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +328,7 @@ class MaskingConfig(_Section):
 class TokenizerConfig(_Section):
     """``tokenizer``: how a cell's expression profile becomes a sequence of tokens."""
 
-    strategy: Literal["rank_value", "binned_expression", "continuous"] = Field(
+    strategy: Literal[tuple(TOKENIZERS)] = Field(  # type: ignore[valid-type]
         "rank_value",
         description=(
             "'rank_value' orders a cell's genes from highest to lowest expression "
@@ -430,14 +413,14 @@ class ModelConfig(_Section):
         ge=1,
         description="Longest token sequence the model accepts; at least tokenizer.max_genes.",
     )
-    pooling: Literal["cls", "mean"] = Field(
+    pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "cls",
         description=(
             "How the cell embedding is made from the tokens: 'cls' takes the [CLS] token "
             "(needs tokenizer.prepend_cls), 'mean' averages the gene tokens."
         ),
     )
-    activation: Literal["gelu", "relu"] = Field(
+    activation: Literal[ACTIVATIONS] = Field(  # type: ignore[valid-type]
         "gelu", description="Non-linearity in the feed-forward layers."
     )
 

@@ -81,6 +81,18 @@ class Pretrained:
         """Classes of the fine-tuned classification head (empty when there is none)."""
         return list(self.config.get("class_names", []))
 
+    @property
+    def has_regression_head(self) -> bool:
+        """Whether the weights hold a fine-tuned regression head."""
+        return any(key.startswith("regressor.") for key in self.state_dict)
+
+    @property
+    def has_unmerged_adapters(self) -> bool:
+        """Whether the weights hold LoRA adapters not merged into the base weights."""
+        from scforge_scvi.train import is_lora_key
+
+        return any(is_lora_key(key) for key in self.state_dict)
+
 
 @dataclass
 class LoadReport:
@@ -146,7 +158,9 @@ def write_pretrained(
         "scforge_version": __version__,
     }
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        _json_dump({**header, **config}, tmp / CONFIG_NAME)
+        _json_dump(
+            {**header, **{k: v for k, v in config.items() if k not in header}}, tmp / CONFIG_NAME
+        )
         if vocab is not None:
             vocab.save(tmp / VOCAB_NAME)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
