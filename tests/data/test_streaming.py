@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 import scforge_scvi as sf
 from scforge_scvi.data import CellStream, StreamedCells, VocabCoverageError
-from scforge_scvi.data._streaming import CELL_INDEX_KEY, split_cells
+from scforge_scvi.data._splits import split_cells
+from scforge_scvi.data._streaming import CELL_INDEX_KEY
 
 TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "max_genes": 48}
 

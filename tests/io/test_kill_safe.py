@@ -141,7 +141,7 @@ def test_killed_while_saving_an_adapter(tmp_path, cells):
     ScForge.setup_anndata(labelled, layer="counts", labels_key="louvain")
     base = ScForge(labelled, **BIG)
     base.load_adapter(str(out))
-    loaded = {k: v for k, v in base._adapter_state_dict().items()}
+    loaded = {k: v for k, v in base.module.adapter_state_dict().items()}
     assert _single_value(loaded) == version
     assert left, "the kill should have left the partial temporary directory"
     for partial in left:
@@ -151,7 +151,7 @@ def test_killed_while_saving_an_adapter(tmp_path, cells):
     _fill(other.module, -1.0)
     other.save_adapter(str(out))
     base.load_adapter(str(out))
-    assert _single_value(base._adapter_state_dict()) == -1.0
+    assert _single_value(base.module.adapter_state_dict()) == -1.0
 
 
 def test_a_save_stopped_between_its_two_renames_keeps_the_previous_directory(

@@ -14,8 +14,7 @@ from anndata.abc import CSRDataset
 
 import scforge_scvi as sf
 from scforge_scvi._errors import ScForgeValueError
-from scforge_scvi.data import _preprocess
-from scforge_scvi.model import _model
+from scforge_scvi.data import _genes, _preprocess
 
 TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "max_genes": 48}
 QUIET = {"batch_size": 32, "enable_progress_bar": False, "accelerator": "cpu", "logger": False}
@@ -121,7 +120,7 @@ def test_statistics_of_a_large_backed_file_are_fitted_on_a_sample(
     files, reads, monkeypatch, caplog
 ):
     _, backed = files
-    monkeypatch.setattr(_model, "BACKED_FIT_CELLS", 300)
+    monkeypatch.setattr(_genes, "BACKED_FIT_CELLS", 300)
     monkeypatch.setattr(logging.getLogger("scforge_scvi"), "propagate", True)
     sf.ScForge.setup_anndata(backed)
     reads.clear()

@@ -43,6 +43,7 @@ __all__ = [
     "baseline_logreg",
     "classification_scores",
     "embedding_quality",
+    "evaluate_annotation",
     "linear_probe",
     "logreg_on_cells",
     "stratified_split",
@@ -337,3 +338,85 @@ def embedding_quality(
         embedding, labels, None if batch is None else np.asarray(batch).astype(str)
     )
     return {**result, **silhouettes, "silhouette_backend": backend}
+
+
+def evaluate_annotation(
+    model, adata, indices=None, *, baseline: bool = True, n_top_genes: int = 2000
+) -> dict:
+    """Classification metrics of a fine-tuned :class:`~scforge_scvi.ScForge` on held-out cells.
+
+    The implementation of :meth:`scforge_scvi.ScForge.evaluate` (see there for the
+    arguments and the returned scores).
+    """
+    import pandas as pd
+    from sklearn.metrics import confusion_matrix
+
+    from scforge_scvi._logging import logger
+
+    own_data = adata is None or adata is model.adata
+    adata = model._validate_anndata(adata)
+    if indices is None:
+        indices = getattr(model, "test_indices_", None)
+        if indices is None or len(indices) == 0:
+            raise ValueError(
+                "No held-out test cells: train with train_size + validation_size < 1, or "
+                "pass indices=..."
+            )
+    indices = np.asarray(indices)
+    labels_key = model._setup_arg("labels_key")
+    if labels_key is None or labels_key not in adata.obs:
+        raise ValueError(
+            "evaluate() compares predictions with labels: register them with "
+            "setup_anndata(adata, labels_key=...)."
+        )
+    labels = list(model.class_names_)
+    column = adata.obs[labels_key]
+    all_truth = column.astype(str).to_numpy()
+    # unlabelled cells (the unlabelled category or a missing label) are not scored
+    labelled = column.notna().to_numpy() & np.isin(all_truth, labels)
+    scored = indices[labelled[indices]]
+    sub = adata[scored]
+    sub = sub.to_memory() if sub.isbacked else sub.copy()
+    probs = model.predict(sub, return_probabilities=True)
+    pred = np.asarray(labels)[probs.to_numpy().argmax(1)]
+    truth = all_truth[scored]
+    result = classification_scores(truth, pred, labels, per_class=True)
+    result["confusion"] = pd.DataFrame(
+        confusion_matrix(truth, pred, labels=labels), index=labels, columns=labels
+    )
+    fitted = np.concatenate(
+        [getattr(model, "train_indices_", []), getattr(model, "validation_indices_", [])]
+    ).astype(int)
+    if baseline and own_data and len(fitted):
+        fitted = fitted[labelled[fitted] & ~np.isin(fitted, scored)]
+        counts, truth_of, fit_at, score_at = model._counts(adata), all_truth, fitted, scored
+        if adata.isbacked:  # read only the rows the baseline uses
+            rows = np.union1d(fitted, scored)
+            counts, truth_of = counts[rows], all_truth[rows]
+            fit_at, score_at = np.searchsorted(rows, fitted), np.searchsorted(rows, scored)
+        reference = logreg_on_cells(
+            counts,
+            truth_of,
+            fit_at,
+            score_at,
+            n_top_genes=n_top_genes,
+            target_sum=model.preprocessing.target_sum,
+            class_names=labels,
+        )
+        result["baseline_logreg"] = reference
+        result["relative_macro_f1"] = (
+            result["macro_f1"] / reference["macro_f1"] if reference["macro_f1"] else np.nan
+        )
+        logger.info(
+            f"Test macro-F1 {result['macro_f1']:.3f} (accuracy {result['accuracy']:.3f}) on "
+            f"{len(scored)} cells; logistic regression on {reference['n_genes']} HVGs, "
+            f"fitted on the same training cells: {reference['macro_f1']:.3f} "
+            f"(accuracy {reference['accuracy']:.3f}); ratio "
+            f"{result['relative_macro_f1']:.3f}."
+        )
+    elif baseline:
+        logger.info(
+            f"Test macro-F1 {result['macro_f1']:.3f} on {len(scored)} cells (no "
+            "logistic-regression baseline: it needs the training AnnData of this session)."
+        )
+    return result

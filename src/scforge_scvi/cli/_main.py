@@ -270,14 +270,14 @@ def _export(args: argparse.Namespace) -> int:
     output = runs.check_output(args.output, args.overwrite, directory=True, what="the model")
     runs.check_checkpoint_path(args.model)
     pretrained = read_pretrained(args.model)
-    lora = [key for key in pretrained.state_dict if "lora_" in key]
-    if lora:
+    if pretrained.has_unmerged_adapters:
         raise runs.CliError(
             f"'{args.model}' holds unmerged LoRA adapters; use the run's best/ directory, "
             "which has them merged into the weights"
         )
-    config = {k: v for k, v in pretrained.config.items() if k not in ("format", "format_version")}
-    write_pretrained(output, config, pretrained.vocab, pretrained.state_dict, overwrite=True)
+    write_pretrained(
+        output, pretrained.config, pretrained.vocab, pretrained.state_dict, overwrite=True
+    )
     print(f"Exported {args.model} to {output} (config.json, model.safetensors, gene_vocab.json).")
     return 0
 

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from scforge_scvi._errors import one_line
 from scforge_scvi.config import ScForgeConfig, TrainingConfig
+from scforge_scvi.io import run_differences
 
 RUN_CONFIG = "config.yaml"
 RUN_METRICS = "metrics.csv"
@@ -171,7 +172,7 @@ def check_output(
     ``directory``: the output is a directory (a run directory, an exported model) rather
     than a file. Nothing is created.
     """
-    from scforge_scvi.io._pretrained import check_writable
+    from scforge_scvi.io import check_writable
 
     path = Path(path)
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
@@ -248,7 +249,7 @@ def setup_query(
             [_UNLABELLED] * adata.n_obs, categories=[*pretrained.class_names, _UNLABELLED]
         )
         kwargs.update(labels_key=_QUERY_LABELS, unlabeled_category=_UNLABELLED)
-    elif any(key.startswith("regressor.") for key in pretrained.state_dict):
+    elif pretrained.has_regression_head:
         adata.obs[_QUERY_LABELS] = np.zeros(adata.n_obs, dtype=np.float32)
         kwargs["target_key"] = _QUERY_LABELS
     _setup_anndata(adata, source, **kwargs)
@@ -358,10 +359,7 @@ def check_resume(run_dir: Path, config: ScForgeConfig) -> Path:
             "written by an earlier scforge run"
         )
     saved = ScForgeConfig.from_yaml(saved_file).to_dict()
-    current = config.to_dict()
-    saved["training"].pop("max_epochs")
-    current["training"].pop("max_epochs")
-    diffs = sorted(_differences(saved, current))
+    diffs = run_differences(saved, config.to_dict(), ignore=("training.max_epochs",))
     if diffs:
         raise CliError(
             f"cannot resume: the configuration differs from {saved_file} in {', '.join(diffs)} "
@@ -369,15 +367,6 @@ def check_resume(run_dir: Path, config: ScForgeConfig) -> Path:
             f"{last} to initialise from its weights instead"
         )
     return last
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if a == b else [prefix]
 
 
 def write_metrics(model, path: Path) -> pd.DataFrame:

@@ -36,8 +36,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
-import tempfile
 import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -57,26 +55,10 @@ from pydantic import (
 )
 
 from scforge_scvi._errors import ScForgeValueError
-
-__all__ = [
-    "DEFAULT_LORA_TARGET_MODULES",
-    "NAMED_GENE_VOCABS",
-    "BenchmarkSpec",
-    "ConfigError",
-    "DataConfig",
-    "FinetuneConfig",
-    "FinetuneStrategy",
-    "HeadConfig",
-    "LoraConfig",
-    "MaskingConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "PreprocessingConfig",
-    "ScForgeConfig",
-    "SchedulerConfig",
-    "TokenizerConfig",
-    "TrainingConfig",
-]
+from scforge_scvi.data import TOKENIZERS
+from scforge_scvi.io import atomic_file
+from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
+from scforge_scvi.train import STRATEGIES
 
 NAMED_GENE_VOCABS = ("human_protein_coding", "data")
 """Vocabulary names accepted by ``data.gene_vocab`` besides a file path."""
@@ -103,7 +85,7 @@ PRECISIONS = (
     "64",
 )
 
-FinetuneStrategy = Literal["full", "frozen", "gradual_unfreeze", "lora"]
+FinetuneStrategy = Literal[STRATEGIES]  # type: ignore[valid-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +328,7 @@ class MaskingConfig(_Section):
 class TokenizerConfig(_Section):
     """``tokenizer``: how a cell's expression profile becomes a sequence of tokens."""
 
-    strategy: Literal["rank_value", "binned_expression", "continuous"] = Field(
+    strategy: Literal[tuple(TOKENIZERS)] = Field(  # type: ignore[valid-type]
         "rank_value",
         description=(
             "'rank_value' orders a cell's genes from highest to lowest expression "
@@ -431,14 +413,14 @@ class ModelConfig(_Section):
         ge=1,
         description="Longest token sequence the model accepts; at least tokenizer.max_genes.",
     )
-    pooling: Literal["cls", "mean"] = Field(
+    pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "cls",
         description=(
             "How the cell embedding is made from the tokens: 'cls' takes the [CLS] token "
             "(needs tokenizer.prepend_cls), 'mean' averages the gene tokens."
         ),
     )
-    activation: Literal["gelu", "relu"] = Field(
+    activation: Literal[ACTIVATIONS] = Field(  # type: ignore[valid-type]
         "gelu", description="Non-linearity in the feed-forward layers."
     )
 
@@ -1078,15 +1060,8 @@ class ScForgeConfig(_Section):
         text = "# scforge_scvi configuration (every key, defaults filled in)\n" + yaml.safe_dump(
             self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True
         )
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-            os.chmod(tmp_name, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return path
 
 

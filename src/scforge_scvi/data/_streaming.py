@@ -44,6 +44,8 @@ from scforge_scvi._errors import (
 )
 from scforge_scvi._logging import logger
 
+from ._collate import TokenCollator
+from ._tokenizers import Tokenizer
 from ._vocab import GeneVocab, VocabCoverageError
 
 #: extra key of streamed batches: the global index of each cell (shard offset + row)
@@ -362,6 +364,52 @@ class StreamedCells:
         """The obs column ``key`` of every shard, concatenated in global cell order."""
         return pd.concat([s.obs_column(key) for s in self.shards], ignore_index=True)
 
+    def label_codes(
+        self, key: str, class_names: Sequence[str], unlabeled_category: str
+    ) -> np.ndarray:
+        """Per cell, the index of its label in ``class_names``, or ``len(class_names)`` for
+        a missing or unlabelled one (left out of the loss).
+
+        Raises
+        ------
+        ValueError
+            If a cell holds a label that is none of ``class_names``.
+        """
+        names = list(class_names)
+        labels = self.labels(key)
+        codes = pd.Categorical(labels.astype("string"), categories=names).codes.astype(np.int64)
+        unlabelled = labels.isna().to_numpy() | (labels.astype(str) == unlabeled_category)
+        unknown = (codes < 0) & ~unlabelled
+        if unknown.any():
+            shard = self.shards[int(self._locate(np.flatnonzero(unknown)[:1])[0])]
+            new = sorted(set(labels[unknown].astype(str)))[:5]
+            raise ValueError(
+                f"obs['{key}'] of '{shard.path}' holds labels the model does not know: {new}; "
+                f"its classes are {names}."
+            )
+        codes[codes < 0] = len(names)
+        return codes
+
+    @classmethod
+    def from_backed(cls, adata: ad.AnnData, layer: str | None, why: str) -> StreamedCells:
+        """The file of a backed AnnData as streamed cells (``why`` names what needs them).
+
+        Every process of a multi-process run reads its share of each batch from the file
+        itself; an in-memory AnnData cannot be shared so and is refused.
+        """
+        if not (adata.isbacked and adata.filename is not None and not adata.is_view):
+            raise ScForgeValueError(
+                f"{why} needs streamed cells: pass "
+                "data=StreamedCells(...) (or .h5ad/.zarr paths), or register a backed AnnData "
+                "(anndata.read_h5ad(path, backed='r')), so that each process reads its share "
+                "of every batch from disk; this AnnData is in memory."
+            )
+        logger.info(
+            f"{why}: streaming the cells of the backed file "
+            f"'{adata.filename}' ({'X' if layer is None else f'layers[{layer!r}]'})."
+        )
+        return cls(adata.filename, layer=layer)
+
 
 def _gene_identifiers(var: pd.DataFrame) -> set[str]:
     """Every gene identifier a shard's ``var`` holds (version suffixes of Ensembl ids off)."""
@@ -423,6 +471,31 @@ class CellStream(IterableDataset):
         self.epoch, self.rank, self.world_size = 0, 0, 1
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+
+    @classmethod
+    def tokenized(
+        cls,
+        cells: StreamedCells,
+        cell_ids: np.ndarray,
+        tokenizer: Tokenizer,
+        vocab: GeneVocab,
+        match_kwargs: dict[str, Any],
+        **kwargs: Any,
+    ) -> CellStream:
+        """A stream of ``cells`` tokenised by ``tokenizer`` over the model's ``vocab``.
+
+        Each shard gene is read into the column of its vocabulary id; genes outside the
+        vocabulary share one last column: they count towards the library size, as in the
+        in-memory path, but are never tokens. ``match_kwargs`` go to
+        :meth:`GeneVocab.match`, ``kwargs`` to the constructor.
+        """
+        unknown = len(vocab)
+        columns = [np.where(ids >= 0, ids, unknown) for ids in cells.match(vocab, **match_kwargs)]
+        gene_index = np.append(np.arange(len(vocab)), -1)
+        collate = TokenCollator(tokenizer, gene_index, kwargs.get("count_key", "X"))
+        return cls(
+            cells, cell_ids, columns=columns, n_columns=unknown + 1, collate=collate, **kwargs
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (called when each training epoch starts)."""
@@ -556,19 +629,38 @@ class StreamedDataModule(pl.LightningDataModule):
         return [] if self.val_stream is None else self._loader(self.val_stream)
 
 
-def split_cells(
-    n_obs: int, train_size: float, validation_size: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded random train/validation/test split of ``n_obs`` streamed cells (sorted ids)."""
-    if not 0 < train_size <= 1 or validation_size < 0 or train_size + validation_size > 1 + 1e-9:
-        raise ValueError(
-            f"Need 0 < train_size <= 1, validation_size >= 0 and a sum <= 1; got "
-            f"train_size={train_size}, validation_size={validation_size}."
+def training_streams(
+    cells: StreamedCells,
+    splits: Sequence[np.ndarray],
+    tokenizer: Tokenizer,
+    vocab: GeneVocab,
+    match_kwargs: dict[str, Any],
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    labels: np.ndarray | None = None,
+    labels_key: str = "labels",
+    count_key: str = "X",
+) -> StreamedDataModule:
+    """Training and validation streams over the first two of ``splits`` (cell ids).
+
+    Cells are tokenised as :meth:`CellStream.tokenized` says; the training stream is
+    shuffled, the validation stream (none when it has no cells) is not.
+    """
+    common = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "labels": labels,
+        "labels_key": labels_key,
+        "count_key": count_key,
+    }
+    train = CellStream.tokenized(
+        cells, splits[0], tokenizer, vocab, match_kwargs, shuffle=True, **common
+    )
+    val = None
+    if len(splits[1]):
+        val = CellStream.tokenized(
+            cells, splits[1], tokenizer, vocab, match_kwargs, shuffle=False, **common
         )
-    order = np.random.default_rng(seed).permutation(n_obs)
-    n_val = round(n_obs * validation_size)
-    n_test = n_obs - n_val - round(n_obs * train_size)
-    n_test = max(n_test, 0)
-    val, test, train = np.split(order, [n_val, n_val + n_test])
-    logger.info(f"Streamed split: {len(train)} training, {len(val)} validation, {len(test)} test.")
-    return np.sort(train), np.sort(val), np.sort(test)
+    return StreamedDataModule(train, val, num_workers=num_workers)

@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -431,16 +430,10 @@ class GeneVocab:
         The file is written to a temporary file in the same directory and then moved into
         place, so a crash never leaves a half-written vocabulary behind.
         """
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from scforge_scvi.io._atomic import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ properties
     @property

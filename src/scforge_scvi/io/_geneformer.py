@@ -549,8 +549,6 @@ def read_geneformer(
     The pretrained model: ``config["init_params"]`` rebuild it with
     :class:`~scforge_scvi.ScForge`, ``config["imported_from"]`` records the source.
     """
-    from scforge_scvi import __version__
-    from scforge_scvi.data import Preprocessing, build_tokenizer
     from scforge_scvi.model import ScForge
     from scforge_scvi.nn import BackboneConfig
 
@@ -632,18 +630,6 @@ def read_geneformer(
     source = f"'{directory / weights_name}'"
     state_dict = _convert_state_dict(weights, config, gf_ids, source)
 
-    preprocessing = Preprocessing(
-        init_params["normalize"], init_params["target_sum"], init_params["log1p"], None
-    )
-    tokenizer = build_tokenizer(
-        "rank_value",
-        vocab,
-        preprocessing=preprocessing,
-        max_genes=init_params["max_genes"],
-        prepend_cls=init_params["prepend_cls"],
-        append_eos=init_params["append_eos"],
-        score_dtype="float64",
-    )
     backbone = BackboneConfig(
         vocab_size=len(vocab),
         hidden_dim=init_params["hidden_dim"],
@@ -663,13 +649,9 @@ def read_geneformer(
     )
     pretrained_config = {
         "model_class": "ScForge",
-        "scforge_version": __version__,
         "init_params": init_params,
         "backbone": backbone.to_dict(),
-        "tokenizer": tokenizer.to_dict(),
-        "preprocessing": preprocessing.to_dict(),
         "class_names": [],
-        "labels_key": None,
         "imported_from": {
             "format": "geneformer",
             "path": str(directory),

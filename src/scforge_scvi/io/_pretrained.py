@@ -10,28 +10,27 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scforge_scvi._errors import (
-    ScForgeFileExistsError,
     ScForgeFileNotFoundError,
-    ScForgePermissionError,
     ScForgeValueError,
     one_line,
 )
 from scforge_scvi._logging import logger
 from scforge_scvi.data import GeneVocab
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+from ._atomic import atomic_directory, resolve_directory
+from ._checkpoint import module_state_dict, read_lightning_checkpoint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,7 +67,7 @@ class Pretrained:
     """What a pretrained directory or scforge ``.ckpt`` holds."""
 
     config: dict[str, Any]
-    vocab: GeneVocab
+    vocab: GeneVocab | None
     state_dict: dict[str, torch.Tensor]
     source: str = ""
 
@@ -81,6 +80,18 @@ class Pretrained:
     def class_names(self) -> list[str]:
         """Classes of the fine-tuned classification head (empty when there is none)."""
         return list(self.config.get("class_names", []))
+
+    @property
+    def has_regression_head(self) -> bool:
+        """Whether the weights hold a fine-tuned regression head."""
+        return any(key.startswith("regressor.") for key in self.state_dict)
+
+    @property
+    def has_unmerged_adapters(self) -> bool:
+        """Whether the weights hold LoRA adapters not merged into the base weights."""
+        from scforge_scvi.train import is_lora_key
+
+        return any(is_lora_key(key) for key in self.state_dict)
 
 
 @dataclass
@@ -113,116 +124,45 @@ def _json_dump(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _previous(path: Path) -> Path:
-    """Where :func:`atomic_directory` keeps the previous directory while swapping."""
-    return path.with_name(f".{path.name}.old")
-
-
-def resolve_directory(path: str | os.PathLike) -> Path:
-    """``path``, or the previous complete directory when a save was killed mid-swap.
-
-    :func:`atomic_directory` moves the previous directory aside to ``.NAME.old`` just before
-    the new one takes its place; a process killed between the two renames leaves only the
-    previous one, which is then read (and put back by the next save).
-    """
-    path = Path(path)
-    previous = _previous(path)
-    if not path.exists() and previous.is_dir():
-        logger.warning(f"{path} was being replaced when its writer stopped; reading {previous}.")
-        return previous
-    return path
-
-
-def check_writable(directory: str | os.PathLike, what: str = "the output") -> None:
-    """Raise a clear error unless files can be created in ``directory`` (which may not exist
-    yet: its nearest existing ancestor is checked). Nothing is created.
-
-    Raises
-    ------
-    ScForgePermissionError
-        If that directory is read-only for this process.
-    ScForgeFileExistsError
-        If a file stands where a directory is needed.
-    """
-    directory = Path(directory).absolute()
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ScForgeFileExistsError(
-            f"'{existing}' is a file, so {what} cannot be written under it; choose a directory."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ScForgePermissionError(
-            f"Cannot write {what} to '{directory}': '{existing}' is read-only for this user; "
-            "choose a writable directory."
-        )
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Write a directory atomically: yield a temporary sibling to fill, then swap it in.
-
-    A crash or kill before the swap leaves any previous directory at ``path`` untouched (and
-    a hidden ``.NAME.*`` temporary that nothing reads); one during the swap leaves the
-    previous directory at ``.NAME.old``, where :func:`resolve_directory` finds it.
-
-    Raises
-    ------
-    ScForgeFileExistsError
-        If ``path`` exists and ``overwrite`` is False.
-    ScForgePermissionError
-        If the parent directory cannot be written.
-    """
-    path = Path(path)
-    previous = _previous(path)
-    if path.exists() and not overwrite:
-        raise ScForgeFileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    if path.exists() and not path.is_dir():
-        raise ScForgeFileExistsError(
-            f"{path} exists and is a file, not a model directory; choose another path."
-        )
-    check_writable(path.parent, f"'{path.name}'")
-    if not path.exists() and previous.is_dir():  # a swap was interrupted: restore it first
-        os.replace(previous, path)
-        if not overwrite:
-            raise ScForgeFileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except PermissionError as err:
-        raise ScForgePermissionError(
-            f"Cannot write '{path.name}' to '{path.parent}' ({err.strerror or err}); choose a "
-            "writable directory."
-        ) from None
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(path, previous)
-            os.replace(tmp, path)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_pretrained(
     path: str | os.PathLike,
     config: dict[str, Any],
-    vocab: GeneVocab,
+    vocab: GeneVocab | None,
     state_dict: dict[str, torch.Tensor],
     *,
     overwrite: bool = True,
 ) -> Path:
-    """Write a pretrained directory atomically (temporary sibling, then swap)."""
+    """Write a pretrained directory atomically (temporary sibling, then swap).
+
+    Parameters
+    ----------
+    path
+        The directory.
+    config
+        JSON-serialisable description of the model, written to ``config.json`` after the
+        format name, its version and the scforge version; ``"model_class"`` names the class
+        that reads it back.
+    vocab
+        Written to ``gene_vocab.json``; ``None`` for a model without a gene vocabulary.
+    state_dict
+        Written to ``model.safetensors``.
+    overwrite
+        Replace a directory at ``path``.
+    """
+    from scforge_scvi import __version__
+
     path = Path(path)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "scforge_version": __version__,
+    }
     with atomic_directory(path, overwrite=overwrite) as tmp:
         _json_dump(
-            {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **config}, tmp / CONFIG_NAME
+            {**header, **{k: v for k, v in config.items() if k not in header}}, tmp / CONFIG_NAME
         )
-        vocab.save(tmp / VOCAB_NAME)
+        if vocab is not None:
+            vocab.save(tmp / VOCAB_NAME)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
     return path
@@ -234,8 +174,11 @@ _EXPECTED = (
 )
 
 
-def read_pretrained(path: str | os.PathLike) -> Pretrained:
+def read_pretrained(path: str | os.PathLike, *, vocab: bool = True) -> Pretrained:
     """Read a pretrained directory or an scforge Lightning checkpoint (weights only).
+
+    ``vocab=False`` reads a directory of a model without a gene vocabulary
+    (``Pretrained.vocab`` is then ``None``).
 
     Raises
     ------
@@ -250,7 +193,8 @@ def read_pretrained(path: str | os.PathLike) -> Pretrained:
         raise ScForgeFileNotFoundError(f"No pretrained model at '{path}'; {_EXPECTED}.")
     if path.is_file():
         return _read_checkpoint(path)
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME) if not (path / n).is_file()]
+    needed = (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME) if vocab else (CONFIG_NAME, WEIGHTS_NAME)
+    missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise ScForgeFileNotFoundError(
             f"'{path}' is not a pretrained scforge directory: missing {missing} "
@@ -268,6 +212,12 @@ def read_pretrained(path: str | os.PathLike) -> Pretrained:
             f"{path / CONFIG_NAME} is not an scforge config (no format {FORMAT_NAME!r}); "
             f"{_EXPECTED}."
         )
+    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ScForgeValueError(
+            f"{path} was written by scforge {config.get('scforge_version')} in format version "
+            f"{config['format_version']}; this scforge reads versions up to {FORMAT_VERSION}: "
+            "upgrade scforge_scvi."
+        )
     try:
         state_dict = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as err:
@@ -275,33 +225,16 @@ def read_pretrained(path: str | os.PathLike) -> Pretrained:
             f"{path / WEIGHTS_NAME} is truncated or corrupt and cannot be read ({one_line(err)}); "
             "no model was built. Re-export it from the training run."
         ) from None
-    return Pretrained(config, GeneVocab.load(path / VOCAB_NAME), state_dict, str(path))
+    genes = GeneVocab.load(path / VOCAB_NAME) if vocab else None
+    return Pretrained(config, genes, state_dict, str(path))
 
 
 def _read_checkpoint(path: Path) -> Pretrained:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused an object: nothing was run
-        raise ScForgeValueError(
-            f"{path} holds pickled Python objects, not only tensors, and scforge never "
-            f"unpickles those (nothing in it was run); {_EXPECTED}."
-        ) from None
-    except Exception as err:  # truncated, empty, not a zip/pickle at all
-        raise ScForgeValueError(
-            f"{path} could not be read as a checkpoint: it is truncated or not a PyTorch "
-            f"checkpoint ({one_line(err)}); {_EXPECTED}."
-        ) from None
-    meta = ckpt.get("scforge") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ScForgeValueError(
-            f"{path} is not a checkpoint written by scforge (no 'scforge' metadata; a "
-            f"checkpoint of another model or architecture); {_EXPECTED}."
-        )
-    prefix = "module."
-    state_dict = {
-        k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
-    }
-    return Pretrained(meta["config"], GeneVocab.from_dict(meta["vocab"]), state_dict, str(path))
+    ckpt = read_lightning_checkpoint(path, key="scforge", expected=_EXPECTED)
+    meta = ckpt["scforge"]
+    return Pretrained(
+        meta["config"], GeneVocab.from_dict(meta["vocab"]), module_state_dict(ckpt), str(path)
+    )
 
 
 def check_architecture(saved: dict[str, Any], requested: dict[str, Any], source: str) -> None:
@@ -348,3 +281,203 @@ def load_weights(
     module.load_state_dict(to_load, strict=False)  # missing keys: reported as initialised
     logger.info(f"Loaded pretrained weights: {report.summary()}.")
     return report
+
+
+class PretrainedMixin:
+    """Pretrained directories, LoRA adapter directories and Geneformer import of a model.
+
+    For :class:`~scforge_scvi.ScForge`: the model has ``module`` (with
+    ``merged_state_dict``, ``adapter_state_dict`` and ``load_adapter_state_dict``),
+    ``vocab``, ``backbone_config``, ``class_names_``, ``lora_`` and ``init_params_``.
+    """
+
+    def pretrained_config(self) -> dict[str, Any]:
+        """The JSON-serialisable description of this model (``config.json``)."""
+        params = dict(self.init_params_["non_kwargs"])
+        for key in ("vocab", "lora", "class_names"):  # stored on their own
+            params.pop(key, None)
+        return {
+            "model_class": type(self).__name__,
+            "init_params": params,
+            "backbone": self.backbone_config.to_dict(),
+            "class_names": list(self.class_names_),
+        }
+
+    def save_pretrained(self, path: str, *, overwrite: bool = True) -> None:
+        """Save ``config.json``, ``model.safetensors`` and ``gene_vocab.json`` to ``path``.
+
+        LoRA adapters, if any, are merged into the saved weights, so the directory loads as
+        a plain model. The write is atomic: an interrupted save leaves a previous model at
+        ``path`` intact.
+        """
+        write_pretrained(
+            path,
+            self.pretrained_config(),
+            self.vocab,
+            self.module.merged_state_dict(),
+            overwrite=overwrite,
+        )
+        logger.info(f"Saved pretrained model to {path}.")
+
+    def save_adapter(self, path: str, *, overwrite: bool = True) -> int:
+        """Save the LoRA adapters and the task head to the directory ``path``.
+
+        Writes ``adapter_config.json`` (LoRA settings and class names) and
+        ``adapter_model.safetensors`` (adapter and head weights only: a small fraction of
+        the full model). The base model is not saved; load it with :meth:`from_pretrained`,
+        then call :meth:`load_adapter`. The write is atomic.
+
+        Returns
+        -------
+        Size of ``adapter_model.safetensors`` in bytes.
+        """
+        from ._adapters import write_adapter
+
+        if self.lora_ is None:
+            raise ScForgeValueError(
+                "This model has no LoRA adapters; train with strategy='lora' first "
+                "(or use save_pretrained for the full model)."
+            )
+        config = {"lora": dict(self.lora_), "class_names": list(self.class_names_)}
+        size = write_adapter(path, config, self.module.adapter_state_dict(), overwrite=overwrite)
+        logger.info(f"Saved LoRA adapters and task head to {path} ({size / 1e6:.2f} MB).")
+        return size
+
+    def load_adapter(self, path: str) -> None:
+        """Load adapters and task head saved by :meth:`save_adapter` onto this (base) model.
+
+        The model must have been built on the same base weights (e.g. with
+        :meth:`from_pretrained` of the base directory) and for the same class names.
+        """
+        from scforge_scvi.train import LoraSettings
+
+        from ._adapters import read_adapter
+
+        config, state = read_adapter(path)
+        if config["class_names"] != list(self.class_names_):
+            raise ScForgeValueError(
+                f"The adapter's head was fitted for labels {config['class_names']}; this model "
+                f"has {list(self.class_names_)}."
+            )
+        settings = LoraSettings.from_dict(config["lora"])
+        if self.lora_ is None:
+            self._apply_lora(settings)
+        elif self.lora_ != settings.to_dict():
+            raise ValueError(
+                f"This model already carries LoRA adapters {self.lora_}, not {settings.to_dict()}."
+            )
+        self.module.load_adapter_state_dict(state)
+        self.module.eval()
+        logger.info(f"Loaded LoRA adapters and task head from {path}.")
+
+    @classmethod
+    def from_pretrained(cls, path: str, adata: AnnData, **kwargs: Any) -> PretrainedMixin:
+        """Build a model on ``adata`` from a pretrained directory or scforge ``.ckpt``.
+
+        Loads weights only (a later :meth:`train` starts a fresh optimizer and schedule).
+        The saved vocabulary and per-gene statistics are used, never refitted, so genes of
+        ``adata`` in another order or a subset map correctly. A classification head fitted
+        for the same labels is kept; otherwise a new head is initialised for the labels
+        registered on ``adata``.
+
+        Parameters
+        ----------
+        path
+            Pretrained directory (``config.json`` + ``model.safetensors`` +
+            ``gene_vocab.json``) or a Lightning ``.ckpt`` written during scforge training.
+        adata
+            AnnData registered with :meth:`setup_anndata`.
+        **kwargs
+            Init arguments to override (e.g. ``dropout``). Architecture arguments that differ
+            from the checkpoint raise an error starting "Checkpoint dimension mismatch".
+        """
+        return cls._from_pretrained_object(read_pretrained(path), adata, kwargs)
+
+    @classmethod
+    def from_geneformer(
+        cls,
+        path: str,
+        adata: AnnData,
+        *,
+        token_dictionary: str | None = None,
+        gene_median_dictionary: str | None = None,
+        model_input_size: int | None = None,
+        special_tokens: bool | None = None,
+        **kwargs: Any,
+    ) -> PretrainedMixin:
+        """Build a model on ``adata`` from a Geneformer model directory (public weights).
+
+        The backbone, gene head, vocabulary, per-gene medians and tokenizer reproduce
+        Geneformer: BERT post-LayerNorm blocks with its embedding LayerNorm, absolute positions
+        (the token-type embedding folded in), its activation and masked-LM head; genes ranked
+        by ``counts / n_counts * 10,000 / median`` in float64, truncated to the model's input
+        size, with ``<cls>`` and ``<eos>`` for V2 models. Nothing is executed while loading
+        (see :func:`scforge_scvi.io.read_geneformer`). Fine-tune it like any model:
+        :meth:`train` with any strategy, then :meth:`save_pretrained`.
+
+        Parameters
+        ----------
+        path
+            Geneformer model directory: ``config.json`` (``BertForMaskedLM``) and
+            ``model.safetensors`` or ``pytorch_model.bin``.
+        adata
+            AnnData registered with :meth:`setup_anndata`: raw counts of all genes (no
+            feature selection), Ensembl ids in ``var_names`` or in a ``var`` column such as
+            ``gene_ids``.
+        token_dictionary, gene_median_dictionary
+            Geneformer's token dictionary (Ensembl id -> token id) and gene median dictionary
+            (``.pkl`` or ``.json``); default: the one file in ``path`` whose name contains
+            ``token_dictionary`` / ``gene_median``.
+        model_input_size
+            Longest input in tokens (special tokens included); default the model's
+            ``max_position_embeddings`` (2048 for V1, 4096 for V2 models).
+        special_tokens
+            Prepend ``<cls>`` and append ``<eos>``; default: when the token dictionary has them.
+        **kwargs
+            Init arguments to override, e.g. ``dropout`` or ``min_coverage`` (default 0.25
+            for imported models: Geneformer's vocabulary holds protein-coding and miRNA genes
+            only, a minority of a full 10x gene list on some annotations).
+        """
+        from ._geneformer import read_geneformer
+
+        pretrained = read_geneformer(
+            path,
+            token_dictionary=token_dictionary,
+            gene_median_dictionary=gene_median_dictionary,
+            model_input_size=model_input_size,
+            special_tokens=special_tokens,
+        )
+        return cls._from_pretrained_object(pretrained, adata, kwargs)
+
+    @classmethod
+    def _from_pretrained_object(cls, pretrained, adata: AnnData, kwargs: dict) -> PretrainedMixin:
+        model_class = pretrained.config.get("model_class", cls.__name__)
+        if model_class != cls.__name__:
+            raise ScForgeValueError(
+                f"{pretrained.source} holds a {model_class} model, not a {cls.__name__}; load "
+                f"it with {model_class}.from_pretrained."
+            )
+        params = pretrained.init_params
+        saved = dict(params)  # a None that was saved stands for the value it implied
+        backbone = pretrained.config.get("backbone", {})
+        if saved.get("max_seq_len") is None:
+            saved["max_seq_len"] = backbone.get("max_seq_len")
+        if saved.get("ffn_dim") is None and backbone.get("hidden_dim"):
+            saved["ffn_dim"] = backbone.get("ffn_dim") or 4 * backbone["hidden_dim"]
+        check_architecture(saved, kwargs, source=f"the requested {cls.__name__} arguments")
+        params.update(kwargs)
+        manager = cls._get_most_recent_anndata_manager(adata, required=True)
+        if manager.registry["setup_args"].get("labels_key") is None and pretrained.class_names:
+            # a query without labels keeps the fine-tuned classifier and its classes
+            params["class_names"] = pretrained.class_names
+        model = cls(adata, vocab=pretrained.vocab, **params)
+        same_labels = pretrained.class_names == model.class_names_
+        skip = () if same_labels else ("classifier.", "regressor.")
+        if not same_labels and pretrained.class_names and model.class_names_:
+            logger.info(
+                f"The checkpoint's classifier was fitted for labels {pretrained.class_names}; "
+                f"this data has {model.class_names_}: a new classification head is initialised."
+            )
+        model.load_report_ = load_weights(model.module, pretrained.state_dict, skip_prefixes=skip)
+        model.module.eval()
+        return model

@@ -107,6 +107,58 @@ class ScForgeModule(BaseModuleClass):
         """Modules that are not the backbone (trained with the head learning rate)."""
         return [m for m in (self.classifier, self.regressor) if m is not None]
 
+    # -- adapters ----------------------------------------------------------------------------
+    _HEAD_PREFIXES = ("classifier.", "regressor.")
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's LoRA adapters and the task head: what fine-tuning with LoRA changed."""
+        from scforge_scvi.train import lora_state_dict
+
+        state = {f"backbone.{k}": v for k, v in lora_state_dict(self.backbone).items()}
+        state.update(
+            {
+                k: v.detach()
+                for k, v in self.state_dict().items()
+                if k.startswith(self._HEAD_PREFIXES)
+            }
+        )
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`adapter_state_dict` returned into a module with the same adapters.
+
+        Raises
+        ------
+        KeyError
+            If the adapter or head keys differ from this module's.
+        """
+        from scforge_scvi.train import load_lora_state_dict
+
+        prefix = "backbone."
+        load_lora_state_dict(
+            self.backbone, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+        heads = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        expected = {k for k in self.state_dict() if k.startswith(self._HEAD_PREFIXES)}
+        if set(heads) != expected:
+            raise KeyError(
+                f"Adapter head weights do not match the model: missing "
+                f"{sorted(expected - set(heads))}, unexpected {sorted(set(heads) - expected)}."
+            )
+        self.load_state_dict(heads, strict=False)  # key sets were compared above
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with any LoRA adapters folded into the base weights."""
+        from scforge_scvi.train import lora_layer_names, merge_lora
+
+        if not lora_layer_names(self.backbone):
+            return self.state_dict()
+        import copy
+
+        module = copy.deepcopy(self)
+        merge_lora(module.backbone)
+        return module.state_dict()
+
     # -- scvi-tools module protocol ----------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {

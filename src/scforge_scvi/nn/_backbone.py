@@ -18,8 +18,8 @@ from torch import nn
 
 from ._attention import MultiHeadSelfAttention
 from ._dropout import Dropout
+from ._mlp import ACTIVATIONS, activation
 
-ACTIVATIONS = ("gelu", "relu")
 POOLINGS = ("cls", "mean")
 VALUE_ENCODINGS = ("none", "binned", "continuous")
 NORM_POSITIONS = ("pre", "post")
@@ -179,17 +179,13 @@ class BackboneOutput:
     cell_embedding: torch.Tensor
 
 
-def _activation(name: str) -> nn.Module:
-    return nn.GELU() if name == "gelu" else nn.ReLU()
-
-
 class FeedForward(nn.Module):
     """Position-wise feed-forward network: ``linear1 -> activation -> dropout -> linear2``."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.linear1 = nn.Linear(config.hidden_dim, config.resolved_ffn_dim)
-        self.activation = _activation(config.activation)
+        self.activation = activation(config.activation)
         self.dropout = Dropout(config.dropout)
         self.linear2 = nn.Linear(config.resolved_ffn_dim, config.hidden_dim)
 
@@ -262,7 +258,7 @@ class ScForgeBackbone(nn.Module):
             self.value_embedding = nn.Embedding(config.n_bins + 1, d)
         elif config.value_encoding == "continuous":
             self.value_encoder = nn.Sequential(
-                nn.Linear(1, d), _activation(config.activation), nn.Linear(d, d)
+                nn.Linear(1, d), activation(config.activation), nn.Linear(d, d)
             )
             self.value_mask_embedding = nn.Parameter(torch.zeros(d))
         if config.use_positions:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._cross_entropy import linear_cross_entropy
+from ._mlp import activation as make_activation
+from ._mlp import mlp
 
 
 class _Transform(nn.Module):
@@ -22,10 +24,8 @@ class _Transform(nn.Module):
         self, hidden_dim: int, layer_norm_eps: float = 1e-5, activation: str = "gelu"
     ) -> None:
         super().__init__()
-        if activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}.")
         self.dense = nn.Linear(hidden_dim, hidden_dim)
-        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.activation = make_activation(activation)
         self.norm = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, d) -> (M, d)
@@ -136,18 +136,6 @@ class ExpressionHead(nn.Module):
         return self.output(self.transform(hidden))
 
 
-def _mlp(in_dim: int, out_dim: int, hidden_dim: int | None, dropout: float) -> nn.Sequential:
-    """``in -> hidden -> GELU -> dropout -> out``, or one Linear if ``hidden_dim`` is falsy."""
-    if not hidden_dim:
-        return nn.Sequential(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim),
-        nn.GELU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden_dim, out_dim),
-    )
-
-
 class ClassificationHead(nn.Module):
     """Cell-type (or any label) classifier on cell embeddings.
 
@@ -169,7 +157,7 @@ class ClassificationHead(nn.Module):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"ClassificationHead needs n_classes >= 2, got {n_classes}.")
-        self.net = _mlp(in_dim, n_classes, hidden_dim, dropout)
+        self.net = mlp(in_dim, n_classes, hidden_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, n_classes)
         return self.net(x)
@@ -196,7 +184,7 @@ class RegressionHead(nn.Module):
         super().__init__()
         if n_outputs < 1:
             raise ValueError(f"RegressionHead needs n_outputs >= 1, got {n_outputs}.")
-        self.net = _mlp(in_dim, n_outputs, hidden_dim, dropout)
+        self.net = mlp(in_dim, n_outputs, hidden_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, n_outputs)
         return self.net(x)

@@ -1,10 +1,9 @@
-"""Lightning callbacks: best weights with atomic checkpoints, gradual unfreezing, streams."""
+"""Lightning callbacks: best weights with atomic checkpoints, epoch seeds, streams."""
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,10 @@ def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
 
     A crash mid-write leaves the previous checkpoint intact.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from scforge_scvi.io._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         trainer.save_checkpoint(tmp, weights_only=False)  # resumable: optimizer, schedule, loops
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class BestCheckpoint(Callback):
@@ -62,7 +56,7 @@ class BestCheckpoint(Callback):
         self.mode = mode
         self.dirpath = Path(dirpath) if dirpath is not None else None
         if self.dirpath is not None:  # fail now, not after the first epoch of training
-            from scforge_scvi.io._pretrained import check_writable
+            from scforge_scvi.io._atomic import check_writable
 
             check_writable(self.dirpath, "checkpoints")
         self.restore_best = restore_best
@@ -119,25 +113,6 @@ class BestCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_score = state_dict.get("best_score")
         self.best_epoch = state_dict.get("best_epoch")
-
-
-class GradualUnfreezing(Callback):
-    """Keep the backbone frozen for ``freeze_backbone_epochs`` epochs, then train it.
-
-    The backbone's parameters are in the optimizer from the start (their own group and
-    learning rate), so unfreezing only flips ``requires_grad``.
-    """
-
-    def __init__(self, freeze_backbone_epochs: int) -> None:
-        self.freeze_backbone_epochs = int(freeze_backbone_epochs)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        frozen = trainer.current_epoch < self.freeze_backbone_epochs
-        backbone = pl_module.module.backbone
-        was_frozen = not any(p.requires_grad for p in backbone.parameters())
-        backbone.requires_grad_(not frozen)
-        if was_frozen and not frozen and trainer.current_epoch > 0:
-            logger.info(f"Unfreezing backbone at epoch {trainer.current_epoch}")
 
 
 class StreamEpoch(Callback):

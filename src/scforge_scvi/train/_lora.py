@@ -152,6 +152,11 @@ def apply_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     return module
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key names a LoRA adapter weight."""
+    return _LORA_KEY in key
+
+
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights only, keyed as in ``module.state_dict()`` (detached copies)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items() if _LORA_KEY in k}

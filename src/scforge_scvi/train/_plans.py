@@ -19,8 +19,10 @@ gradual unfreezing actually trains them (a parameter without gradient is skipped
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
@@ -29,7 +31,45 @@ from scforge_scvi.data._masking import MaskingConfig
 from ._optim import build_adamw
 from ._schedules import make_lr_scheduler
 
-STRATEGIES = ("full", "frozen", "gradual_unfreeze", "lora")
+
+def class_weights(how: str | Sequence[float], codes: np.ndarray | None, n_classes: int):
+    """Loss weight of each of ``n_classes`` classes, as a float32 tensor.
+
+    Parameters
+    ----------
+    how
+        ``"balanced"`` (inverse class frequency, mean 1 over the cells), ``"sqrt"`` (its
+        square root) or one weight per class.
+    codes
+        Label code of each training cell (codes >= ``n_classes`` are unlabelled); needed by
+        ``"balanced"`` and ``"sqrt"``.
+    n_classes
+        Number of classes.
+    """
+    if not isinstance(how, str):
+        weights = torch.as_tensor(np.asarray(how, dtype=np.float32))
+        if weights.shape != (n_classes,):
+            raise ValueError(
+                f"class_weights needs {n_classes} values (one per class of "
+                f"model.class_names_), got shape {tuple(weights.shape)}."
+            )
+        return weights
+    if how not in ("balanced", "sqrt"):
+        raise ValueError(
+            f"class_weights={how!r}: use 'balanced', 'sqrt', a list of weights or None."
+        )
+    if codes is None:
+        raise ValueError(
+            f"class_weights={how!r} counts the training cells' labels, which needs the "
+            "registered AnnData; pass one weight per class with streamed data."
+        )
+    counts = np.bincount(codes[codes < n_classes].astype(int), minlength=n_classes)
+    freq = np.maximum(counts, 1).astype(np.float64)
+    weights = freq.sum() / (n_classes * freq)
+    if how == "sqrt":
+        weights = np.sqrt(weights)
+    weights = weights / (weights * counts).sum() * counts.sum()  # mean 1 over cells
+    return torch.as_tensor(weights, dtype=torch.float32)
 
 
 class ScForgeTrainingPlan(TrainingPlan):

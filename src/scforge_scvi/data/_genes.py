@@ -1,0 +1,115 @@
+"""The genes of a dataset against a model's vocabulary: which vocabulary, and how genes match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anndata import AnnData
+
+from scforge_scvi._logging import logger
+
+from ._preprocess import Preprocessing, fit_gene_medians, is_backed, read_row_sample
+from ._vocab import GeneVocab
+
+#: cells of a backed AnnData read to fit per-gene medians and select highly variable genes
+BACKED_FIT_CELLS = 10_000
+
+
+def fitting_counts(adata: AnnData, counts, what: str):
+    """``counts`` of ``adata`` in memory, for fitting the vocabulary's statistics.
+
+    A backed matrix is not loaded whole: up to :data:`BACKED_FIT_CELLS` cells (a seeded
+    sample, all of them when there are no more) are read from the file a block at a time.
+    """
+    if not is_backed(counts):
+        return counts
+    rows, sample = read_row_sample(counts, BACKED_FIT_CELLS, seed=0)
+    if len(rows) < adata.n_obs:
+        logger.info(
+            f"{what} on {len(rows):,} of the {adata.n_obs:,} cells of the backed file "
+            f"'{adata.filename}' (a seeded sample)."
+        )
+    return sample
+
+
+def match_kwargs(
+    vocab: GeneVocab, preprocessing: Preprocessing, gene_key: str | None, min_coverage: float
+) -> dict[str, Any]:
+    """Arguments of :meth:`GeneVocab.match` for a model's vocabulary.
+
+    A vocabulary of selected (HVG) genes, no larger than ``n_top_genes``, is checked by the
+    share of its genes found in the data; any other (a named or pretrained one of all genes)
+    by the share of the data's genes.
+    """
+    n_top = preprocessing.n_top_genes
+    selected = bool(n_top) and len(vocab) - vocab.n_special <= n_top
+    return {
+        "gene_key": gene_key,
+        "min_coverage": min_coverage,
+        "coverage_of": "vocab" if selected else "data",
+    }
+
+
+def resolve_vocab(
+    vocab: GeneVocab | str | dict | None,
+    adata: AnnData,
+    counts,
+    *,
+    preprocessing: Preprocessing,
+    gene_key: str | None,
+    min_coverage: float,
+) -> GeneVocab:
+    """The vocabulary of a new model on ``adata`` (raw ``counts``), with per-gene medians.
+
+    Parameters
+    ----------
+    vocab
+        ``None`` builds it from ``adata``'s genes (after HVG selection when
+        ``preprocessing.n_top_genes`` is set), a name such as ``"human_protein_coding"``, a
+        file, a :class:`GeneVocab` or its :meth:`~GeneVocab.to_dict` (taken as it is).
+    adata, counts
+        The registered data and its counts.
+    preprocessing, gene_key, min_coverage
+        As of the model.
+
+    Raises
+    ------
+    VocabCoverageError
+        If too few genes of ``adata`` are in the vocabulary.
+    """
+    if isinstance(vocab, dict):
+        return GeneVocab.from_dict(vocab)
+    if isinstance(vocab, GeneVocab):
+        resolved = vocab
+    elif vocab is None:
+        resolved = _vocab_from_data(adata, counts, preprocessing, gene_key)
+    elif vocab in GeneVocab.available_names():
+        resolved = GeneVocab.from_name(vocab)
+    else:
+        resolved = GeneVocab.from_file(vocab)
+    # checked for every vocabulary, pretrained ones included: too few matching genes fail here
+    match = resolved.match(adata, **match_kwargs(resolved, preprocessing, gene_key, min_coverage))
+    if resolved.gene_medians is None:
+        logger.info(f"Fitting per-gene medians on {adata.n_obs} cells.")
+        resolved = fit_gene_medians(
+            fitting_counts(adata, counts, "Per-gene medians are fitted"),
+            match.vocab_ids,
+            resolved,
+            target_sum=preprocessing.target_sum,
+        )
+    return resolved
+
+
+def _vocab_from_data(adata, counts, preprocessing: Preprocessing, gene_key) -> GeneVocab:
+    n_top = preprocessing.n_top_genes
+    if n_top is not None and n_top < adata.n_vars:
+        import scanpy as sc
+
+        counts = fitting_counts(adata, counts, "Highly variable genes are selected")
+        view = AnnData(X=counts.copy(), var=adata.var[[]].copy())
+        view.var_names = adata.var_names
+        sc.pp.normalize_total(view, target_sum=preprocessing.target_sum)
+        sc.pp.log1p(view)
+        hvg = sc.pp.highly_variable_genes(view, n_top_genes=n_top, inplace=False)
+        adata = adata[:, hvg["highly_variable"].to_numpy()]
+    return GeneVocab.from_adata(adata, gene_key=gene_key)

@@ -1,0 +1,331 @@
+"""`ScForge.train`: pretraining and fine-tuning over registered or streamed cells."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+
+from scforge_scvi._allocator import tune_cpu_allocator
+from scforge_scvi._errors import ScForgeValueError
+from scforge_scvi._logging import logger
+from scforge_scvi.data import MaskingConfig, StreamedCells
+from scforge_scvi.data._bucketing import LengthGroupedDataSplitter
+from scforge_scvi.data._splits import split_cells
+from scforge_scvi.data._streaming import training_streams
+from scforge_scvi.train import (
+    BestCheckpoint,
+    EpochSeed,
+    LoraSettings,
+    StreamEpoch,
+    check_frozen_are_loaded,
+    configure_strategy,
+    count_parameters,
+)
+from scforge_scvi.train._plans import class_weights as class_weights_of
+from scforge_scvi.train._schedules import default_max_epochs
+
+from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+
+
+class TrainingMixin:
+    """``train()`` of :class:`~scforge_scvi.ScForge`: data splits and streams, the freezing
+    strategy, the training plan and the runner."""
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        objective: Literal["pretrain", "classify", "regress"] | None = None,
+        strategy: Literal["full", "frozen", "gradual_unfreeze", "lora"] = "full",
+        batch_size: int = 32,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        backbone_lr: float | None = None,
+        head_lr: float | None = None,
+        class_weights: Literal["balanced", "sqrt"] | Sequence[float] | None = None,
+        token_dropout: float = 0.0,
+        freeze_backbone_epochs: int = 0,
+        lora: LoraSettings | dict | None = None,
+        masking: MaskingConfig | dict | None = None,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        precision: str | int = 32,
+        gradient_clip: float | None = 1.0,
+        early_stopping: bool = False,
+        patience: int = 5,
+        monitor: str | None = None,
+        checkpoint_dir: str | None = None,
+        seed: int = 0,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        num_workers: int = 0,
+        group_by_length: bool = True,
+        data: StreamedCells | str | Sequence[str] | None = None,
+        distributed: str = "auto",
+        num_nodes: int = 1,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Pretrain (masked genes) or fine-tune (task head) the model.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the training cells. Default: 10 for pretraining; for a
+            task head, enough epochs for about 1,000 optimizer steps (between 5 and 100:
+            e.g. 17 epochs for 1,900 training cells at ``batch_size=32``).
+        objective
+            ``"pretrain"``, ``"classify"`` or ``"regress"``. Default: ``"classify"`` when
+            labels are registered, ``"regress"`` when a target is, else ``"pretrain"``.
+        strategy
+            Fine-tuning strategy: ``"full"``, ``"frozen"`` (head only), ``"gradual_unfreeze"``
+            (head first, backbone from epoch ``freeze_backbone_epochs``) or ``"lora"``.
+        batch_size
+            Cells per minibatch.
+        lr
+            Peak learning rate (pretraining; default for ``backbone_lr`` and ``head_lr``).
+        weight_decay
+            AdamW weight decay on >= 2-D weights (not biases, norms or embeddings).
+        warmup_steps, min_lr_ratio
+            Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
+        backbone_lr, head_lr
+            Discriminative learning rates for fine-tuning.
+        class_weights
+            Per-class weights of the classification loss: ``"balanced"`` (inverse class
+            frequency of the training cells, mean 1 over cells), ``"sqrt"`` (its square
+            root: a milder push towards small classes), one weight per class in
+            ``model.class_names_`` order, or ``None`` (plain cross-entropy).
+        token_dropout
+            Fine-tuning augmentation: the fraction of each training cell's gene tokens hidden
+            at random in every step (never in validation or inference; ignored when
+            pretraining, whose masking plays that part).
+        freeze_backbone_epochs
+            Epochs with a frozen backbone for ``strategy="gradual_unfreeze"``.
+        lora
+            LoRA settings for ``strategy="lora"`` (default: rank 8 on every attention
+            projection and both feed-forward linears).
+        masking
+            Masking of the pretraining objective.
+        train_size, validation_size
+            Fractions of cells for training and validation (the rest is a test set, never
+            used for training or model selection). Splits are stratified by label when
+            fine-tuning a classifier.
+        precision
+            Lightning precision, e.g. ``32`` or ``"bf16-mixed"`` on a GPU.
+        gradient_clip
+            Gradient-norm clipping value (``None``: off).
+        early_stopping, patience
+            Stop when ``monitor`` has not improved for ``patience`` epochs.
+        monitor
+            Validation metric that picks the epoch whose weights are kept (and drives early
+            stopping): ``"val_acc"`` (highest; of equal values the later epoch) when
+            classifying, else ``"val_loss"`` (lowest). Any logged metric works; names ending
+            in ``loss`` or ``perplexity`` are minimised, others maximised.
+        checkpoint_dir
+            Write resumable ``best.ckpt`` and ``last.ckpt`` there (atomically).
+        seed
+            Seeds the split, the initialisation of new layers' data order, and the masks.
+        accelerator, devices
+            Lightning hardware selection.
+        num_workers
+            Data-loader worker processes (tokenisation runs there).
+        group_by_length
+            Put cells of similar token length into the same minibatch (shuffled groups of
+            16 batches, see :class:`~scforge_scvi.data.LengthGroupedSampler`), so that batches
+            carry little padding; ``False`` draws plain random minibatches (as does a backed
+            AnnData, whose counts are never read whole).
+        data
+            Train on cells streamed from disk instead of the registered AnnData: a
+            :class:`~scforge_scvi.data.StreamedCells`, or one or more ``.h5ad``/``.zarr``
+            paths. The registered AnnData still defines the vocabulary, the labels' classes
+            and the setup; the split into training, validation and test cells is drawn over
+            the streamed cells (seeded, not stratified).
+        distributed
+            Lightning strategy spreading training over processes: ``"ddp"``, ``"fsdp"``,
+            ``"ddp_spawn"``, ...; ``"auto"`` lets Lightning choose. Multi-process training
+            needs ``data=`` (each rank streams its share of every global batch), or a
+            backed AnnData (``read_h5ad(path, backed="r")``): its file is then streamed as
+            ``data=StreamedCells(adata.filename)`` would be (streamed split, labels read
+            from the file).
+        num_nodes
+            Machines taking part (with ``devices`` processes each).
+        **trainer_kwargs
+            Passed to the Lightning trainer.
+
+        Notes
+        -----
+        The weights of the best validation epoch (see ``monitor``) are restored at the end:
+        :meth:`embed` and :meth:`predict` use the best model.
+
+        On the CPU (Linux), training first calls :func:`~scforge_scvi.tune_cpu_allocator`
+        so that large activations reuse memory instead of page-faulting every step; set
+        ``SCFORGE_TUNE_MALLOC=0`` to opt out.
+
+        Under DDP, ``batch_size`` is per process: ``N`` processes train like one process with
+        ``N * batch_size`` cells per step, on the same cells.
+        """
+        import scvi
+        from lightning.pytorch import seed_everything
+
+        objective = objective or self._default_objective()
+        if not 0.0 <= token_dropout < 1.0:
+            raise ScForgeValueError(
+                f"token_dropout={token_dropout!r} must lie in [0, 1): it is the fraction of a "
+                "cell's gene tokens hidden in each fine-tuning step."
+            )
+        if objective == "classify" and self._setup_arg("labels_key") is None:
+            raise ValueError(
+                "objective='classify' needs labels: call "
+                "ScForge.setup_anndata(adata, labels_key=...) before creating the model."
+            )
+        scvi.settings.seed = seed
+        seed_everything(seed, workers=True, verbose=False)
+        if monitor is None:
+            monitor = "val_acc" if objective == "classify" else "val_loss"
+        mode = "min" if monitor.endswith(("loss", "perplexity")) else "max"
+        best = BestCheckpoint(monitor=monitor, dirpath=checkpoint_dir, mode=mode)
+        callbacks = [EpochSeed(seed), *trainer_kwargs.pop("callbacks", []), best]
+        if early_stopping:
+            callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode=mode))
+        callbacks += configure_strategy(self.module, objective, strategy, freeze_backbone_epochs)
+        if strategy == "lora" and objective != "pretrain" and self.lora_ is None:
+            self._apply_lora(
+                lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
+            )
+        report, backbone = getattr(self, "load_report_", None), self.module.backbone
+        if report is not None and strategy in ("frozen", "lora"):
+            check_frozen_are_loaded(
+                [k for k, p in backbone.named_parameters("backbone") if not p.requires_grad],
+                report.initialised,
+                setting=f"strategy={strategy!r}",
+                remedy="load a checkpoint with these weights or use strategy='full'",
+            )
+        if distributed != "auto" and data is None:
+            data = StreamedCells.from_backed(
+                self.adata, self._setup_arg("layer"), f"distributed={distributed!r}"
+            )
+        if distributed != "auto" and strategy == "gradual_unfreeze" and freeze_backbone_epochs:
+            raise ValueError(
+                f"strategy='gradual_unfreeze' cannot be combined with distributed="
+                f"{distributed!r}: parameters frozen when the processes start are never "
+                "synchronised after unfreezing. Use 'full', 'frozen' or 'lora'."
+            )
+        if data is not None:
+            cells = data if isinstance(data, StreamedCells) else StreamedCells(data)
+            splits = split_cells(cells.n_obs, train_size, validation_size, seed)
+            logger.info(
+                f"Streamed split: {len(splits[0])} training, {len(splits[1])} validation, "
+                f"{len(splits[2])} test."
+            )
+            if objective == "regress":
+                raise ValueError(
+                    "Regression fine-tuning reads its target from the registered AnnData; "
+                    "streamed data supports objective='pretrain' and 'classify'."
+                )
+            labels = None
+            if objective == "classify":
+                state = self.adata_manager.get_state_registry(KEYS.LABELS_KEY)
+                labels = cells.label_codes(
+                    self._setup_arg("labels_key"), self.class_names_, state.unlabeled_category
+                )
+            splitter = training_streams(
+                cells,
+                splits,
+                self.tokenizer,
+                self.vocab,
+                self._match_kwargs(),
+                batch_size=batch_size,
+                seed=seed,
+                num_workers=num_workers,
+                labels=labels,
+                labels_key=KEYS.LABELS_KEY,
+                count_key=KEYS.X_KEY,
+            )
+            callbacks.append(StreamEpoch())
+            trainer_kwargs.setdefault("use_distributed_sampler", False)
+        else:
+            strata = self._strata() if objective == "classify" else None
+            splits = split_cells(self.adata.n_obs, train_size, validation_size, seed, strata)
+            common = {
+                "batch_size": batch_size,
+                "external_indexing": list(splits),
+                "collate_fn": self._collator(self.adata),
+                "num_workers": num_workers,
+            }
+            if group_by_length and not self.adata.isbacked:  # lengths would read all of X
+                lengths = self._token_lengths(self.adata)
+                splitter = LengthGroupedDataSplitter(self.adata_manager, lengths=lengths, **common)
+            else:
+                splitter = self._data_splitter_cls(
+                    self.adata_manager, load_sparse_tensor=True, **common
+                )
+        if max_epochs is None:
+            max_epochs = default_max_epochs(objective, len(splits[0]), batch_size)
+            logger.info(f"max_epochs={max_epochs} ({objective}, {len(splits[0])} training cells).")
+        weights = None
+        if objective == "classify" and class_weights is not None:
+            codes = None
+            if data is None:
+                codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel()[splits[0]]
+            weights = class_weights_of(class_weights, codes, len(self.class_names_))
+        plan = self._training_plan_cls(
+            self.module,
+            objective=objective,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            masking=MaskingConfig(**masking) if isinstance(masking, dict) else masking,
+            backbone_lr=backbone_lr,
+            head_lr=head_lr,
+            seed=seed,
+            class_weights=weights,
+            token_dropout=token_dropout,
+            checkpoint_metadata={"config": self.pretrained_config(), "vocab": self.vocab.to_dict()},
+        )
+        trainable, total = count_parameters(self.module)
+        logger.info(
+            f"Training ({objective}, strategy={strategy}): {trainable:,} of {total:,} "
+            f"parameters trainable; {len(splits[0])} training, {len(splits[1])} validation, "
+            f"{len(splits[2])} held-out test cells."
+        )
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            callbacks=callbacks,
+            check_val_every_n_epoch=1,
+            gradient_clip_val=gradient_clip,
+            precision=precision,
+            strategy=distributed,
+            num_nodes=num_nodes,
+            **trainer_kwargs,
+        )
+        if accelerator == "cpu" or not torch.cuda.is_available():
+            tune_cpu_allocator()  # large activations reuse heap pages instead of faulting
+        self.module.train()  # Lightning keeps a module's mode; from_pretrained leaves it eval
+        runner()
+        self.train_indices_, self.validation_indices_, self.test_indices_ = splits
+        self.best_epoch_ = best.best_epoch
+        self.module.eval()
+
+    def _default_objective(self) -> str:
+        if self._setup_arg("labels_key") is not None:
+            return "classify"
+        if self._has_regression_target():
+            return "regress"
+        return "pretrain"
+
+    def _strata(self) -> np.ndarray:
+        """Per cell, its class name, or ``"unlabelled"`` (a stratum of its own)."""
+        codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel().astype(int)
+        names = np.asarray([*self.class_names_, "unlabelled"])
+        return names[np.minimum(codes, len(self.class_names_))]
