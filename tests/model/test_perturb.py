@@ -25,11 +25,9 @@ from scforge_scvi.data._perturb_data import (
     make_semisynthetic_perturbation_data,
     read_perturbation_h5ad,
 )
-from scforge_scvi.model._perturb_model import (
-    PerturbSetDataModule,
-    ScForgeCellEncoder,
-    ScForgePerturb,
-)
+from scforge_scvi.data._perturb_sets import PerturbSetDataModule
+from scforge_scvi.model._cell_encoder import ScForgeCellEncoder
+from scforge_scvi.model._perturb_model import ScForgePerturb
 from scforge_scvi.train._schedules import cosine_with_warmup
 
 PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"

@@ -291,65 +291,6 @@ def normalize_split_labels(values: pd.Series, key: str) -> np.ndarray:
     return labels.map(_SPLIT_ALIASES).to_numpy()
 
 
-# ---------------------------------------------------------------------------- set sampling
-def sample_cell_sets(
-    groups: Sequence[np.ndarray],
-    basal_pools: Sequence[np.ndarray],
-    set_len: int,
-    rng: np.random.Generator,
-    *,
-    shuffle: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut groups of target cells into sets of ``set_len`` and pair each with basal cells.
-
-    Each group's cells are shuffled and cut into ``ceil(n / set_len)`` sets; the last set is
-    filled up with cells of the same group drawn at random. Each set gets ``set_len`` basal
-    cells drawn from its group's pool, without replacement when the pool is large enough.
-
-    Parameters
-    ----------
-    groups
-        Row indices of the target cells of each group (one perturbation in one cell type).
-    basal_pools
-        Row indices of the control cells that may serve as basal cells, one pool per group.
-    set_len
-        Cells per set.
-    rng
-        Source of randomness (seed it for reproducible validation sets).
-    shuffle
-        Shuffle the order of the sets.
-
-    Returns
-    -------
-    ``(target, basal, group)``: ``(n_sets, set_len)`` target and basal row indices and the
-    group of each set ``(n_sets,)``.
-    """
-    targets, basals, owner = [], [], []
-    for g, (cells, pool) in enumerate(zip(groups, basal_pools, strict=True)):
-        if len(cells) == 0:
-            continue
-        if len(pool) == 0:
-            raise ScForgeValueError(f"Group {g} has target cells but an empty basal pool.")
-        n_sets = -(-len(cells) // set_len)
-        fill = rng.choice(cells, size=n_sets * set_len - len(cells), replace=True)
-        target = np.concatenate([rng.permutation(cells), fill]).reshape(n_sets, set_len)
-        if len(pool) >= set_len:
-            basal = np.stack([rng.choice(pool, size=set_len, replace=False) for _ in range(n_sets)])
-        else:
-            basal = rng.choice(pool, size=(n_sets, set_len), replace=True)
-        targets.append(target)
-        basals.append(basal)
-        owner.append(np.full(n_sets, g))
-    if not targets:
-        empty = np.empty((0, set_len), dtype=np.int64)
-        return empty, empty.copy(), np.empty(0, dtype=np.int64)
-    target, basal, group = np.concatenate(targets), np.concatenate(basals), np.concatenate(owner)
-    if shuffle:
-        order = rng.permutation(len(group))
-        target, basal, group = target[order], basal[order], group[order]
-    return target.astype(np.int64), basal.astype(np.int64), group.astype(np.int64)
-
-
 # ----------------------------------------------------------------------- real source cells
 def _shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"

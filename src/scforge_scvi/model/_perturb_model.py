@@ -19,7 +19,6 @@ only for the same configuration.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import anndata as ad
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -40,15 +38,20 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from scforge_scvi._errors import ScForgeKeyError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
     feature_table,
     normalize_split_labels,
-    sample_cell_sets,
     validate_perturbation_adata,
+)
+from scforge_scvi.data._perturb_sets import (
+    CellSets,
+    PerturbCells,
+    PerturbSetDataModule,
+    control_pools,
+    prediction_sets,
 )
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
@@ -59,6 +62,8 @@ from scforge_scvi.train._perturb_plan import (
     PerturbTrainingConfig,
     PerturbTrainingPlan,
 )
+
+from ._cell_encoder import ScForgeCellEncoder
 
 
 class _PerturbRegistryKeys(NamedTuple):
@@ -85,292 +90,6 @@ class _PerturbModule(PerturbationSetModel):
 
     def on_load(self, model: BaseModelClass, **kwargs: Any) -> None:
         """Nothing to prepare before ``load_state_dict`` (called by ``BaseModelClass.load``)."""
-
-
-# ------------------------------------------------------------------------------ set data
-class _Cells(NamedTuple):
-    """Everything the set loaders read, one row per cell."""
-
-    log1p: sp.csr_matrix
-    counts: sp.csr_matrix | None
-    perturbation: np.ndarray
-    cell_type: np.ndarray
-    batch: np.ndarray
-
-
-class CellSetBatches(Dataset):
-    """Batches of cell sets: item ``i`` is the ``i``-th batch of the current epoch's sets.
-
-    Parameters
-    ----------
-    cells
-        The cells.
-    groups, pools
-        Target cells and basal pool of each group (see
-        :func:`~scforge_scvi.data._perturb_data.sample_cell_sets`).
-    group_perturbation, group_batch
-        Perturbation and batch code of each group.
-    set_len, sets_per_batch
-        Cells per set and sets per batch.
-    seed
-        Seed; the sets of epoch ``e`` are drawn from ``(seed, e)``.
-    resample
-        Draw new sets every epoch (training). ``False`` keeps the sets of epoch 0, so that
-        the validation loss is measured on the same sets every epoch.
-    """
-
-    def __init__(
-        self,
-        cells: _Cells,
-        groups: list[np.ndarray],
-        pools: list[np.ndarray],
-        group_perturbation: np.ndarray,
-        group_batch: np.ndarray,
-        *,
-        set_len: int,
-        sets_per_batch: int,
-        seed: int,
-        resample: bool,
-        with_batch: bool,
-        with_counts: bool,
-    ) -> None:
-        self.cells = cells
-        self.groups, self.pools = groups, pools
-        self.group_perturbation, self.group_batch = group_perturbation, group_batch
-        self.set_len, self.sets_per_batch = set_len, sets_per_batch
-        self.seed, self.resample = seed, resample
-        self.with_batch, self.with_counts = with_batch, with_counts
-        self.epoch: int | None = None
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the sets of ``epoch`` (once only when not resampling)."""
-        if self.epoch is not None and (not self.resample or epoch == self.epoch):
-            return
-        rng = np.random.default_rng([self.seed, epoch if self.resample else 0])
-        self.target, self.basal, self.group = sample_cell_sets(
-            self.groups, self.pools, self.set_len, rng, shuffle=self.resample
-        )
-        self.epoch = epoch
-
-    @property
-    def n_sets(self) -> int:
-        return len(self.group)
-
-    def __len__(self) -> int:
-        return -(-self.n_sets // self.sets_per_batch)
-
-    def _dense(self, matrix: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
-        x = matrix[rows.ravel()].toarray().astype(np.float32, copy=False)
-        return torch.from_numpy(x).view(*rows.shape, -1)  # (B, S, G)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        sl = slice(i * self.sets_per_batch, (i + 1) * self.sets_per_batch)
-        target, basal, group = self.target[sl], self.basal[sl], self.group[sl]
-        batch = {
-            "basal": self._dense(self.cells.log1p, basal),
-            "target": self._dense(self.cells.log1p, target),
-            "perturbation": torch.as_tensor(self.group_perturbation[group], dtype=torch.long),
-        }
-        if self.with_batch:
-            batch["batch"] = torch.as_tensor(self.group_batch[group], dtype=torch.long)
-        if self.with_counts:
-            batch["basal_input"] = self._dense(self.cells.counts, basal)
-        return batch
-
-
-class _EpochSampler(Sampler[int]):
-    """Yields batch indices in order and passes Lightning's ``set_epoch`` to the dataset."""
-
-    def __init__(self, dataset: CellSetBatches) -> None:
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        return iter(range(len(self.dataset)))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-class PerturbSetDataModule(pl.LightningDataModule):
-    """Training and validation cell sets drawn from one registered AnnData.
-
-    Groups are (perturbation, cell type, batch); the target cells of a group are those of the
-    stage's split. Basal cells are controls of the same cell type and batch: for training,
-    training-split controls only; for validation, every control of the group (few-shot
-    held-out perturbations keep their controls in training). Control groups are trained too
-    (their target is other control cells).
-
-    Parameters
-    ----------
-    cells
-        The cells.
-    split
-        ``"train" / "val" / "test"`` per cell.
-    control_code
-        Perturbation code of the control.
-    set_len, sets_per_batch, seed
-        See :class:`CellSetBatches`.
-    with_batch, with_counts
-        Emit the batch code per set / the basal raw counts (for a counts-reading encoder).
-    names
-        ``{"cell_type": [...], "batch": [...]}``: category names for messages.
-    """
-
-    def __init__(
-        self,
-        cells: _Cells,
-        split: np.ndarray,
-        control_code: int,
-        *,
-        set_len: int,
-        sets_per_batch: int,
-        seed: int,
-        with_batch: bool,
-        with_counts: bool,
-        names: dict[str, Sequence[str]],
-    ) -> None:
-        super().__init__()
-        self.cells, self.split, self.control_code = cells, split, control_code
-        self.names = names
-        self.kwargs = {
-            "set_len": set_len,
-            "sets_per_batch": sets_per_batch,
-            "seed": seed,
-            "with_batch": with_batch,
-            "with_counts": with_counts,
-        }
-        self.train_sets = self._build("train")
-        self.val_sets = self._build("val")
-        if self.train_sets is None:
-            raise ValueError("There are no training cells: every cell is in the val/test split.")
-
-    def _build(self, stage: str) -> CellSetBatches | None:
-        cells = self.cells
-        is_control = cells.perturbation == self.control_code
-        in_stage = self.split == stage
-        if not in_stage.any():
-            return None
-        keys = pd.DataFrame(
-            {
-                "p": cells.perturbation,
-                "c": cells.cell_type,
-                "b": cells.batch,
-                "row": np.arange(len(self.split)),
-            }
-        )
-        pool_rows = is_control & (self.split == "train") if stage == "train" else is_control
-        pools = keys[pool_rows].groupby(["c", "b"])["row"].apply(np.asarray).to_dict()
-        groups, group_pools, perts, batches = [], [], [], []
-        for (p, c, b), rows in keys[in_stage].groupby(["p", "c", "b"])["row"]:
-            pool = pools.get((c, b))
-            if pool is None:
-                where = (
-                    f"cell type {self.names['cell_type'][c]!r}, batch {self.names['batch'][b]!r}"
-                )
-                raise ValueError(
-                    f"Cells of the {stage} split ({where}) have no training-split control cells "
-                    "to use as basal cells; keep the controls of cell types that have training "
-                    "cells in the training split (cell-load's few-shot layout)."
-                )
-            groups.append(rows.to_numpy())
-            group_pools.append(pool)
-            perts.append(p)
-            batches.append(b)
-        return CellSetBatches(
-            cells,
-            groups,
-            group_pools,
-            np.asarray(perts),
-            np.asarray(batches),
-            resample=stage == "train",
-            **self.kwargs,
-        )
-
-    def _loader(self, dataset: CellSetBatches | None) -> DataLoader | list:
-        if dataset is None:
-            return []
-        return DataLoader(dataset, batch_size=None, sampler=_EpochSampler(dataset))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_sets)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_sets)
-
-
-# ------------------------------------------------------------- pretrained basal encoder
-class ScForgeCellEncoder(nn.Module):
-    """A ScForge backbone as the basal encoder of :class:`ScForgePerturb`.
-
-    Tokenises raw counts of the perturbation AnnData's genes with the ScForge model's own
-    tokenizer and returns the backbone's cell embeddings, so that the basal cells enter the set
-    model through the pretrained representation while the prediction stays in gene space.
-    Tokenisation runs on the CPU; the backbone's weights are trained (or frozen) with the rest
-    of the set model's backbone.
-
-    Parameters
-    ----------
-    backbone
-        A :class:`~scforge_scvi.nn.ScForgeBackbone`, e.g. ``scforge_model.module.backbone``.
-    tokenizer
-        The tokenizer the backbone was trained with.
-    gene_index
-        ``(n_genes,)`` vocabulary id of each gene of the perturbation data, ``-1`` for genes
-        outside the vocabulary.
-
-    Examples
-    --------
-    >>> encoder = ScForgeCellEncoder.from_scforge(pretrained_scforge, adata)
-    >>> model = ScForgePerturb(adata, basal_encoder=encoder, basal_input="counts")
-    """
-
-    #: what :class:`ScForgePerturb` must pass to this encoder
-    basal_input = "counts"
-
-    def __init__(self, backbone: nn.Module, tokenizer: Any, gene_index: np.ndarray) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.tokenizer = tokenizer
-        self.gene_index = np.asarray(gene_index, dtype=np.int64)
-        self.output_dim = int(backbone.config.hidden_dim)
-
-    @classmethod
-    def from_scforge(
-        cls, model: BaseModelClass, adata: ad.AnnData, *, gene_key: str | None = None
-    ) -> ScForgeCellEncoder:
-        """Wrap a copy of a (pretrained) ScForge model's backbone for the genes of ``adata``.
-
-        Parameters
-        ----------
-        model
-            A :class:`~scforge_scvi.ScForge` model; its backbone is copied, so fine-tuning the
-            perturbation model leaves it unchanged.
-        adata
-            The perturbation AnnData (its genes, in order, are the encoder's input columns).
-        gene_key
-            ``adata.var`` column with the identifiers to match to the vocabulary (``None``:
-            ``var_names``, see :meth:`~scforge_scvi.data.GeneVocab.match`).
-        """
-        match = model.vocab.match(adata, gene_key=gene_key, min_coverage=model.min_coverage)
-        logger.info("Basal encoder genes: %s", match.summary())
-        backbone = copy.deepcopy(model.module.backbone).cpu()
-        return cls(backbone, model.tokenizer, match.vocab_ids)
-
-    def forward(self, counts: torch.Tensor) -> torch.Tensor:  # (N, n_genes) -> (N, d)
-        if counts.dim() != 2 or counts.shape[1] != len(self.gene_index):
-            raise ValueError(
-                f"ScForgeCellEncoder expects (N, {len(self.gene_index)}) raw counts, got "
-                f"{tuple(counts.shape)}."
-            )
-        tokens = self.tokenizer(counts.detach().to("cpu", torch.float32), self.gene_index)
-        device = next(self.backbone.parameters()).device
-        values = None if tokens.values is None else tokens.values.to(device)
-        out = self.backbone(tokens.gene_ids.to(device), tokens.padding_mask.to(device), values)
-        return out.cell_embedding
 
 
 # --------------------------------------------------------------------------- model class
@@ -618,14 +337,14 @@ class ScForgePerturb(BaseModelClass):
             self.registry_["field_registries"][key]["state_registry"]["categorical_mapping"]
         )
 
-    def _read_cells(self, adata: ad.AnnData) -> _Cells:
+    def _read_cells(self, adata: ad.AnnData) -> PerturbCells:
         manager = self.get_anndata_manager(adata, required=True)
         counts = sp.csr_matrix(manager.get_from_registry(_KEYS.X_KEY), dtype=np.float32)
 
         def codes(key: str) -> np.ndarray:
             return np.asarray(manager.get_from_registry(key)).ravel().astype(np.int64)
 
-        return _Cells(
+        return PerturbCells(
             log1p=log_normalize(counts),
             counts=counts if self.basal_input_ == "counts" else None,
             perturbation=codes(_KEYS.PERTURBATION_KEY),
@@ -1287,12 +1006,7 @@ class ScForgePerturb(BaseModelClass):
                 self.use_checkpoint(checkpoint)
         self.module.eval()
         cells = self._read_cells(known)
-        control = self._control_code
-        frame = pd.DataFrame({"p": cells.perturbation, "c": cells.cell_type, "b": cells.batch})
-        pools = {
-            k: v.to_numpy()
-            for k, v in frame[frame["p"] == control].groupby(["c", "b"]).groups.items()
-        }
+        pools = control_pools(cells, self._control_code)
         is_perturbed = names != control_label
         observed = (
             pd.DataFrame({"p": names, "c": cell_type, "b": batch})[is_perturbed]
@@ -1355,62 +1069,35 @@ class ScForgePerturb(BaseModelClass):
                 f"No {control_label!r} control cells in the AnnData to predict; its controls "
                 "are the basal cells."
             )
-        rng = np.random.default_rng(seed)
-        set_len = self.module.config.cell_set_len
-        basal_sets, set_meta = [], []
-        for p, c, b, n in jobs:
-            pool = pools[(c, b)]
-            n_sets = -(-n // set_len)
-            if len(pool) >= n:
-                draw = rng.choice(pool, size=n, replace=False)
-            else:
-                draw = rng.choice(pool, size=n, replace=True)
-            pad = rng.choice(pool, size=n_sets * set_len - n, replace=True)
-            basal_sets.append(np.concatenate([draw, pad]).reshape(n_sets, set_len))
-            set_meta.append(np.tile([index[p], b], (n_sets, 1)))
-        basal_idx = np.concatenate(basal_sets)
-        meta = np.concatenate(set_meta)
-        outputs = []
+        basal, job, keep = prediction_sets(
+            [pools[(c, b)] for _, c, b, _ in jobs],
+            [n for *_, n in jobs],
+            self.module.config.cell_set_len,
+            np.random.default_rng(seed),
+        )
+        which = np.array([index[p] for p, *_ in jobs])[job]
+        sets = CellSets(
+            cells,
+            basal,
+            codes[which],
+            np.array([b for _, _, b, _ in jobs])[job] if self.module.config.n_batches else None,
+            sets_per_batch=sets_per_batch,
+            with_counts=cells.counts is not None,
+            features=None if vectors is None else vectors[which],
+        )
         device = self.module.device
-        for start in range(0, len(basal_idx), sets_per_batch):
-            rows = basal_idx[start : start + sets_per_batch]
-            which = meta[start : start + sets_per_batch, 0]
-            basal = torch.from_numpy(cells.log1p[rows.ravel()].toarray()).view(*rows.shape, -1)
-            basal_input = None
-            if cells.counts is not None:
-                basal_input = torch.from_numpy(cells.counts[rows.ravel()].toarray()).view(
-                    *rows.shape, -1
-                )
-                basal_input = basal_input.to(device)
-            pert = torch.as_tensor(codes[which], device=device)
-            features = None if vectors is None else torch.from_numpy(vectors[which]).to(device)
-            batch_codes = None
-            if self.module.config.n_batches:
-                batch_codes = torch.as_tensor(
-                    meta[start : start + sets_per_batch, 1], device=device
-                )
-            out = self.module(
-                basal.to(device),
-                pert,
-                batch_codes,
-                basal_input=basal_input,
-                perturbation_features=features,
-            )
-            outputs.append(out.prediction.cpu().numpy())
-        pred = np.concatenate(outputs).reshape(-1, len(self.genes_))
-        # keep the first n cells of each job
-        keep, offset = [], 0
-        for (_, _, _, n), sets in zip(jobs, basal_sets):
-            keep.append(np.arange(offset, offset + n))
-            offset += sets.size
-        pred = pred[np.concatenate(keep)]
+        outputs = [
+            self.module(**{k: v.to(device) for k, v in sets[i].items()}).prediction.cpu().numpy()
+            for i in range(len(sets))
+        ]
+        pred = np.concatenate(outputs).reshape(-1, len(self.genes_))[keep]
         categories = list(self.perturbations_) + [p for p in wanted if p not in order]
         return self._prediction_anndata(known, cells, jobs, pred, categories)
 
     def _prediction_anndata(
         self,
         adata: ad.AnnData,
-        cells: _Cells,
+        cells: PerturbCells,
         jobs: list[tuple[str, int, int, int]],
         pred: np.ndarray,
         perturbation_categories: list[str],
