@@ -9,8 +9,8 @@ The network is :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`; training
 
 Checkpoints: the weights with the lowest validation loss (``best``) and those at the end of
 training (``final``) are kept in memory, and, with ``checkpoint_dir``, written as pretrained
-directories (``config.json`` + ``model.safetensors``) beside Lightning's resumable
-``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses ``best`` by default.
+directories (the versioned layout of :func:`~scforge_scvi.io.write_pretrained`) beside
+Lightning's resumable ``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses ``best`` by default.
 A pretrained ScForge backbone can be the basal encoder (:class:`ScForgeCellEncoder`).
 Initialising from a checkpoint (:meth:`ScForgePerturb.from_pretrained`) loads weights only;
 resuming (``train(resume_from=...)``) restores optimizer, scheduler, step and callbacks, and
@@ -19,7 +19,6 @@ only for the same configuration.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +29,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
@@ -39,7 +37,7 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from torch import nn
 
-from scforge_scvi._errors import ScForgeKeyError
+from scforge_scvi._errors import ScForgeKeyError, ScForgeValueError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
     feature_table,
@@ -54,10 +52,11 @@ from scforge_scvi.data._perturb_sets import (
     prediction_sets,
 )
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
+from scforge_scvi.data._vocab import GeneVocab
+from scforge_scvi.io._pretrained import Pretrained, read_pretrained, write_pretrained
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
 from scforge_scvi.train._callbacks import BestCheckpoint
 from scforge_scvi.train._perturb_plan import (
-    CHECKPOINT_KEY,
     BackboneFreezing,
     PerturbTrainingConfig,
     PerturbTrainingPlan,
@@ -74,8 +73,6 @@ class _PerturbRegistryKeys(NamedTuple):
 
 
 PERTURB_REGISTRY_KEYS = _PerturbRegistryKeys()
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_NAMES = ("best", "final", "last")
 BASAL_INPUTS = ("log1p", "counts")
 _KEYS = PERTURB_REGISTRY_KEYS
@@ -406,9 +403,6 @@ class ScForgePerturb(BaseModelClass):
         split[is_val & (perts != self.control_label_)] = "val"
         return split
 
-    def _run_metadata(self, data: dict[str, Any]) -> dict[str, Any]:
-        return {"model": self._config_dict(), "data": data}
-
     def train(
         self,
         max_epochs: int = 20,
@@ -488,16 +482,18 @@ class ScForgePerturb(BaseModelClass):
         )
         if freeze_backbone:
             self._check_freezable()
-        data_config = {
-            "split_key": split_key,
-            "validation_size": validation_size,
-            "sets_per_batch": sets_per_batch,
-            "seed": seed,
-            "max_epochs": max_epochs,
+        run = {
+            "training": config.to_dict(),
+            "data": {
+                "split_key": split_key,
+                "validation_size": validation_size,
+                "sets_per_batch": sets_per_batch,
+                "seed": seed,
+                "max_epochs": max_epochs,
+            },
         }
-        metadata = self._run_metadata(data_config)
         if resume_from is not None:
-            self._check_resumable(resume_from, {"training": config.to_dict(), **metadata})
+            self._check_resumable(resume_from, run)
         split = self._split(split_key, validation_size, seed)
         datamodule = self._data_module_cls(
             self._read_cells(self.adata),
@@ -510,7 +506,8 @@ class ScForgePerturb(BaseModelClass):
             with_counts=self.basal_input_ == "counts",
             names={"cell_type": self.cell_types_, "batch": self.batches_},
         )
-        plan = self._training_plan_cls(self.module, config, run_metadata=metadata)
+        metadata = {"config": {**self._config_dict(), "run": run}, "vocab": self._vocab().to_dict()}
+        plan = self._training_plan_cls(self.module, config, checkpoint_metadata=metadata)
         checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         # minimum validation loss (gene space): weights kept in memory; with a directory,
         # resumable best.ckpt and last.ckpt written after every validation
@@ -545,7 +542,7 @@ class ScForgePerturb(BaseModelClass):
         best_state = best.best_state  # kept by BestCheckpoint; restore_best=False above
         if best_state is None and best.best_score is not None and checkpoint_dir is not None:
             # resumed run whose best epoch came before the resume: read it back
-            best_state = self._state_from_lightning(checkpoint_dir / "best.ckpt")
+            best_state = read_pretrained(checkpoint_dir / "best.ckpt").state_dict
         if best_state is None:
             if has_val:
                 logger.warning("No validation loss was recorded; 'best' is the final weights.")
@@ -600,16 +597,13 @@ class ScForgePerturb(BaseModelClass):
                 "report), or train without freezing."
             )
 
-    def _check_resumable(self, path: str | Path, expected: dict[str, Any]) -> None:
+    def _check_resumable(self, path: str | Path, run: dict[str, Any]) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No checkpoint to resume at {path}.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
-            raise ValueError(
-                f"{path} was not written by ScForgePerturb.train; it cannot be resumed."
-            )
+        saved = self._read(path, ".train; it cannot be resumed").config
+        saved = {"model": saved, **saved.pop("run", {})}
+        expected = {"model": self._config_dict(), **run}
         differences = []
         for section in ("training", "model", "data"):
             old, new = saved.get(section, {}), expected.get(section, {})
@@ -627,12 +621,12 @@ class ScForgePerturb(BaseModelClass):
 
     # -- checkpoints -------------------------------------------------------------------------
     @staticmethod
-    def _state_from_lightning(path: Path) -> dict[str, torch.Tensor]:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        prefix = "module."
-        return {
-            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-        }
+    def _read(path: str | Path, written_by: str = "") -> Pretrained:
+        """A pretrained directory or ``.ckpt`` of this model class."""
+        pretrained = read_pretrained(path)
+        if pretrained.config.get("model_class") != "ScForgePerturb":
+            raise ScForgeValueError(f"{path} was not written by ScForgePerturb{written_by}.")
+        return pretrained
 
     def use_checkpoint(self, checkpoint: str) -> None:
         """Load the ``best``, ``final`` or ``last`` weights into the module.
@@ -644,10 +638,8 @@ class ScForgePerturb(BaseModelClass):
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {checkpoint!r}.")
         if checkpoint in self._weights:
             state = self._weights[checkpoint]
-        elif checkpoint == "last" and "last" in self.checkpoint_paths_:
-            state = self._state_from_lightning(Path(self.checkpoint_paths_["last"]))
         elif checkpoint in self.checkpoint_paths_:
-            state = load_file(str(Path(self.checkpoint_paths_[checkpoint]) / WEIGHTS_NAME))
+            state = read_pretrained(self.checkpoint_paths_[checkpoint]).state_dict
         else:
             raise ValueError(
                 f"The {checkpoint!r} weights are not available: they exist after train() in "
@@ -659,6 +651,7 @@ class ScForgePerturb(BaseModelClass):
     def _config_dict(self) -> dict[str, Any]:
         setup = self._setup
         return {
+            "model_class": type(self).__name__,
             "perturb_config": self.module.config.to_dict(),
             "basal_input": self.basal_input_,
             "genes": list(self.genes_),
@@ -671,10 +664,18 @@ class ScForgePerturb(BaseModelClass):
             },
         }
 
+    def _vocab(self) -> GeneVocab:
+        """The model's genes, in order, as the ``gene_vocab.json`` of its pretrained layout."""
+        return GeneVocab.from_genes(self.genes_, source="ScForgePerturb genes")
+
     def save_pretrained(
         self, path: str | Path, *, checkpoint: str | None = None, overwrite: bool = False
     ) -> Path:
-        """Write a pretrained directory: ``config.json`` and ``model.safetensors`` (no pickle).
+        """Write a pretrained directory (:func:`~scforge_scvi.io.write_pretrained`).
+
+        ``config.json`` (versioned), ``model.safetensors`` and ``gene_vocab.json`` (the
+        model's genes), no pickle; the write is atomic, so an interrupted save leaves a
+        previous directory at ``path`` intact.
 
         Parameters
         ----------
@@ -684,12 +685,10 @@ class ScForgePerturb(BaseModelClass):
             ``"best"`` or ``"final"`` weights kept after training; ``None``: the weights in the
             module now.
         overwrite
-            Replace an existing directory's files.
+            Replace an existing directory (an empty one is always replaced).
         """
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True.")
-        path.mkdir(parents=True, exist_ok=True)
+        overwrite = overwrite or (path.is_dir() and not any(path.iterdir()))
         if checkpoint is None:
             state = self.module.state_dict()
         elif checkpoint in self._weights:
@@ -704,11 +703,9 @@ class ScForgePerturb(BaseModelClass):
                 "save_pretrained does not yet write a pluggable basal encoder's definition; "
                 "use model.save() for such models."
             )
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / WEIGHTS_NAME)
+        return write_pretrained(
+            path, self._config_dict(), self._vocab(), state, overwrite=overwrite
         )
-        (path / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2))
-        return path
 
     @classmethod
     def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> ScForgePerturb:
@@ -739,7 +736,7 @@ class ScForgePerturb(BaseModelClass):
         Parameters
         ----------
         pretrained
-            A pretrained directory (``config.json`` + ``model.safetensors``), e.g.
+            A pretrained directory written by :meth:`save_pretrained`, e.g.
             ``checkpoint_dir/best``, or a Lightning ``.ckpt`` written by :meth:`train` (only
             its weights are read).
         adata
@@ -747,21 +744,8 @@ class ScForgePerturb(BaseModelClass):
         **overrides
             Constructor arguments that replace the saved ones (e.g. ``dropout``).
         """
-        pretrained = Path(pretrained)
-        if pretrained.is_dir():
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                if not (pretrained / name).exists():
-                    raise FileNotFoundError(f"{pretrained} has no {name}.")
-            saved = json.loads((pretrained / CONFIG_NAME).read_text())
-            state = load_file(str(pretrained / WEIGHTS_NAME))
-        elif pretrained.is_file():
-            checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
-            if CHECKPOINT_KEY not in checkpoint:
-                raise ValueError(f"{pretrained} was not written by ScForgePerturb.train.")
-            saved = checkpoint[CHECKPOINT_KEY]["model"]
-            state = cls._state_from_lightning(pretrained)
-        else:
-            raise FileNotFoundError(f"No pretrained model at {pretrained}.")
+        loaded = cls._read(pretrained)
+        saved, state = loaded.config, loaded.state_dict
         arch = saved["perturb_config"]
         kwargs = {
             k: arch[k]

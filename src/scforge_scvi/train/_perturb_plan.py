@@ -30,9 +30,6 @@ from ._optim import build_adamw, format_parameter_summary, parameter_group_summa
 from ._perturb_losses import PerturbLossWeights, perturbation_set_loss
 from ._schedules import cosine_with_warmup
 
-#: metadata key written into Lightning checkpoints (configuration of the run)
-CHECKPOINT_KEY = "scforge_perturb"
-
 
 @dataclass
 class PerturbTrainingConfig:
@@ -149,22 +146,23 @@ class PerturbTrainingPlan(pl.LightningModule):
         The set model.
     config
         A :class:`PerturbTrainingConfig`.
-    run_metadata
-        Plain values written into every checkpoint under ``"scforge_perturb"`` (the model and
-        data configuration); a resumed run is checked against them.
+    checkpoint_metadata
+        ``{"config": ..., "vocab": ...}`` (plain values) written into every checkpoint under
+        ``"scforge"``, so that :func:`~scforge_scvi.io.read_pretrained` reads the ``.ckpt``
+        like a pretrained directory; a resumed run is checked against its configuration.
     """
 
     def __init__(
         self,
         module: PerturbationSetModel,
         config: PerturbTrainingConfig | None = None,
-        run_metadata: dict[str, Any] | None = None,
+        checkpoint_metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self.config = config or PerturbTrainingConfig()
         self.loss_weights = self.config.loss_weights
-        self.run_metadata = {"training": self.config.to_dict(), **(run_metadata or {})}
+        self.checkpoint_metadata = checkpoint_metadata
 
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> PerturbOutput:
@@ -200,7 +198,8 @@ class PerturbTrainingPlan(pl.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self.run_metadata)
+        if self.checkpoint_metadata is not None:
+            checkpoint["scforge"] = copy.deepcopy(self.checkpoint_metadata)
 
     # -- optimisation ------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
