@@ -284,3 +284,140 @@ def normalize_split_labels(values: pd.Series, key: str) -> np.ndarray:
             f"{sorted(_SPLIT_ALIASES)}."
         )
     return labels.map(_SPLIT_ALIASES).to_numpy()
+
+
+def perturbation_split(
+    adata: ad.AnnData,
+    split_key: str | None,
+    validation_size: float,
+    seed: int,
+    perturbation_key: str,
+    control_label: str,
+) -> np.ndarray:
+    """``"train" / "val" / "test"`` per cell: ``adata.obs[split_key]``, or at random.
+
+    Without ``split_key`` a random ``validation_size`` of the perturbed cells validates
+    (in-distribution validation); the controls all train.
+    """
+    if split_key is not None:
+        if split_key not in adata.obs:
+            raise KeyError(
+                f"Split column {split_key!r} is not in adata.obs; available columns: "
+                f"{list(adata.obs.columns)}. Write one with assign_perturbation_split."
+            )
+        return normalize_split_labels(adata.obs[split_key], split_key)
+    if not 0.0 <= validation_size < 1.0:
+        raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+    rng = np.random.default_rng(seed)
+    split = np.full(adata.n_obs, "train", dtype=object)
+    is_val = rng.random(adata.n_obs) < validation_size
+    perts = adata.obs[perturbation_key].astype(str).to_numpy()
+    split[is_val & (perts != control_label)] = "val"
+    return split
+
+
+def check_genes(adata: ad.AnnData, genes: Sequence[str]) -> None:
+    """Raise unless ``adata`` has exactly ``genes``, in order."""
+    names = [str(g) for g in adata.var_names]
+    if names != list(genes):
+        first = next(
+            (i for i, (a, b) in enumerate(zip(names, genes)) if a != b),
+            min(len(names), len(genes)),
+        )
+        raise ValueError(
+            f"The AnnData's genes ({len(names)}) differ from the model's genes "
+            f"({len(genes)}) in name or order, first at position {first}; subset and "
+            "reorder it with adata[:, model.genes_]."
+        )
+
+
+# ------------------------------------------------------------ the model's feature table
+def stored_feature_table(
+    features: pd.DataFrame | Mapping[str, Sequence[float]], categories: Sequence[str], control: str
+) -> tuple[list[str], np.ndarray]:
+    """The feature table as the perturbation model stores it: ``(names, rows)``.
+
+    The categories come first, in category order (the control's row is a placeholder: the
+    control has a learned vector), then every other perturbation of the user's table in its
+    order: those have no training cells and are predicted from their features alone.
+    """
+    table = feature_table(features)
+    missing = [c for c in categories if c != control and c not in table.index]
+    if missing:
+        raise ValueError(
+            f"Perturbations {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"({len(missing)} in all) are missing from the perturbation feature table; every "
+            "perturbation with cells needs a row (a missing one is never replaced by zeros). "
+            "The control needs none: it has its own learned vector."
+        )
+    known = set(categories)
+    names = list(categories) + [n for n in table.index if n not in known and n != control]
+    values = np.zeros((len(names), table.shape[1]), dtype=np.float32)
+    rows = [i for i, n in enumerate(names) if n != control]
+    values[rows] = table.loc[[names[i] for i in rows]].to_numpy(dtype=np.float32)
+    return names, values
+
+
+def perturbation_inputs(
+    names: Sequence[str],
+    features: pd.DataFrame | Mapping[str, Sequence[float]] | None,
+    categories: Sequence[str],
+    table: np.ndarray | None,
+    table_names: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row index (or ``-1``) and, for a table model, feature vector of each perturbation.
+
+    A one-hot model (``table=None``) knows its ``categories`` only. A table model reads a
+    perturbation's features from ``features`` (rows there take precedence), else from its
+    stored ``table`` (rows named ``table_names``).
+    """
+    names = [str(n) for n in names]
+    categories = list(categories)
+    if table is None:
+        if features is not None:
+            raise ValueError(
+                "perturbation_features= was passed to predict, but this model is one-hot "
+                "(created without perturbation_features): it cannot read feature vectors "
+                "and only predicts the perturbations it was trained on."
+            )
+        unknown = sorted(set(names) - set(categories))
+        if unknown:
+            raise ValueError(
+                f"Unknown perturbations {unknown}; the model knows {len(categories)}: "
+                f"{categories[:20]}{' ...' if len(categories) > 20 else ''}. "
+                "A one-hot model only predicts perturbations it was trained on; to predict "
+                "new ones, create the model with perturbation_features= (a feature vector per "
+                "perturbation, e.g. an embedding of the target gene)."
+            )
+        return np.array([categories.index(n) for n in names], dtype=np.int64), None
+    width = table.shape[1]
+    given = None
+    if features is not None:
+        given = feature_table(features, "perturbation feature table passed to predict")
+        if given.shape[1] != width:
+            raise ValueError(
+                f"The perturbation feature table passed to predict has {given.shape[1]} "
+                f"columns; the model reads vectors of width {width}."
+            )
+    row = {n: i for i, n in enumerate(table_names)}
+    missing = sorted(
+        n for n in set(names) if n not in row and (given is None or n not in given.index)
+    )
+    if missing:
+        raise ValueError(
+            f"No perturbation features for {missing[:20]}{' ...' if len(missing) > 20 else ''} "
+            f"({len(missing)} in all): they are not in the model's perturbation table "
+            f"({len(table_names) - 1} perturbations) nor in a table passed to "
+            "predict. Pass their feature vectors as predict(..., perturbation_features=table) "
+            f"(a DataFrame indexed by perturbation name, or a mapping name -> vector of width "
+            f"{width}), or include them in the perturbation_features= given when creating "
+            "the model."
+        )
+    codes = np.array([row.get(n, -1) for n in names], dtype=np.int64)
+    vectors = np.stack(
+        [
+            given.loc[n].to_numpy() if given is not None and n in given.index else table[row[n]]
+            for n in names
+        ]
+    ).astype(np.float32)
+    return codes, vectors

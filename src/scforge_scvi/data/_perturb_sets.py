@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import anndata as ad
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
@@ -114,22 +115,135 @@ def sample_cell_sets(
     return target.astype(np.int64), basal.astype(np.int64), group.astype(np.int64)
 
 
-def prediction_sets(
-    pools: Sequence[np.ndarray], sizes: Sequence[int], set_len: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Basal sets that perturb ``sizes[j]`` cells drawn from ``pools[j]``, for every job ``j``.
+def prediction_jobs(
+    perturbation: np.ndarray,
+    labels: dict[str, np.ndarray | None],
+    pools: dict[tuple[int, int], np.ndarray],
+    *,
+    control_label: str,
+    categories: Sequence[str],
+    perturbations: Sequence[str] | None,
+    n_cells: int | str,
+    names: dict[str, Sequence[str]],
+) -> tuple[list[str], list[tuple[str, int, int, int]]]:
+    """What the perturbation model predicts from an AnnData: perturbations and groups.
 
-    The cells are drawn without replacement while the pool lasts, and the job's last set is
-    padded with cells drawn at random.
+    Parameters
+    ----------
+    perturbation
+        The perturbation of each cell of the AnnData.
+    labels
+        ``{"cell_type": [...], "batch": [...]}``: each cell's label (``None``: not registered).
+    pools
+        :func:`control_pools` of the cells.
+    control_label
+        The control's name.
+    categories
+        The model's perturbations; they come first in the output, the others follow in the
+        order asked for.
+    perturbations, n_cells
+        See :meth:`~scforge_scvi.ScForgePerturb.predict`.
+    names
+        ``{"cell_type": [...], "batch": [...]}``: the model's categories.
 
     Returns
     -------
-    ``(basal, job, keep)``: ``(n_sets, set_len)`` basal rows, the job of each set, and the
-    positions in the flattened ``(n_sets * set_len)`` output of the predicted cells (the
-    first ``sizes[j]`` of each job, in job order).
+    ``(wanted, jobs)``: the perturbations to predict and, in output order, one
+    ``(perturbation, cell type, batch, number of cells)`` per group.
+    """
+    is_perturbed = perturbation != control_label
+    cells = pd.DataFrame({"p": perturbation})
+    for what, col, key in (("cell types", "c", "cell_type"), ("batches", "b", "batch")):
+        cells[col] = 0 if labels[key] is None else pd.Index(names[key]).get_indexer(labels[key])
+        bad = is_perturbed & (cells[col].to_numpy() < 0)
+        if bad.any():
+            unknown = sorted(set(labels[key][bad]))
+            raise ValueError(
+                f"The AnnData to predict has {what} {unknown} that the model does not know."
+            )
+    observed = cells[is_perturbed].groupby(["p", "c", "b"], sort=False).size()
+    missing = sorted({(c, b) for (_, c, b) in observed.index} - set(pools))
+    if missing:
+        where = [f"{names['cell_type'][c]} / {names['batch'][b]}" for c, b in missing]
+        raise ValueError(
+            f"No {control_label!r} control cells for cell type / batch {where} in the "
+            "AnnData to predict; its controls are the basal cells."
+        )
+    if isinstance(n_cells, str) and n_cells not in ("controls", "observed"):
+        raise ValueError(f"n_cells must be 'controls', 'observed' or an integer, got {n_cells!r}.")
+    if not isinstance(n_cells, str) and int(n_cells) < 1:
+        raise ValueError(f"n_cells must be positive, got {n_cells}.")
+    if perturbations is None:
+        wanted = list(dict.fromkeys(p for p, _, _ in observed.index))
+    else:
+        wanted = list(dict.fromkeys(str(p) for p in perturbations if str(p) != control_label))
+    if not wanted:
+        raise ValueError(
+            "Nothing to predict: the AnnData has no perturbed cells and no "
+            "`perturbations` were requested."
+        )
+    order = {p: i for i, p in enumerate(categories)}
+    rank = {p: order.get(p, len(order) + i) for i, p in enumerate(wanted)}
+    if perturbations is None:
+        groups = sorted(observed.index, key=lambda g: (rank[g[0]], g[1], g[2]))
+    else:
+        groups = [(p, c, b) for (c, b) in sorted(pools) for p in wanted]
+
+    def size(p: str, c: int, b: int) -> int:
+        if n_cells == "controls":
+            return len(pools[(c, b)])
+        if n_cells == "observed":
+            return int(observed.get((p, c, b), 0)) or len(pools[(c, b)])
+        return int(n_cells)
+
+    jobs = [(p, c, b, size(p, c, b)) for p, c, b in groups]
+    if not jobs:
+        raise ValueError(
+            f"No {control_label!r} control cells in the AnnData to predict; its controls "
+            "are the basal cells."
+        )
+    return wanted, jobs
+
+
+def prediction_sets(
+    cells: PerturbCells,
+    pools: dict[tuple[int, int], np.ndarray],
+    jobs: Sequence[tuple[str, int, int, int]],
+    codes: dict[str, int],
+    vectors: dict[str, np.ndarray] | None,
+    *,
+    set_len: int,
+    sets_per_batch: int,
+    with_batch: bool,
+    rng: np.random.Generator,
+) -> tuple[CellSets, np.ndarray]:
+    """The basal sets of :func:`prediction_jobs`' jobs, ready for the set model.
+
+    A job ``(perturbation, cell type, batch, n)`` perturbs ``n`` control cells of its cell
+    type and batch, drawn without replacement while the pool lasts; its last set is padded
+    with cells drawn at random.
+
+    Parameters
+    ----------
+    cells, pools
+        The cells and their :func:`control_pools`.
+    jobs
+        See :func:`prediction_jobs`.
+    codes, vectors
+        Row index and (for a feature-table model) feature vector of each perturbation.
+    set_len, sets_per_batch, with_batch
+        Cells per set, sets per batch, and whether the model reads batches.
+    rng
+        Draws the basal cells.
+
+    Returns
+    -------
+    ``(sets, keep)``: the :class:`CellSets`, and the positions of the predicted cells (the
+    first ``n`` of each job, in job order) in the flattened ``(n_sets * set_len)`` output.
     """
     basal, job, keep, offset = [], [], [], 0
-    for j, (pool, n) in enumerate(zip(pools, sizes, strict=True)):
+    for j, (_, c, b, n) in enumerate(jobs):
+        pool = pools[(c, b)]
         n_sets = -(-n // set_len)
         draw = rng.choice(pool, size=n, replace=len(pool) < n)
         pad = rng.choice(pool, size=n_sets * set_len - n, replace=True)
@@ -137,7 +251,61 @@ def prediction_sets(
         job.append(np.full(n_sets, j))
         keep.append(np.arange(offset, offset + n))
         offset += n_sets * set_len
-    return np.concatenate(basal), np.concatenate(job), np.concatenate(keep)
+    job = np.concatenate(job)
+    sets = CellSets(
+        cells,
+        np.concatenate(basal),
+        np.array([codes[p] for p, *_ in jobs], dtype=np.int64)[job],
+        np.array([b for _, _, b, _ in jobs])[job] if with_batch else None,
+        sets_per_batch=sets_per_batch,
+        with_counts=cells.counts is not None,
+        features=None if vectors is None else np.stack([vectors[p] for p, *_ in jobs])[job],
+    )
+    return sets, np.concatenate(keep)
+
+
+def prediction_anndata(
+    adata: ad.AnnData,
+    cells: PerturbCells,
+    jobs: Sequence[tuple[str, int, int, int]],
+    prediction: np.ndarray,
+    *,
+    control_code: int,
+    perturbation_key: str,
+    perturbation_categories: Sequence[str],
+    keys: dict[str, str | None],
+    names: dict[str, Sequence[str]],
+) -> ad.AnnData:
+    """The predicted cells of every job followed by the real controls of ``adata`` (log1p).
+
+    ``keys`` and ``names`` map ``"cell_type"`` and ``"batch"`` to their ``obs`` column
+    (``None``: not registered) and to the model's categories.
+    """
+    columns = {
+        keys[kind]: (names[kind], axis)
+        for kind, axis in (("cell_type", 1), ("batch", 2))
+        if keys[kind]
+    }
+    sizes = [job[3] for job in jobs]
+    obs_pred = pd.DataFrame(
+        {perturbation_key: np.repeat([job[0] for job in jobs], sizes)},
+        index=[f"predicted_{i}" for i in range(sum(sizes))],
+    )
+    for key, (names, axis) in columns.items():
+        obs_pred[key] = np.repeat(np.asarray(names)[[job[axis] for job in jobs]], sizes)
+    obs_pred["scforge_predicted"] = True
+    is_control = cells.perturbation == control_code
+    obs_ctrl = adata.obs.loc[is_control, [perturbation_key, *columns]].astype(str)
+    obs_ctrl["scforge_predicted"] = False
+    obs = pd.concat([obs_pred, obs_ctrl])
+    obs[perturbation_key] = pd.Categorical(
+        obs[perturbation_key], categories=perturbation_categories
+    )
+    for key, (names, _) in columns.items():
+        obs[key] = pd.Categorical(obs[key], categories=names)
+    control_x = cells.log1p[np.flatnonzero(is_control)].toarray()
+    x = np.vstack([prediction.astype(np.float32), control_x])
+    return ad.AnnData(X=x, obs=obs, var=adata.var.copy())
 
 
 def _dense(matrix: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
