@@ -2,7 +2,7 @@
 
 A semi-synthetic Perturb-seq screen is built from real PBMC 3k cells (known perturbation
 programs applied to real cells, counts drawn again; see
-``scforge_scvi.data._perturb_data.make_semisynthetic_perturbation_data``). Two splits:
+``make_semisynthetic_perturbation_data`` in ``benchmarks/semisynthetic.py``). Two splits:
 
 ``--split unseen`` (default)
     Whole perturbations are held out in every cell type: their cells are in no training
@@ -57,13 +57,13 @@ from scforge_scvi.bench._perturbation import (
     perturbation_mean_baseline,
 )
 from scforge_scvi.data._datasets import pbmc68k_counts
-from scforge_scvi.data._perturb_data import (
-    assign_perturbation_split,
+from scforge_scvi.data._perturb_data import assign_perturbation_split
+from scforge_scvi.model._perturb_model import ScForgePerturb
+from semisynthetic import (
     load_pbmc3k_counts,
     make_semisynthetic_perturbation_data,
     perturbation_feature_table,
 )
-from scforge_scvi.model._perturb_model import ScForgePerturb
 
 PERT, CONTROL, BATCH = "target_gene", "non-targeting", "gem_group"
 #: metrics in the normalised score (those the task names; mse is reported beside them)

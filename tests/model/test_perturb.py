@@ -20,17 +20,12 @@ from scforge_scvi.bench._perturbation import (
     log1p_anndata,
 )
 from scforge_scvi.data._datasets import pbmc68k_counts
-from scforge_scvi.data._perturb_data import (
-    assign_perturbation_split,
-    make_semisynthetic_perturbation_data,
-    read_perturbation_h5ad,
-)
-from scforge_scvi.model._perturb_model import (
-    PerturbSetDataModule,
-    ScForgeCellEncoder,
-    ScForgePerturb,
-)
+from scforge_scvi.data._perturb_data import assign_perturbation_split, read_perturbation_h5ad
+from scforge_scvi.data._perturb_sets import PerturbSetDataModule
+from scforge_scvi.model._cell_encoder import ScForgeCellEncoder
+from scforge_scvi.model._perturb_model import ScForgePerturb
 from scforge_scvi.train._schedules import cosine_with_warmup
+from semisynthetic import make_semisynthetic_perturbation_data
 
 PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
 FEWSHOT = "CD14+ Monocyte"

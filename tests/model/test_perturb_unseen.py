@@ -23,12 +23,9 @@ from scforge_scvi.bench._perturbation import (
     perturbation_mean_baseline,
 )
 from scforge_scvi.data._datasets import pbmc68k_counts
-from scforge_scvi.data._perturb_data import (
-    assign_perturbation_split,
-    make_semisynthetic_perturbation_data,
-    perturbation_feature_table,
-)
+from scforge_scvi.data._perturb_data import assign_perturbation_split
 from scforge_scvi.model._perturb_model import ScForgePerturb
+from semisynthetic import make_semisynthetic_perturbation_data, perturbation_feature_table
 
 PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
 CELL_TYPES = ["CD14+ Monocyte", "CD19+ B"]

@@ -1,11 +1,7 @@
-"""Perturbation data: validation, cell-load-style splits, set sampling, and a benchmark.
+"""Perturbation data: validation, the cell-load reader, feature tables and splits.
 
-No real Perturb-seq data ships offline, so :func:`make_semisynthetic_perturbation_data` builds a
-benchmark from real cells: control cells are resampled from real PBMCs, and perturbed cells
-are the same kind of real cells with known perturbation programs applied to their expected
-counts before the counts are drawn again. Real screens in the cell-load layout (one h5ad with
-a perturbation column, a control label and a cell-type column) are read by
-:func:`read_perturbation_h5ad`.
+Real screens in the cell-load layout (one h5ad with a perturbation column, a control label
+and a cell-type column) are read by :func:`read_perturbation_h5ad`.
 
 Splits follow cell-load: *few-shot* holds out chosen perturbations within some cell types
 (their controls and the other perturbations stay in training), *zero-shot* holds out whole
@@ -20,12 +16,11 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeKeyError, ScForgeValueError
 from scforge_scvi._logging import logger
 
-from ._preprocess import check_raw_counts, library_size, log_normalize
+from ._preprocess import check_raw_counts
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -291,368 +286,138 @@ def normalize_split_labels(values: pd.Series, key: str) -> np.ndarray:
     return labels.map(_SPLIT_ALIASES).to_numpy()
 
 
-# ---------------------------------------------------------------------------- set sampling
-def sample_cell_sets(
-    groups: Sequence[np.ndarray],
-    basal_pools: Sequence[np.ndarray],
-    set_len: int,
-    rng: np.random.Generator,
-    *,
-    shuffle: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut groups of target cells into sets of ``set_len`` and pair each with basal cells.
+def perturbation_split(
+    adata: ad.AnnData,
+    split_key: str | None,
+    validation_size: float,
+    seed: int,
+    perturbation_key: str,
+    control_label: str,
+) -> np.ndarray:
+    """``"train" / "val" / "test"`` per cell: ``adata.obs[split_key]``, or at random.
 
-    Each group's cells are shuffled and cut into ``ceil(n / set_len)`` sets; the last set is
-    filled up with cells of the same group drawn at random. Each set gets ``set_len`` basal
-    cells drawn from its group's pool, without replacement when the pool is large enough.
-
-    Parameters
-    ----------
-    groups
-        Row indices of the target cells of each group (one perturbation in one cell type).
-    basal_pools
-        Row indices of the control cells that may serve as basal cells, one pool per group.
-    set_len
-        Cells per set.
-    rng
-        Source of randomness (seed it for reproducible validation sets).
-    shuffle
-        Shuffle the order of the sets.
-
-    Returns
-    -------
-    ``(target, basal, group)``: ``(n_sets, set_len)`` target and basal row indices and the
-    group of each set ``(n_sets,)``.
+    Without ``split_key`` a random ``validation_size`` of the perturbed cells validates
+    (in-distribution validation); the controls all train.
     """
-    targets, basals, owner = [], [], []
-    for g, (cells, pool) in enumerate(zip(groups, basal_pools, strict=True)):
-        if len(cells) == 0:
-            continue
-        if len(pool) == 0:
-            raise ScForgeValueError(f"Group {g} has target cells but an empty basal pool.")
-        n_sets = -(-len(cells) // set_len)
-        fill = rng.choice(cells, size=n_sets * set_len - len(cells), replace=True)
-        target = np.concatenate([rng.permutation(cells), fill]).reshape(n_sets, set_len)
-        if len(pool) >= set_len:
-            basal = np.stack([rng.choice(pool, size=set_len, replace=False) for _ in range(n_sets)])
-        else:
-            basal = rng.choice(pool, size=(n_sets, set_len), replace=True)
-        targets.append(target)
-        basals.append(basal)
-        owner.append(np.full(n_sets, g))
-    if not targets:
-        empty = np.empty((0, set_len), dtype=np.int64)
-        return empty, empty.copy(), np.empty(0, dtype=np.int64)
-    target, basal, group = np.concatenate(targets), np.concatenate(basals), np.concatenate(owner)
-    if shuffle:
-        order = rng.permutation(len(group))
-        target, basal, group = target[order], basal[order], group[order]
-    return target.astype(np.int64), basal.astype(np.int64), group.astype(np.int64)
-
-
-# ----------------------------------------------------------------------- real source cells
-def _shared_data_dir() -> Path:
-    return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
-
-
-def load_pbmc3k_counts(path: str | Path | None = None) -> ad.AnnData:
-    """The 10x PBMC 3k cells with raw counts and ``obs["louvain"]`` cell types.
-
-    Parameters
-    ----------
-    path
-        The ``pbmc3k_raw_labeled.h5ad`` file; defaults to the project's shared data directory.
-    """
-    path = _shared_data_dir() / "pbmc3k_raw_labeled.h5ad" if path is None else Path(path)
-    if not path.exists():
-        raise ScForgeFileNotFoundError(f"pbmc3k counts not found at {path}.")
-    adata = ad.read_h5ad(path)
-    adata.var_names_make_unique()
-    return adata
-
-
-# -------------------------------------------------------------- semi-synthetic benchmark
-def _select_genes(counts: sp.csr_matrix, n_genes: int, min_fraction: float) -> np.ndarray:
-    """Highly variable genes (normalised dispersion of log1p CP10k) among expressed genes."""
-    expressed = np.asarray((counts > 0).mean(axis=0)).ravel() >= min_fraction
-    logn = log_normalize(counts)
-    mean = np.asarray(logn.mean(axis=0)).ravel()
-    sq = logn.copy()
-    sq.data **= 2
-    var = np.asarray(sq.mean(axis=0)).ravel() - mean**2
-    dispersion = np.log(np.maximum(var, 1e-12) / np.maximum(mean, 1e-12))
-    # normalise the dispersion within 20 bins of mean expression (Seurat's recipe)
-    bins = pd.qcut(mean[expressed], q=20, duplicates="drop", labels=False)
-    disp = pd.Series(dispersion[expressed])
-    z = (disp - disp.groupby(bins).transform("mean")) / disp.groupby(bins).transform("std")
-    score = np.full(counts.shape[1], -np.inf)
-    score[expressed] = z.fillna(-np.inf).to_numpy()
-    n_available = int(expressed.sum())
-    if n_available < n_genes:
-        raise ScForgeValueError(
-            f"Only {n_available} genes are detected in >= {min_fraction:.0%} of the cells; "
-            f"asked for n_genes={n_genes}."
-        )
-    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
-
-
-def _gene_programs(logn: np.ndarray, n_programs: int, seed: int) -> np.ndarray:
-    """Cluster genes into co-expression programs (k-means on standardised gene loadings)."""
-    from sklearn.cluster import KMeans
-
-    z = (logn - logn.mean(0)) / (logn.std(0) + 1e-6)  # cells x genes
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
-    loadings = (vt[:20] * s[:20, None]).T  # genes x 20
-    loadings /= np.linalg.norm(loadings, axis=1, keepdims=True) + 1e-9
-    km = KMeans(n_clusters=n_programs, n_init=4, random_state=seed)
-    return km.fit_predict(loadings)
-
-
-def _soft_threshold(u: np.ndarray, t: float) -> np.ndarray:
-    """``sign(u) * max(|u| - t, 0)``: zero for small inputs, linear beyond ``t``."""
-    return np.sign(u) * np.maximum(np.abs(u) - t, 0.0)
-
-
-def make_semisynthetic_perturbation_data(
-    source: ad.AnnData,
-    cell_type_key: str,
-    *,
-    cell_types: Sequence[str] | None = None,
-    n_genes: int = 500,
-    n_perturbations: int = 24,
-    n_cells_per_perturbation: int = 40,
-    n_controls_per_cell_type: int = 200,
-    n_programs: int = 8,
-    knockdown: float = 0.15,
-    program_effect: float = 1.2,
-    escape_rate: float = 0.1,
-    smoothing: float = 0.2,
-    min_cell_fraction: float = 0.1,
-    n_features: int = 0,
-    feature_noise: float = 0.3,
-    perturbation_key: str = "target_gene",
-    control_label: str = "non-targeting",
-    seed: int = 0,
-) -> ad.AnnData:
-    """Build a Perturb-seq-like benchmark from real cells with known perturbation programs.
-
-    Recipe:
-
-    1. Keep the requested cell types and ``n_genes`` highly variable genes among those
-       detected in at least ``min_cell_fraction`` of their cells.
-    2. Cluster the genes into ``n_programs`` co-expression programs; each program gets a
-       fixed signed effect per member gene (log fold change, scale ``program_effect``).
-    3. Each perturbation knocks down one well-expressed target gene (expected counts times
-       ``knockdown``) and moves its target's own program (down) plus, for some
-       perturbations, a second program, and a handful of perturbation-specific genes.
-       The strength of each program differs between cell types, so a response seen in one
-       cell type predicts, but does not equal, the response in another.
-    3b. With ``n_features > 0`` the effects come from a hidden feature vector instead, so
-       that perturbations never seen in training can be predicted from features: each
-       perturbation gets a latent ``z ~ N(0, I_n_features)``. With ``soft(u, t) = sign(u)
-       max(|u| - t, 0)`` and Gaussian maps ``A`` (``n_features x n_programs``) and ``B``
-       (``n_features x n_genes``), both with standard deviation ``1 / sqrt(n_features)``
-       (so ``z A`` and ``z B`` have unit variance), its program weights are
-       ``tanh(2 soft(z A, 1))`` (about a third of the programs move, none linearly in ``z``)
-       and its gene-specific effects are ``program_effect * soft(z B, 2)`` (about 5% of the
-       genes). Only the target's knockdown is tied to the target gene, not to ``z``. The
-       features handed to a model are ``z + feature_noise * N(0, I)``
-       (``uns["perturbation_truth"]["features"]``; the noiseless ``z`` is ``["latent"]``), so
-       they are informative but not exact, as an embedding of the target gene would be.
-       The cells drawn are the same as with ``n_features=0`` (the latent part has a random
-       stream of its own).
-    4. Every cell of the benchmark (controls included) is a real cell of its cell type,
-       drawn with replacement, whose counts are drawn again:
-       ``Poisson(((1 - smoothing) x + smoothing * L * profile_c) * exp(r * lfc))`` with the
-       cell's library size ``L``, its cell type's mean profile, and a per-cell response
-       ``r``: 0 for a fraction ``escape_rate`` of cells (guides that failed), else
-       uniform in [0.6, 1].
-
-    Parameters
-    ----------
-    source
-        Real cells with raw counts in ``X`` (e.g. :func:`load_pbmc3k_counts` or
-        :func:`scforge_scvi.data._datasets.pbmc68k_counts`).
-    cell_type_key
-        ``source.obs`` column with cell types; written under the same name.
-    cell_types
-        Cell types to keep (default: all with at least 20 cells).
-    n_genes, n_perturbations, n_cells_per_perturbation, n_controls_per_cell_type
-        Size of the benchmark (cells per perturbation are per cell type).
-    n_programs, knockdown, program_effect, escape_rate, smoothing
-        The perturbation model (see above).
-    min_cell_fraction
-        Genes detected in fewer cells are never kept (effects on genes that are almost never
-        detected cannot be measured).
-    n_features, feature_noise
-        Width of the hidden perturbation feature vectors (``0``: effects are not generated
-        from features, the original recipe) and the standard deviation of the noise added to
-        them in the feature table handed out (see 3b).
-    perturbation_key, control_label
-        Name of the perturbation column and of the control (perturbations are named after
-        their target gene, as in CRISPR screens).
-    seed
-        Seeds everything.
-
-    Returns
-    -------
-    AnnData with raw counts in ``X``, ``obs[perturbation_key]``, ``obs[cell_type_key]``,
-    ``var["program"]``, ``var["is_target"]``, and the ground truth in
-    ``uns["perturbation_truth"]``: ``targets`` (perturbation -> gene) and, per cell type,
-    the applied log fold changes ``lfc[cell_type]`` (perturbations x genes); with
-    ``n_features > 0`` also ``features`` (the noisy table, perturbations x n_features, rows in
-    the order of ``perturbations``) and ``latent`` (the noiseless vectors).
-    """
-    if n_features < 0 or feature_noise < 0:
-        raise ValueError(
-            f"n_features and feature_noise must be >= 0, got {n_features} and {feature_noise}."
-        )
-    rng = np.random.default_rng(seed)
-    check_raw_counts(source.X, "source.X")
-    labels = _obs_column(source, cell_type_key, "Cell-type").astype(str)
-    if cell_types is None:
-        sizes = labels.value_counts()
-        cell_types = sorted(sizes.index[sizes >= 20])
-    cell_types = _check_names(cell_types, pd.Index(labels.unique()), "cell_types")
-    keep = labels.isin(cell_types).to_numpy()
-    counts = sp.csr_matrix(source.X[keep], dtype=np.float32)
-    labels = labels[keep].to_numpy()
-
-    genes = _select_genes(counts, n_genes, min_fraction=min_cell_fraction)
-    counts = counts[:, genes]
-    gene_names = source.var_names[genes].astype(str)
-    logn = np.asarray(log_normalize(counts).todense())
-    programs = _gene_programs(logn, n_programs, seed)
-
-    # signed effect of each program on its member genes
-    program_lfc = np.zeros((n_programs, n_genes))
-    for k in range(n_programs):
-        members = np.flatnonzero(programs == k)
-        signs = np.where(rng.random(members.size) < 0.75, 1.0, -1.0)
-        program_lfc[k, members] = signs * rng.uniform(0.5, 1.5, members.size) * program_effect
-    # strength of each program in each cell type
-    strength = rng.uniform(0.3, 1.3, size=(len(cell_types), n_programs))
-
-    # targets: drawn among the best-expressed genes, so that a knockdown is measurable
-    mean_count = np.asarray(counts.mean(axis=0)).ravel()
-    candidates = np.argsort(-mean_count)[: 3 * n_perturbations]  # the best-expressed genes
-    if len(candidates) < n_perturbations:
-        raise ScForgeValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
-    targets = np.sort(rng.choice(candidates, size=n_perturbations, replace=False))
-    pert_names = list(gene_names[targets])
-    if control_label in pert_names:
-        raise ScForgeValueError(f"The control label {control_label!r} is also a gene name.")
-
-    weights = np.zeros((n_perturbations, n_programs))
-    weights[np.arange(n_perturbations), programs[targets]] = -rng.uniform(0.7, 1.2, n_perturbations)
-    second = rng.random(n_perturbations) < 0.4
-    other = (programs[targets] + rng.integers(1, n_programs, n_perturbations)) % n_programs
-    weights[second, other[second]] += rng.choice([-1.0, 1.0], second.sum()) * rng.uniform(
-        0.4, 0.8, second.sum()
-    )
-    specific = np.zeros((n_perturbations, n_genes))
-    for p in range(n_perturbations):
-        genes_p = rng.choice(n_genes, size=8, replace=False)
-        specific[p, genes_p] = rng.normal(0.0, 0.6, size=8) * program_effect
-    latent = features = None
-    if n_features > 0:
-        # effects generated from a hidden feature vector per perturbation (recipe step 3b);
-        # a random stream of its own keeps the cells identical to the n_features=0 screen
-        frng = np.random.default_rng([seed, 1])
-        latent = frng.normal(size=(n_perturbations, n_features))
-        to_programs = frng.normal(size=(n_features, n_programs)) / np.sqrt(n_features)
-        strength_p = 1.0 / (
-            1.0 + np.exp(-2.0 * latent @ (frng.normal(size=n_features) / np.sqrt(n_features)))
-        )
-        weights = strength_p[:, None] * np.tanh(latent @ to_programs)
-        to_genes = frng.normal(size=(n_features, n_genes)) / np.sqrt(n_features)
-        specific = _soft_threshold(latent @ to_genes, 2.0) * program_effect
-        features = latent + feature_noise * frng.normal(size=latent.shape)
-
-    lfc = {}
-    for c, cell_type in enumerate(cell_types):
-        effect = (weights * strength[c]) @ program_lfc + specific  # perts x genes
-        effect[np.arange(n_perturbations), targets] = np.log(knockdown)
-        lfc[cell_type] = effect
-
-    obs_perts, obs_types, rows_lfc, sources = [], [], [], []
-    for cell_type in cell_types:
-        pool = np.flatnonzero(labels == cell_type)
-        n_total = n_controls_per_cell_type + n_perturbations * n_cells_per_perturbation
-        sources.append(rng.choice(pool, size=n_total, replace=True))
-        obs_types += [cell_type] * n_total
-        obs_perts += [control_label] * n_controls_per_cell_type
-        rows_lfc.append(np.zeros((n_controls_per_cell_type, n_genes)))
-        for p, name in enumerate(pert_names):
-            obs_perts += [name] * n_cells_per_perturbation
-            response = np.where(
-                rng.random(n_cells_per_perturbation) < escape_rate,
-                0.0,
-                rng.uniform(0.6, 1.0, n_cells_per_perturbation),
+    if split_key is not None:
+        if split_key not in adata.obs:
+            raise KeyError(
+                f"Split column {split_key!r} is not in adata.obs; available columns: "
+                f"{list(adata.obs.columns)}. Write one with assign_perturbation_split."
             )
-            rows_lfc.append(response[:, None] * lfc[cell_type][p][None, :])
-    src = np.concatenate(sources)
-    cell_lfc = np.concatenate(rows_lfc)
-
-    # mean expression profile (fractions of the library) of each cell type
-    fractions = sp.diags(1.0 / np.maximum(library_size(counts), 1.0)) @ counts
-    profiles = np.stack(
-        [np.asarray(fractions[labels == t].mean(axis=0)).ravel() for t in cell_types]
-    )
-    type_index = pd.Index(cell_types).get_indexer(labels[src])
-    x = np.asarray(counts[src].todense(), dtype=np.float64)
-    size = library_size(counts[src])
-    rate = (1 - smoothing) * x + smoothing * size[:, None] * profiles[type_index]
-    rate *= np.exp(cell_lfc)
-    new_counts = rng.poisson(rate).astype(np.float32)
-
-    obs = pd.DataFrame(
-        {
-            perturbation_key: pd.Categorical(obs_perts, categories=[control_label, *pert_names]),
-            cell_type_key: pd.Categorical(obs_types, categories=list(cell_types)),
-        },
-        index=[f"cell{i}" for i in range(len(obs_perts))],
-    )
-    var = pd.DataFrame(index=pd.Index(gene_names, name=None))
-    var["program"] = programs
-    var["is_target"] = np.isin(np.arange(n_genes), targets)
-    out = ad.AnnData(X=sp.csr_matrix(new_counts), obs=obs, var=var)
-    out.uns["perturbation_truth"] = {
-        "targets": dict(zip(pert_names, gene_names[targets], strict=True)),
-        "perturbations": np.asarray(pert_names),
-        "lfc": {cell_type: lfc[cell_type].astype(np.float32) for cell_type in cell_types},
-        "seed": seed,
-    }
-    if features is not None:
-        out.uns["perturbation_truth"]["features"] = features.astype(np.float32)
-        out.uns["perturbation_truth"]["latent"] = latent.astype(np.float32)
-    return out
+        return normalize_split_labels(adata.obs[split_key], split_key)
+    if not 0.0 <= validation_size < 1.0:
+        raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+    rng = np.random.default_rng(seed)
+    split = np.full(adata.n_obs, "train", dtype=object)
+    is_val = rng.random(adata.n_obs) < validation_size
+    perts = adata.obs[perturbation_key].astype(str).to_numpy()
+    split[is_val & (perts != control_label)] = "val"
+    return split
 
 
-def perturbation_feature_table(adata: ad.AnnData, *, latent: bool = False) -> pd.DataFrame:
-    """The perturbation feature table of a screen built with ``n_features > 0``.
-
-    Parameters
-    ----------
-    adata
-        Output of :func:`make_semisynthetic_perturbation_data`.
-    latent
-        Return the noiseless latent vectors instead of the noisy features.
-
-    Returns
-    -------
-    DataFrame indexed by perturbation name, one column per feature (the format of
-    ``ScForgePerturb(perturbation_features=...)``).
-    """
-    truth = adata.uns.get("perturbation_truth", {})
-    key = "latent" if latent else "features"
-    if key not in truth:
-        raise KeyError(
-            "This screen has no perturbation features: build it with "
-            "make_semisynthetic_perturbation_data(..., n_features=16)."
+def check_genes(adata: ad.AnnData, genes: Sequence[str]) -> None:
+    """Raise unless ``adata`` has exactly ``genes``, in order."""
+    names = [str(g) for g in adata.var_names]
+    if names != list(genes):
+        first = next(
+            (i for i, (a, b) in enumerate(zip(names, genes)) if a != b),
+            min(len(names), len(genes)),
         )
-    values = np.asarray(truth[key], dtype=np.float32)
-    names = [str(p) for p in truth["perturbations"]]
-    return pd.DataFrame(
-        values, index=pd.Index(names), columns=[f"f{i}" for i in range(values.shape[1])]
+        raise ValueError(
+            f"The AnnData's genes ({len(names)}) differ from the model's genes "
+            f"({len(genes)}) in name or order, first at position {first}; subset and "
+            "reorder it with adata[:, model.genes_]."
+        )
+
+
+# ------------------------------------------------------------ the model's feature table
+def stored_feature_table(
+    features: pd.DataFrame | Mapping[str, Sequence[float]], categories: Sequence[str], control: str
+) -> tuple[list[str], np.ndarray]:
+    """The feature table as the perturbation model stores it: ``(names, rows)``.
+
+    The categories come first, in category order (the control's row is a placeholder: the
+    control has a learned vector), then every other perturbation of the user's table in its
+    order: those have no training cells and are predicted from their features alone.
+    """
+    table = feature_table(features)
+    missing = [c for c in categories if c != control and c not in table.index]
+    if missing:
+        raise ValueError(
+            f"Perturbations {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"({len(missing)} in all) are missing from the perturbation feature table; every "
+            "perturbation with cells needs a row (a missing one is never replaced by zeros). "
+            "The control needs none: it has its own learned vector."
+        )
+    known = set(categories)
+    names = list(categories) + [n for n in table.index if n not in known and n != control]
+    values = np.zeros((len(names), table.shape[1]), dtype=np.float32)
+    rows = [i for i, n in enumerate(names) if n != control]
+    values[rows] = table.loc[[names[i] for i in rows]].to_numpy(dtype=np.float32)
+    return names, values
+
+
+def perturbation_inputs(
+    names: Sequence[str],
+    features: pd.DataFrame | Mapping[str, Sequence[float]] | None,
+    categories: Sequence[str],
+    table: np.ndarray | None,
+    table_names: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row index (or ``-1``) and, for a table model, feature vector of each perturbation.
+
+    A one-hot model (``table=None``) knows its ``categories`` only. A table model reads a
+    perturbation's features from ``features`` (rows there take precedence), else from its
+    stored ``table`` (rows named ``table_names``).
+    """
+    names = [str(n) for n in names]
+    categories = list(categories)
+    if table is None:
+        if features is not None:
+            raise ValueError(
+                "perturbation_features= was passed to predict, but this model is one-hot "
+                "(created without perturbation_features): it cannot read feature vectors "
+                "and only predicts the perturbations it was trained on."
+            )
+        unknown = sorted(set(names) - set(categories))
+        if unknown:
+            raise ValueError(
+                f"Unknown perturbations {unknown}; the model knows {len(categories)}: "
+                f"{categories[:20]}{' ...' if len(categories) > 20 else ''}. "
+                "A one-hot model only predicts perturbations it was trained on; to predict "
+                "new ones, create the model with perturbation_features= (a feature vector per "
+                "perturbation, e.g. an embedding of the target gene)."
+            )
+        return np.array([categories.index(n) for n in names], dtype=np.int64), None
+    width = table.shape[1]
+    given = None
+    if features is not None:
+        given = feature_table(features, "perturbation feature table passed to predict")
+        if given.shape[1] != width:
+            raise ValueError(
+                f"The perturbation feature table passed to predict has {given.shape[1]} "
+                f"columns; the model reads vectors of width {width}."
+            )
+    row = {n: i for i, n in enumerate(table_names)}
+    missing = sorted(
+        n for n in set(names) if n not in row and (given is None or n not in given.index)
     )
+    if missing:
+        raise ValueError(
+            f"No perturbation features for {missing[:20]}{' ...' if len(missing) > 20 else ''} "
+            f"({len(missing)} in all): they are not in the model's perturbation table "
+            f"({len(table_names) - 1} perturbations) nor in a table passed to "
+            "predict. Pass their feature vectors as predict(..., perturbation_features=table) "
+            f"(a DataFrame indexed by perturbation name, or a mapping name -> vector of width "
+            f"{width}), or include them in the perturbation_features= given when creating "
+            "the model."
+        )
+    codes = np.array([row.get(n, -1) for n in names], dtype=np.int64)
+    vectors = np.stack(
+        [
+            given.loc[n].to_numpy() if given is not None and n in given.index else table[row[n]]
+            for n in names
+        ]
+    ).astype(np.float32)
+    return codes, vectors

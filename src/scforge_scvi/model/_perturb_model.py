@@ -9,8 +9,9 @@ The network is :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`; training
 
 Checkpoints: the weights with the lowest validation loss (``best``) and those at the end of
 training (``final``) are kept in memory, and, with ``checkpoint_dir``, written as pretrained
-directories (``config.json`` + ``model.safetensors``) beside Lightning's resumable
-``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses ``best`` by default.
+directories (the versioned layout of :func:`~scforge_scvi.io.write_pretrained`) beside
+Lightning's resumable ``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses
+``best`` by default.
 A pretrained ScForge backbone can be the basal encoder (:class:`ScForgeCellEncoder`).
 Initialising from a checkpoint (:meth:`ScForgePerturb.from_pretrained`) loads weights only;
 resuming (``train(resume_from=...)``) restores optimizer, scheduler, step and callbacks, and
@@ -19,20 +20,17 @@ only for the same configuration.
 
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import anndata as ad
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file, save_file
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
@@ -40,25 +38,40 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from scforge_scvi._errors import ScForgeKeyError
+from scforge_scvi._errors import ScForgeKeyError, ScForgeValueError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
-    feature_table,
-    normalize_split_labels,
-    sample_cell_sets,
+    check_genes,
+    perturbation_inputs,
+    perturbation_split,
+    stored_feature_table,
     validate_perturbation_adata,
 )
+from scforge_scvi.data._perturb_sets import (
+    PerturbCells,
+    PerturbSetDataModule,
+    control_pools,
+    prediction_anndata,
+    prediction_jobs,
+    prediction_sets,
+)
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
+from scforge_scvi.data._vocab import GeneVocab
+from scforge_scvi.io._by_name import load_by_name
+from scforge_scvi.io._pretrained import Pretrained, read_pretrained, write_pretrained
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
 from scforge_scvi.train._callbacks import BestCheckpoint
 from scforge_scvi.train._perturb_plan import (
-    CHECKPOINT_KEY,
     BackboneFreezing,
     PerturbTrainingConfig,
     PerturbTrainingPlan,
+    check_freezable,
+    check_same_run,
+    kept_weights,
 )
+
+from ._cell_encoder import ScForgeCellEncoder
 
 
 class _PerturbRegistryKeys(NamedTuple):
@@ -69,10 +82,19 @@ class _PerturbRegistryKeys(NamedTuple):
 
 
 PERTURB_REGISTRY_KEYS = _PerturbRegistryKeys()
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_NAMES = ("best", "final", "last")
 BASAL_INPUTS = ("log1p", "counts")
+#: constructor arguments that are fields of the PerturbConfig
+_ARCHITECTURE = (
+    "hidden_dim",
+    "num_layers",
+    "num_heads",
+    "ffn_dim",
+    "encoder_hidden_dim",
+    "dropout",
+    "activation",
+    "cell_set_len",
+)
 _KEYS = PERTURB_REGISTRY_KEYS
 
 
@@ -85,339 +107,6 @@ class _PerturbModule(PerturbationSetModel):
 
     def on_load(self, model: BaseModelClass, **kwargs: Any) -> None:
         """Nothing to prepare before ``load_state_dict`` (called by ``BaseModelClass.load``)."""
-
-
-# ------------------------------------------------------------------------------ set data
-class _Cells(NamedTuple):
-    """Everything the set loaders read, one row per cell."""
-
-    log1p: sp.csr_matrix
-    counts: sp.csr_matrix | None
-    perturbation: np.ndarray
-    cell_type: np.ndarray
-    batch: np.ndarray
-
-
-class CellSetBatches(Dataset):
-    """Batches of cell sets: item ``i`` is the ``i``-th batch of the current epoch's sets.
-
-    Parameters
-    ----------
-    cells
-        The cells.
-    groups, pools
-        Target cells and basal pool of each group (see
-        :func:`~scforge_scvi.data._perturb_data.sample_cell_sets`).
-    group_perturbation, group_batch
-        Perturbation and batch code of each group.
-    set_len, sets_per_batch
-        Cells per set and sets per batch.
-    seed
-        Seed; the sets of epoch ``e`` are drawn from ``(seed, e)``.
-    resample
-        Draw new sets every epoch (training). ``False`` keeps the sets of epoch 0, so that
-        the validation loss is measured on the same sets every epoch.
-    """
-
-    def __init__(
-        self,
-        cells: _Cells,
-        groups: list[np.ndarray],
-        pools: list[np.ndarray],
-        group_perturbation: np.ndarray,
-        group_batch: np.ndarray,
-        *,
-        set_len: int,
-        sets_per_batch: int,
-        seed: int,
-        resample: bool,
-        with_batch: bool,
-        with_counts: bool,
-    ) -> None:
-        self.cells = cells
-        self.groups, self.pools = groups, pools
-        self.group_perturbation, self.group_batch = group_perturbation, group_batch
-        self.set_len, self.sets_per_batch = set_len, sets_per_batch
-        self.seed, self.resample = seed, resample
-        self.with_batch, self.with_counts = with_batch, with_counts
-        self.epoch: int | None = None
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the sets of ``epoch`` (once only when not resampling)."""
-        if self.epoch is not None and (not self.resample or epoch == self.epoch):
-            return
-        rng = np.random.default_rng([self.seed, epoch if self.resample else 0])
-        self.target, self.basal, self.group = sample_cell_sets(
-            self.groups, self.pools, self.set_len, rng, shuffle=self.resample
-        )
-        self.epoch = epoch
-
-    @property
-    def n_sets(self) -> int:
-        return len(self.group)
-
-    def __len__(self) -> int:
-        return -(-self.n_sets // self.sets_per_batch)
-
-    def _dense(self, matrix: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
-        x = matrix[rows.ravel()].toarray().astype(np.float32, copy=False)
-        return torch.from_numpy(x).view(*rows.shape, -1)  # (B, S, G)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        sl = slice(i * self.sets_per_batch, (i + 1) * self.sets_per_batch)
-        target, basal, group = self.target[sl], self.basal[sl], self.group[sl]
-        batch = {
-            "basal": self._dense(self.cells.log1p, basal),
-            "target": self._dense(self.cells.log1p, target),
-            "perturbation": torch.as_tensor(self.group_perturbation[group], dtype=torch.long),
-        }
-        if self.with_batch:
-            batch["batch"] = torch.as_tensor(self.group_batch[group], dtype=torch.long)
-        if self.with_counts:
-            batch["basal_input"] = self._dense(self.cells.counts, basal)
-        return batch
-
-
-class _EpochSampler(Sampler[int]):
-    """Yields batch indices in order and passes Lightning's ``set_epoch`` to the dataset."""
-
-    def __init__(self, dataset: CellSetBatches) -> None:
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        return iter(range(len(self.dataset)))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-class PerturbSetDataModule(pl.LightningDataModule):
-    """Training and validation cell sets drawn from one registered AnnData.
-
-    Groups are (perturbation, cell type, batch); the target cells of a group are those of the
-    stage's split. Basal cells are controls of the same cell type and batch: for training,
-    training-split controls only; for validation, every control of the group (few-shot
-    held-out perturbations keep their controls in training). Control groups are trained too
-    (their target is other control cells).
-
-    Parameters
-    ----------
-    cells
-        The cells.
-    split
-        ``"train" / "val" / "test"`` per cell.
-    control_code
-        Perturbation code of the control.
-    set_len, sets_per_batch, seed
-        See :class:`CellSetBatches`.
-    with_batch, with_counts
-        Emit the batch code per set / the basal raw counts (for a counts-reading encoder).
-    names
-        ``{"cell_type": [...], "batch": [...]}``: category names for messages.
-    """
-
-    def __init__(
-        self,
-        cells: _Cells,
-        split: np.ndarray,
-        control_code: int,
-        *,
-        set_len: int,
-        sets_per_batch: int,
-        seed: int,
-        with_batch: bool,
-        with_counts: bool,
-        names: dict[str, Sequence[str]],
-    ) -> None:
-        super().__init__()
-        self.cells, self.split, self.control_code = cells, split, control_code
-        self.names = names
-        self.kwargs = {
-            "set_len": set_len,
-            "sets_per_batch": sets_per_batch,
-            "seed": seed,
-            "with_batch": with_batch,
-            "with_counts": with_counts,
-        }
-        self.train_sets = self._build("train")
-        self.val_sets = self._build("val")
-        if self.train_sets is None:
-            raise ValueError("There are no training cells: every cell is in the val/test split.")
-
-    def _build(self, stage: str) -> CellSetBatches | None:
-        cells = self.cells
-        is_control = cells.perturbation == self.control_code
-        in_stage = self.split == stage
-        if not in_stage.any():
-            return None
-        keys = pd.DataFrame(
-            {
-                "p": cells.perturbation,
-                "c": cells.cell_type,
-                "b": cells.batch,
-                "row": np.arange(len(self.split)),
-            }
-        )
-        pool_rows = is_control & (self.split == "train") if stage == "train" else is_control
-        pools = keys[pool_rows].groupby(["c", "b"])["row"].apply(np.asarray).to_dict()
-        groups, group_pools, perts, batches = [], [], [], []
-        for (p, c, b), rows in keys[in_stage].groupby(["p", "c", "b"])["row"]:
-            pool = pools.get((c, b))
-            if pool is None:
-                where = (
-                    f"cell type {self.names['cell_type'][c]!r}, batch {self.names['batch'][b]!r}"
-                )
-                raise ValueError(
-                    f"Cells of the {stage} split ({where}) have no training-split control cells "
-                    "to use as basal cells; keep the controls of cell types that have training "
-                    "cells in the training split (cell-load's few-shot layout)."
-                )
-            groups.append(rows.to_numpy())
-            group_pools.append(pool)
-            perts.append(p)
-            batches.append(b)
-        return CellSetBatches(
-            cells,
-            groups,
-            group_pools,
-            np.asarray(perts),
-            np.asarray(batches),
-            resample=stage == "train",
-            **self.kwargs,
-        )
-
-    def _loader(self, dataset: CellSetBatches | None) -> DataLoader | list:
-        if dataset is None:
-            return []
-        return DataLoader(dataset, batch_size=None, sampler=_EpochSampler(dataset))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_sets)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_sets)
-
-
-# ------------------------------------------------------------- pretrained basal encoder
-class ScForgeCellEncoder(nn.Module):
-    """A ScForge backbone as the basal encoder of :class:`ScForgePerturb`.
-
-    Tokenises raw counts of the perturbation AnnData's genes with the ScForge model's own
-    tokenizer and returns the backbone's cell embeddings, so that the basal cells enter the set
-    model through the pretrained representation while the prediction stays in gene space.
-    Tokenisation runs on the CPU; the backbone's weights are trained (or frozen) with the rest
-    of the set model's backbone.
-
-    Parameters
-    ----------
-    backbone
-        A :class:`~scforge_scvi.nn.ScForgeBackbone`, e.g. ``scforge_model.module.backbone``.
-    tokenizer
-        The tokenizer the backbone was trained with.
-    gene_index
-        ``(n_genes,)`` vocabulary id of each gene of the perturbation data, ``-1`` for genes
-        outside the vocabulary.
-
-    Examples
-    --------
-    >>> encoder = ScForgeCellEncoder.from_scforge(pretrained_scforge, adata)
-    >>> model = ScForgePerturb(adata, basal_encoder=encoder, basal_input="counts")
-    """
-
-    #: what :class:`ScForgePerturb` must pass to this encoder
-    basal_input = "counts"
-
-    def __init__(self, backbone: nn.Module, tokenizer: Any, gene_index: np.ndarray) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.tokenizer = tokenizer
-        self.gene_index = np.asarray(gene_index, dtype=np.int64)
-        self.output_dim = int(backbone.config.hidden_dim)
-
-    @classmethod
-    def from_scforge(
-        cls, model: BaseModelClass, adata: ad.AnnData, *, gene_key: str | None = None
-    ) -> ScForgeCellEncoder:
-        """Wrap a copy of a (pretrained) ScForge model's backbone for the genes of ``adata``.
-
-        Parameters
-        ----------
-        model
-            A :class:`~scforge_scvi.ScForge` model; its backbone is copied, so fine-tuning the
-            perturbation model leaves it unchanged.
-        adata
-            The perturbation AnnData (its genes, in order, are the encoder's input columns).
-        gene_key
-            ``adata.var`` column with the identifiers to match to the vocabulary (``None``:
-            ``var_names``, see :meth:`~scforge_scvi.data.GeneVocab.match`).
-        """
-        match = model.vocab.match(adata, gene_key=gene_key, min_coverage=model.min_coverage)
-        logger.info("Basal encoder genes: %s", match.summary())
-        backbone = copy.deepcopy(model.module.backbone).cpu()
-        return cls(backbone, model.tokenizer, match.vocab_ids)
-
-    def forward(self, counts: torch.Tensor) -> torch.Tensor:  # (N, n_genes) -> (N, d)
-        if counts.dim() != 2 or counts.shape[1] != len(self.gene_index):
-            raise ValueError(
-                f"ScForgeCellEncoder expects (N, {len(self.gene_index)}) raw counts, got "
-                f"{tuple(counts.shape)}."
-            )
-        tokens = self.tokenizer(counts.detach().to("cpu", torch.float32), self.gene_index)
-        device = next(self.backbone.parameters()).device
-        values = None if tokens.values is None else tokens.values.to(device)
-        out = self.backbone(tokens.gene_ids.to(device), tokens.padding_mask.to(device), values)
-        return out.cell_embedding
-
-
-# --------------------------------------------------------------------------- model class
-def _perturbation_table(
-    features: pd.DataFrame | Mapping[str, Sequence[float]], categories: Sequence[str], control: str
-) -> tuple[list[str], torch.Tensor]:
-    """The feature table as the model stores it: ``(names, rows)``.
-
-    The categories come first, in category order (the control's row is a placeholder: the
-    control has a learned vector), then every other perturbation of the user's table in its
-    order: those have no training cells and are predicted from their features alone.
-    """
-    table = feature_table(features)
-    missing = [c for c in categories if c != control and c not in table.index]
-    if missing:
-        raise ValueError(
-            f"Perturbations {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-            f"({len(missing)} in all) are missing from the perturbation feature table; every "
-            "perturbation with cells needs a row (a missing one is never replaced by zeros). "
-            "The control needs none: it has its own learned vector."
-        )
-    known = set(categories)
-    names = list(categories) + [n for n in table.index if n not in known and n != control]
-    values = np.zeros((len(names), table.shape[1]), dtype=np.float32)
-    rows = [i for i, n in enumerate(names) if n != control]
-    values[rows] = table.loc[[names[i] for i in rows]].to_numpy(dtype=np.float32)
-    return names, torch.from_numpy(values)
-
-
-def _remap(
-    source: torch.Tensor, target: torch.Tensor, old: list[str], new: list[str], axis: int
-) -> tuple[torch.Tensor, int] | None:
-    """Copy the entries of ``source`` whose names (along ``axis``) recur in ``new``.
-
-    Returns the merged tensor (``target``'s values for new names) and the number of matched
-    names, or ``None`` when the other axes do not fit.
-    """
-    other = [d for d in range(source.dim()) if d != axis]
-    if source.dim() != target.dim() or any(source.shape[d] != target.shape[d] for d in other):
-        return None
-    position = {name: i for i, name in enumerate(old)}
-    pairs = [(j, position[name]) for j, name in enumerate(new) if name in position]
-    out = target.detach().clone()
-    if pairs:
-        dst, src = (torch.tensor(x, dtype=torch.long) for x in zip(*pairs))
-        out.index_copy_(axis, dst, source.index_select(axis, src).to(out.dtype))
-    return out, len(pairs)
 
 
 class ScForgePerturb(BaseModelClass):
@@ -495,6 +184,7 @@ class ScForgePerturb(BaseModelClass):
         basal_input: str = "log1p",
     ) -> None:
         super().__init__(adata, registry)
+        given = locals()
         if isinstance(basal_encoder, ScForgeCellEncoder):
             if basal_input != basal_encoder.basal_input:
                 raise ValueError(
@@ -515,9 +205,10 @@ class ScForgePerturb(BaseModelClass):
         self.genes_ = [str(g) for g in self.adata.var_names] if self.adata is not None else []
         table, self.feature_perturbations_ = None, []
         if perturbation_features is not None:
-            self.feature_perturbations_, table = _perturbation_table(
+            self.feature_perturbations_, table = stored_feature_table(
                 perturbation_features, self.perturbations_, self.control_label_
             )
+            table = torch.from_numpy(table)
         n_extra = len(self.feature_perturbations_) - len(self.perturbations_)
         config = PerturbConfig(
             n_genes=int(self.summary_stats.n_vars),
@@ -528,14 +219,7 @@ class ScForgePerturb(BaseModelClass):
             n_table_rows=len(self.feature_perturbations_) if n_extra > 0 else None,
             n_batches=len(self.batches_) if setup.get("batch_key") else 0,
             basal_dim=basal_dim,
-            hidden_dim=hidden_dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            activation=activation,
-            encoder_hidden_dim=encoder_hidden_dim,
-            dropout=dropout,
-            cell_set_len=cell_set_len,
+            **{k: given[k] for k in _ARCHITECTURE},
         )
         self.module = self._module_cls(config, table, basal_encoder)
         self.basal_input_ = basal_input
@@ -618,14 +302,14 @@ class ScForgePerturb(BaseModelClass):
             self.registry_["field_registries"][key]["state_registry"]["categorical_mapping"]
         )
 
-    def _read_cells(self, adata: ad.AnnData) -> _Cells:
+    def _read_cells(self, adata: ad.AnnData) -> PerturbCells:
         manager = self.get_anndata_manager(adata, required=True)
         counts = sp.csr_matrix(manager.get_from_registry(_KEYS.X_KEY), dtype=np.float32)
 
         def codes(key: str) -> np.ndarray:
             return np.asarray(manager.get_from_registry(key)).ravel().astype(np.int64)
 
-        return _Cells(
+        return PerturbCells(
             log1p=log_normalize(counts),
             counts=counts if self.basal_input_ == "counts" else None,
             perturbation=codes(_KEYS.PERTURBATION_KEY),
@@ -653,42 +337,6 @@ class ScForgePerturb(BaseModelClass):
     @property
     def _control_code(self) -> int:
         return self.perturbations_.index(self.control_label_)
-
-    def _check_genes(self, adata: ad.AnnData) -> None:
-        names = [str(g) for g in adata.var_names]
-        if names != self.genes_:
-            first = next(
-                (i for i, (a, b) in enumerate(zip(names, self.genes_)) if a != b),
-                min(len(names), len(self.genes_)),
-            )
-            raise ValueError(
-                f"The AnnData's genes ({len(names)}) differ from the model's genes "
-                f"({len(self.genes_)}) in name or order, first at position {first}; subset and "
-                "reorder it with adata[:, model.genes_]."
-            )
-
-    # -- training ----------------------------------------------------------------------------
-    def _split(self, split_key: str | None, validation_size: float, seed: int) -> np.ndarray:
-        adata = self.adata
-        if split_key is not None:
-            if split_key not in adata.obs:
-                raise KeyError(
-                    f"Split column {split_key!r} is not in adata.obs; available columns: "
-                    f"{list(adata.obs.columns)}. Write one with assign_perturbation_split."
-                )
-            return normalize_split_labels(adata.obs[split_key], split_key)
-        if not 0.0 <= validation_size < 1.0:
-            raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
-        # random held-out cells of every perturbed group (in-distribution validation)
-        rng = np.random.default_rng(seed)
-        split = np.full(adata.n_obs, "train", dtype=object)
-        is_val = rng.random(adata.n_obs) < validation_size
-        perts = adata.obs[self._setup["perturbation_key"]].astype(str).to_numpy()
-        split[is_val & (perts != self.control_label_)] = "val"
-        return split
-
-    def _run_metadata(self, data: dict[str, Any]) -> dict[str, Any]:
-        return {"model": self._config_dict(), "data": data}
 
     def train(
         self,
@@ -755,31 +403,33 @@ class ScForgePerturb(BaseModelClass):
         accelerator, devices, **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``callbacks``, ``enable_progress_bar``).
         """
+        given = locals()
         config = PerturbTrainingConfig(
-            lr=lr,
-            backbone_lr=backbone_lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio,
-            energy_weight=energy_weight,
-            mean_mse_weight=mean_mse_weight,
-            freeze_backbone=freeze_backbone,
-            freeze_backbone_epochs=freeze_backbone_epochs,
-            unfreeze_warmup_steps=unfreeze_warmup_steps,
+            **{f.name: given[f.name] for f in dataclasses.fields(PerturbTrainingConfig)}
         )
         if freeze_backbone:
-            self._check_freezable()
-        data_config = {
-            "split_key": split_key,
-            "validation_size": validation_size,
-            "sets_per_batch": sets_per_batch,
-            "seed": seed,
-            "max_epochs": max_epochs,
+            check_freezable(self.module, self._fresh_parameters)
+        run = {
+            "training": config.to_dict(),
+            "data": {
+                "split_key": split_key,
+                "validation_size": validation_size,
+                "sets_per_batch": sets_per_batch,
+                "seed": seed,
+                "max_epochs": max_epochs,
+            },
         }
-        metadata = self._run_metadata(data_config)
         if resume_from is not None:
-            self._check_resumable(resume_from, {"training": config.to_dict(), **metadata})
-        split = self._split(split_key, validation_size, seed)
+            self._check_resumable(resume_from, run)
+        setup = self._setup
+        split = perturbation_split(
+            self.adata,
+            split_key,
+            validation_size,
+            seed,
+            setup["perturbation_key"],
+            self.control_label_,
+        )
         datamodule = self._data_module_cls(
             self._read_cells(self.adata),
             split,
@@ -791,7 +441,8 @@ class ScForgePerturb(BaseModelClass):
             with_counts=self.basal_input_ == "counts",
             names={"cell_type": self.cell_types_, "batch": self.batches_},
         )
-        plan = self._training_plan_cls(self.module, config, run_metadata=metadata)
+        metadata = {"config": {**self._config_dict(), "run": run}, "vocab": self._vocab().to_dict()}
+        plan = self._training_plan_cls(self.module, config, checkpoint_metadata=metadata)
         checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         # minimum validation loss (gene space): weights kept in memory; with a directory,
         # resumable best.ckpt and last.ckpt written after every validation
@@ -822,25 +473,11 @@ class ScForgePerturb(BaseModelClass):
     def _after_training(
         self, best: BestCheckpoint, checkpoint_dir: Path | None, has_val: bool
     ) -> None:
-        final = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
-        best_state = best.best_state  # kept by BestCheckpoint; restore_best=False above
-        if best_state is None and best.best_score is not None and checkpoint_dir is not None:
-            # resumed run whose best epoch came before the resume: read it back
-            best_state = self._state_from_lightning(checkpoint_dir / "best.ckpt")
-        if best_state is None:
-            if has_val:
-                logger.warning("No validation loss was recorded; 'best' is the final weights.")
-            else:
-                logger.warning(
-                    "No validation cells (no 'val' split): 'best' is the final weights. Declare "
-                    "held-out perturbations to select the checkpoint by validation loss."
-                )
-            best_state = final
-        self._weights = {"best": best_state, "final": final}
+        self._weights = kept_weights(best, self.module, checkpoint_dir, has_val)
         self.best_epoch_ = best.best_epoch
         self.best_validation_loss_ = best.best_score
         self._fresh_parameters = set()
-        self.module.load_state_dict(best_state)
+        self.module.load_state_dict(self._weights["best"])
         self.active_checkpoint_ = "best"
         self.module.eval()
         for p in self.module.parameters():  # freezing is a training-time policy
@@ -866,54 +503,23 @@ class ScForgePerturb(BaseModelClass):
                 self.save_pretrained(path, checkpoint=name, overwrite=True)
                 self.checkpoint_paths_[name] = str(path)
 
-    def _check_freezable(self) -> None:
-        backbone = {
-            name
-            for name, p in self.module.named_parameters()
-            if any(p is q for m in self.module.backbone_modules() for q in m.parameters())
-        }
-        fresh = sorted(backbone & self._fresh_parameters)
-        if fresh:
-            raise ValueError(
-                f"freeze_backbone=True would freeze {len(fresh)} newly initialised backbone "
-                f"parameter tensors (e.g. {fresh[:3]}): they were never trained or loaded. "
-                "Initialise the backbone with ScForgePerturb.from_pretrained (checking the load "
-                "report), or train without freezing."
-            )
-
-    def _check_resumable(self, path: str | Path, expected: dict[str, Any]) -> None:
+    def _check_resumable(self, path: str | Path, run: dict[str, Any]) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No checkpoint to resume at {path}.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
-            raise ValueError(
-                f"{path} was not written by ScForgePerturb.train; it cannot be resumed."
-            )
-        differences = []
-        for section in ("training", "model", "data"):
-            old, new = saved.get(section, {}), expected.get(section, {})
-            for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
-                    differences.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
-        if differences:
-            raise ValueError(
-                "Cannot resume: the configuration differs from the checkpoint's "
-                f"({'; '.join(differences)}). Resuming restores optimizer and scheduler state and "
-                "is only valid for the same run; to fine-tune with new settings, start a new run "
-                "with ScForgePerturb.from_pretrained(checkpoint, adata) (weights only, fresh "
-                "optimizer and schedule)."
-            )
+        saved = self._read(path, ".train; it cannot be resumed").config
+        saved = {"model": saved, **saved.pop("run", {})}
+        expected = {"model": self._config_dict(), **run}
+        check_same_run(saved, expected)
 
     # -- checkpoints -------------------------------------------------------------------------
     @staticmethod
-    def _state_from_lightning(path: Path) -> dict[str, torch.Tensor]:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        prefix = "module."
-        return {
-            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-        }
+    def _read(path: str | Path, written_by: str = "") -> Pretrained:
+        """A pretrained directory or ``.ckpt`` of this model class."""
+        pretrained = read_pretrained(path)
+        if pretrained.config.get("model_class") != "ScForgePerturb":
+            raise ScForgeValueError(f"{path} was not written by ScForgePerturb{written_by}.")
+        return pretrained
 
     def use_checkpoint(self, checkpoint: str) -> None:
         """Load the ``best``, ``final`` or ``last`` weights into the module.
@@ -925,10 +531,8 @@ class ScForgePerturb(BaseModelClass):
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {checkpoint!r}.")
         if checkpoint in self._weights:
             state = self._weights[checkpoint]
-        elif checkpoint == "last" and "last" in self.checkpoint_paths_:
-            state = self._state_from_lightning(Path(self.checkpoint_paths_["last"]))
         elif checkpoint in self.checkpoint_paths_:
-            state = load_file(str(Path(self.checkpoint_paths_[checkpoint]) / WEIGHTS_NAME))
+            state = read_pretrained(self.checkpoint_paths_[checkpoint]).state_dict
         else:
             raise ValueError(
                 f"The {checkpoint!r} weights are not available: they exist after train() in "
@@ -940,6 +544,7 @@ class ScForgePerturb(BaseModelClass):
     def _config_dict(self) -> dict[str, Any]:
         setup = self._setup
         return {
+            "model_class": type(self).__name__,
             "perturb_config": self.module.config.to_dict(),
             "basal_input": self.basal_input_,
             "genes": list(self.genes_),
@@ -952,10 +557,18 @@ class ScForgePerturb(BaseModelClass):
             },
         }
 
+    def _vocab(self) -> GeneVocab:
+        """The model's genes, in order, as the ``gene_vocab.json`` of its pretrained layout."""
+        return GeneVocab.from_genes(self.genes_, source="ScForgePerturb genes")
+
     def save_pretrained(
         self, path: str | Path, *, checkpoint: str | None = None, overwrite: bool = False
     ) -> Path:
-        """Write a pretrained directory: ``config.json`` and ``model.safetensors`` (no pickle).
+        """Write a pretrained directory (:func:`~scforge_scvi.io.write_pretrained`).
+
+        ``config.json`` (versioned), ``model.safetensors`` and ``gene_vocab.json`` (the
+        model's genes), no pickle; the write is atomic, so an interrupted save leaves a
+        previous directory at ``path`` intact.
 
         Parameters
         ----------
@@ -965,12 +578,10 @@ class ScForgePerturb(BaseModelClass):
             ``"best"`` or ``"final"`` weights kept after training; ``None``: the weights in the
             module now.
         overwrite
-            Replace an existing directory's files.
+            Replace an existing directory (an empty one is always replaced).
         """
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True.")
-        path.mkdir(parents=True, exist_ok=True)
+        overwrite = overwrite or (path.is_dir() and not any(path.iterdir()))
         if checkpoint is None:
             state = self.module.state_dict()
         elif checkpoint in self._weights:
@@ -985,11 +596,9 @@ class ScForgePerturb(BaseModelClass):
                 "save_pretrained does not yet write a pluggable basal encoder's definition; "
                 "use model.save() for such models."
             )
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / WEIGHTS_NAME)
+        return write_pretrained(
+            path, self._config_dict(), self._vocab(), state, overwrite=overwrite
         )
-        (path / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2))
-        return path
 
     @classmethod
     def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> ScForgePerturb:
@@ -1020,7 +629,7 @@ class ScForgePerturb(BaseModelClass):
         Parameters
         ----------
         pretrained
-            A pretrained directory (``config.json`` + ``model.safetensors``), e.g.
+            A pretrained directory written by :meth:`save_pretrained`, e.g.
             ``checkpoint_dir/best``, or a Lightning ``.ckpt`` written by :meth:`train` (only
             its weights are read).
         adata
@@ -1028,36 +637,10 @@ class ScForgePerturb(BaseModelClass):
         **overrides
             Constructor arguments that replace the saved ones (e.g. ``dropout``).
         """
-        pretrained = Path(pretrained)
-        if pretrained.is_dir():
-            for name in (CONFIG_NAME, WEIGHTS_NAME):
-                if not (pretrained / name).exists():
-                    raise FileNotFoundError(f"{pretrained} has no {name}.")
-            saved = json.loads((pretrained / CONFIG_NAME).read_text())
-            state = load_file(str(pretrained / WEIGHTS_NAME))
-        elif pretrained.is_file():
-            checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
-            if CHECKPOINT_KEY not in checkpoint:
-                raise ValueError(f"{pretrained} was not written by ScForgePerturb.train.")
-            saved = checkpoint[CHECKPOINT_KEY]["model"]
-            state = cls._state_from_lightning(pretrained)
-        else:
-            raise FileNotFoundError(f"No pretrained model at {pretrained}.")
+        loaded = cls._read(pretrained)
+        saved, state = loaded.config, loaded.state_dict
         arch = saved["perturb_config"]
-        kwargs = {
-            k: arch[k]
-            for k in (
-                "hidden_dim",
-                "num_layers",
-                "num_heads",
-                "ffn_dim",
-                "encoder_hidden_dim",
-                "dropout",
-                "activation",
-                "cell_set_len",
-            )
-        }
-        kwargs.update(overrides)
+        kwargs = {**{k: arch[k] for k in _ARCHITECTURE}, **overrides}
         if arch["perturbation_features"] == "table" and kwargs.get("perturbation_features") is None:
             # the whole stored table, perturbations without training cells included
             table = state["perturbation_encoder.table"].numpy()
@@ -1071,144 +654,27 @@ class ScForgePerturb(BaseModelClass):
     def _load_matching(
         self, state: dict[str, torch.Tensor], saved: dict[str, Any]
     ) -> dict[str, list[str]]:
-        """Load what fits; return and log what was loaded, remapped, skipped and initialised."""
-        axes = {
-            "decoder.linear2.weight": (0, "genes"),
-            "decoder.linear2.bias": (0, "genes"),
-            "perturbation_encoder.embedding.weight": (0, "perturbations"),
-            "batch_embedding.weight": (0, "batches"),
-        }
-        if not self.module.external_basal_encoder:
-            axes["basal_encoder.linear1.weight"] = (1, "genes")
-        new_names = {
+        """Load what fits by name (:func:`~scforge_scvi.io._by_name.load_by_name`)."""
+        names = {
             "genes": self.genes_,
             "perturbations": self.perturbations_,
             "batches": self.batches_,
         }
-        current = self.module.state_dict()
-        merged = dict(current)
-        report: dict[str, list[str]] = {
-            "loaded": [],
-            "remapped": [],
-            "skipped_shape": [],
-            "initialised": [],
-            "unexpected": [],
-        }
-        for key, target in current.items():
-            if key not in state:
-                report["initialised"].append(key)
-                continue
-            source = state[key]
-            if key == "perturbation_encoder.table":
-                # rebuilt by the constructor from the feature table (the saved one unless
-                # another was passed), whatever perturbations the new AnnData has
-                report["loaded"].append(key)
-                continue
-            if key in axes:
-                axis, what = axes[key]
-                old, new = list(saved.get(what, [])), new_names[what]
-                if old != new:
-                    remapped = _remap(source, target, old, new, axis)
-                    if remapped is not None:
-                        merged[key], n_shared = remapped
-                        report["remapped"].append(f"{key} ({n_shared}/{len(new)} {what} matched)")
-                        continue
-            if tuple(source.shape) != tuple(target.shape):
-                report["skipped_shape"].append(
-                    f"{key} (checkpoint {tuple(source.shape)}, model {tuple(target.shape)})"
-                )
-                continue
-            merged[key] = source
-            report["loaded"].append(key)
-        report["unexpected"] = sorted(set(state) - set(current))
-        self.module.load_state_dict(merged)
+        # the feature table is rebuilt by the constructor (from the saved one unless another
+        # was passed), whatever perturbations the new AnnData has
+        report = load_by_name(
+            self.module,
+            state,
+            self.module.named_axes(),
+            saved,
+            names,
+            rebuilt=("perturbation_encoder.table",),
+        )
         fresh = {k.split(" ")[0] for k in report["initialised"] + report["skipped_shape"]}
         self._fresh_parameters = {n for n, _ in self.module.named_parameters() if n in fresh}
-        logger.info(
-            "Loaded %d tensors, remapped %d by name, skipped %d for shape, initialised %d, "
-            "ignored %d unexpected.",
-            *(
-                len(report[k])
-                for k in ("loaded", "remapped", "skipped_shape", "initialised", "unexpected")
-            ),
-        )
-        for kind in ("remapped", "skipped_shape", "initialised", "unexpected"):
-            if report[kind]:
-                logger.warning("%s: %s", kind, ", ".join(report[kind]))
         return report
 
     # -- prediction --------------------------------------------------------------------------
-    def _perturbation_inputs(
-        self,
-        names: Sequence[str],
-        features: pd.DataFrame | Mapping[str, Sequence[float]] | None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Row index (or ``-1``) and, for a table model, feature vector of each perturbation.
-
-        A one-hot model knows its categories only. A table model reads a perturbation's
-        features from ``features`` (rows there take precedence), else from its stored table.
-        """
-        names = [str(n) for n in names]
-        config = self.module.config
-        if config.perturbation_features == "one_hot":
-            if features is not None:
-                raise ValueError(
-                    "perturbation_features= was passed to predict, but this model is one-hot "
-                    "(created without perturbation_features): it cannot read feature vectors "
-                    "and only predicts the perturbations it was trained on."
-                )
-            unknown = sorted(set(names) - set(self.perturbations_))
-            if unknown:
-                raise ValueError(
-                    f"Unknown perturbations {unknown}; the model knows {len(self.perturbations_)}: "
-                    f"{self.perturbations_[:20]}{' ...' if len(self.perturbations_) > 20 else ''}. "
-                    "A one-hot model only predicts perturbations it was trained on; to predict "
-                    "new ones, create the model with perturbation_features= (a feature vector per "
-                    "perturbation, e.g. an embedding of the target gene)."
-                )
-            codes = np.array([self.perturbations_.index(n) for n in names], dtype=np.int64)
-            return codes, None
-        table = self.module.perturbation_encoder.table.detach().cpu().numpy()
-        width = table.shape[1]
-        given = None
-        if features is not None:
-            given = feature_table(features, "perturbation feature table passed to predict")
-            if given.shape[1] != width:
-                raise ValueError(
-                    f"The perturbation feature table passed to predict has {given.shape[1]} "
-                    f"columns; the model reads vectors of width {width}."
-                )
-        row = {n: i for i, n in enumerate(self.feature_perturbations_)}
-        missing = sorted(
-            n for n in set(names) if n not in row and (given is None or n not in given.index)
-        )
-        if missing:
-            raise ValueError(
-                f"No perturbation features for {missing[:20]}{' ...' if len(missing) > 20 else ''} "
-                f"({len(missing)} in all): they are not in the model's perturbation table "
-                f"({len(self.feature_perturbations_) - 1} perturbations) nor in a table passed to "
-                "predict. Pass their feature vectors as predict(..., perturbation_features=table) "
-                f"(a DataFrame indexed by perturbation name, or a mapping name -> vector of width "
-                f"{width}), or include them in the perturbation_features= given when creating "
-                "the model."
-            )
-        codes = np.array([row.get(n, -1) for n in names], dtype=np.int64)
-        vectors = np.stack(
-            [
-                given.loc[n].to_numpy() if given is not None and n in given.index else table[row[n]]
-                for n in names
-            ]
-        ).astype(np.float32)
-        return codes, vectors
-
-    def _group_codes(self, adata: ad.AnnData, key: str, categories: Sequence[str]) -> np.ndarray:
-        """Codes of ``adata.obs[setup[key]]`` among the model's categories (``-1``: unknown)."""
-        column = self._setup.get(key)
-        if column is None:
-            return np.zeros(adata.n_obs, dtype=np.int64)
-        values = adata.obs[column].astype(str)
-        return pd.Index(categories).get_indexer(values).astype(np.int64)
-
     @torch.inference_mode()
     def predict(
         self,
@@ -1269,17 +735,15 @@ class ScForgePerturb(BaseModelClass):
         model's categories followed by any other perturbation predicted.
         """
         adata = self.adata if adata is None else adata
-        self._check_genes(adata)
+        check_genes(adata, self.genes_)
         setup = self._setup
-        control_label = self.control_label_
         names = adata.obs[setup["perturbation_key"]].astype(str).to_numpy()
-        cell_type = self._group_codes(adata, "cell_type_key", self.cell_types_)
-        batch = self._group_codes(adata, "batch_key", self.batches_)
+        keys = {"cell_type": setup.get("cell_type_key"), "batch": setup.get("batch_key")}
+        categories = {"cell_type": self.cell_types_, "batch": self.batches_}
         # cells of perturbations outside the registry cannot be registered; only their
         # groups are read (the basal cells are controls)
         registered = np.isin(names, self.perturbations_)
-        known = adata if registered.all() else adata[registered].copy()
-        known = self._validate_anndata(known)
+        known = self._validate_anndata(adata if registered.all() else adata[registered].copy())
         if checkpoint != self.active_checkpoint_:
             if checkpoint == "best" and self.active_checkpoint_ is None:
                 logger.info("Predicting with the loaded weights (this model was not trained here).")
@@ -1287,155 +751,54 @@ class ScForgePerturb(BaseModelClass):
                 self.use_checkpoint(checkpoint)
         self.module.eval()
         cells = self._read_cells(known)
-        control = self._control_code
-        frame = pd.DataFrame({"p": cells.perturbation, "c": cells.cell_type, "b": cells.batch})
-        pools = {
-            k: v.to_numpy()
-            for k, v in frame[frame["p"] == control].groupby(["c", "b"]).groups.items()
-        }
-        is_perturbed = names != control_label
-        observed = (
-            pd.DataFrame({"p": names, "c": cell_type, "b": batch})[is_perturbed]
-            .groupby(["p", "c", "b"], sort=False)
-            .size()
+        pools = control_pools(cells, self._control_code)
+        wanted, jobs = prediction_jobs(
+            names,
+            {
+                k: None if c is None else adata.obs[c].astype(str).to_numpy()
+                for k, c in keys.items()
+            },
+            pools,
+            control_label=self.control_label_,
+            categories=self.perturbations_,
+            perturbations=perturbations,
+            n_cells=n_cells,
+            names=categories,
         )
-        for what, codes, key in (
-            ("cell types", cell_type, "cell_type_key"),
-            ("batches", batch, "batch_key"),
-        ):
-            if (codes[is_perturbed] < 0).any():
-                column = adata.obs[setup[key]].astype(str).to_numpy()
-                unknown = sorted(set(column[is_perturbed & (codes < 0)]))
-                raise ValueError(
-                    f"The AnnData to predict has {what} {unknown} that the model does not know."
-                )
-        missing = sorted({(c, b) for (_, c, b) in observed.index} - set(pools))
-        if missing:
-            labels = [f"{self.cell_types_[c]} / {self.batches_[b]}" for c, b in missing]
-            raise ValueError(
-                f"No {control_label!r} control cells for cell type / batch {labels} in the "
-                "AnnData to predict; its controls are the basal cells."
-            )
-        if isinstance(n_cells, str) and n_cells not in ("controls", "observed"):
-            raise ValueError(
-                f"n_cells must be 'controls', 'observed' or an integer, got {n_cells!r}."
-            )
-        if not isinstance(n_cells, str) and int(n_cells) < 1:
-            raise ValueError(f"n_cells must be positive, got {n_cells}.")
-
-        if perturbations is None:
-            wanted = list(dict.fromkeys(p for p, _, _ in observed.index))
-        else:
-            wanted = list(dict.fromkeys(str(p) for p in perturbations if str(p) != control_label))
-        if not wanted:
-            raise ValueError(
-                "Nothing to predict: the AnnData has no perturbed cells and no "
-                "`perturbations` were requested."
-            )
-        codes, vectors = self._perturbation_inputs(wanted, perturbation_features)
-        # output order: the model's categories first, then the others as asked for
-        order = {p: i for i, p in enumerate(self.perturbations_)}
-        rank = {p: order.get(p, len(order) + i) for i, p in enumerate(wanted)}
-        index = {p: i for i, p in enumerate(wanted)}
-        if perturbations is None:
-            groups = sorted(observed.index, key=lambda g: (rank[g[0]], g[1], g[2]))
-        else:
-            groups = [(p, c, b) for (c, b) in sorted(pools) for p in wanted]
-
-        def size(p: str, c: int, b: int) -> int:
-            if n_cells == "controls":
-                return len(pools[(c, b)])
-            if n_cells == "observed":
-                return int(observed.get((p, c, b), 0)) or len(pools[(c, b)])
-            return int(n_cells)
-
-        jobs = [(p, c, b, size(p, c, b)) for p, c, b in groups]
-        if not jobs:
-            raise ValueError(
-                f"No {control_label!r} control cells in the AnnData to predict; its controls "
-                "are the basal cells."
-            )
-        rng = np.random.default_rng(seed)
-        set_len = self.module.config.cell_set_len
-        basal_sets, set_meta = [], []
-        for p, c, b, n in jobs:
-            pool = pools[(c, b)]
-            n_sets = -(-n // set_len)
-            if len(pool) >= n:
-                draw = rng.choice(pool, size=n, replace=False)
-            else:
-                draw = rng.choice(pool, size=n, replace=True)
-            pad = rng.choice(pool, size=n_sets * set_len - n, replace=True)
-            basal_sets.append(np.concatenate([draw, pad]).reshape(n_sets, set_len))
-            set_meta.append(np.tile([index[p], b], (n_sets, 1)))
-        basal_idx = np.concatenate(basal_sets)
-        meta = np.concatenate(set_meta)
-        outputs = []
+        table = self.perturbation_table()
+        codes, vectors = perturbation_inputs(
+            wanted,
+            perturbation_features,
+            self.perturbations_,
+            None if table is None else self.module.perturbation_encoder.table.cpu().numpy(),
+            self.feature_perturbations_,
+        )
+        sets, keep = prediction_sets(
+            cells,
+            pools,
+            jobs,
+            dict(zip(wanted, codes)),
+            None if vectors is None else dict(zip(wanted, vectors)),
+            set_len=self.module.config.cell_set_len,
+            sets_per_batch=sets_per_batch,
+            with_batch=self.module.config.n_batches > 0,
+            rng=np.random.default_rng(seed),
+        )
         device = self.module.device
-        for start in range(0, len(basal_idx), sets_per_batch):
-            rows = basal_idx[start : start + sets_per_batch]
-            which = meta[start : start + sets_per_batch, 0]
-            basal = torch.from_numpy(cells.log1p[rows.ravel()].toarray()).view(*rows.shape, -1)
-            basal_input = None
-            if cells.counts is not None:
-                basal_input = torch.from_numpy(cells.counts[rows.ravel()].toarray()).view(
-                    *rows.shape, -1
-                )
-                basal_input = basal_input.to(device)
-            pert = torch.as_tensor(codes[which], device=device)
-            features = None if vectors is None else torch.from_numpy(vectors[which]).to(device)
-            batch_codes = None
-            if self.module.config.n_batches:
-                batch_codes = torch.as_tensor(
-                    meta[start : start + sets_per_batch, 1], device=device
-                )
-            out = self.module(
-                basal.to(device),
-                pert,
-                batch_codes,
-                basal_input=basal_input,
-                perturbation_features=features,
-            )
-            outputs.append(out.prediction.cpu().numpy())
-        pred = np.concatenate(outputs).reshape(-1, len(self.genes_))
-        # keep the first n cells of each job
-        keep, offset = [], 0
-        for (_, _, _, n), sets in zip(jobs, basal_sets):
-            keep.append(np.arange(offset, offset + n))
-            offset += sets.size
-        pred = pred[np.concatenate(keep)]
-        categories = list(self.perturbations_) + [p for p in wanted if p not in order]
-        return self._prediction_anndata(known, cells, jobs, pred, categories)
-
-    def _prediction_anndata(
-        self,
-        adata: ad.AnnData,
-        cells: _Cells,
-        jobs: list[tuple[str, int, int, int]],
-        pred: np.ndarray,
-        perturbation_categories: list[str],
-    ) -> ad.AnnData:
-        setup = self._setup
-        pert_key = setup["perturbation_key"]
-        columns: dict[str, tuple[list[str], int]] = {}
-        if setup.get("cell_type_key"):
-            columns[setup["cell_type_key"]] = (self.cell_types_, 1)
-        if setup.get("batch_key"):
-            columns[setup["batch_key"]] = (self.batches_, 2)
-        sizes = [job[3] for job in jobs]
-        obs_pred = pd.DataFrame(
-            {pert_key: np.repeat([job[0] for job in jobs], sizes)},
-            index=[f"predicted_{i}" for i in range(sum(sizes))],
+        outputs = [
+            self.module(**{k: v.to(device) for k, v in sets[i].items()}).prediction.cpu().numpy()
+            for i in range(len(sets))
+        ]
+        pred = np.concatenate(outputs).reshape(-1, len(self.genes_))[keep]
+        return prediction_anndata(
+            known,
+            cells,
+            jobs,
+            pred,
+            control_code=self._control_code,
+            perturbation_key=setup["perturbation_key"],
+            perturbation_categories=self.perturbations_
+            + [p for p in wanted if p not in self.perturbations_],
+            keys=keys,
+            names=categories,
         )
-        for key, (names, axis) in columns.items():
-            obs_pred[key] = np.repeat(np.asarray(names)[[job[axis] for job in jobs]], sizes)
-        obs_pred["scforge_predicted"] = True
-        is_control = cells.perturbation == self._control_code
-        obs_ctrl = adata.obs.loc[is_control, [pert_key, *columns]].astype(str)
-        obs_ctrl["scforge_predicted"] = False
-        obs = pd.concat([obs_pred, obs_ctrl])
-        obs[pert_key] = pd.Categorical(obs[pert_key], categories=perturbation_categories)
-        for key, (names, _) in columns.items():
-            obs[key] = pd.Categorical(obs[key], categories=names)
-        x = np.vstack([pred.astype(np.float32), cells.log1p[np.flatnonzero(is_control)].toarray()])
-        return ad.AnnData(X=x, obs=obs, var=adata.var.copy())

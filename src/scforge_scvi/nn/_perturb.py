@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._backbone import ACTIVATIONS, BackboneConfig, TransformerBlock
+from . import _mlp
+from ._backbone import BackboneConfig, TransformerBlock
+from ._mlp import ACTIVATIONS
 
 PERTURBATION_FEATURES = ("one_hot", "table")
 
@@ -157,11 +159,6 @@ class PerturbConfig:
         """Rows of the perturbation feature table (``n_perturbations`` unless extended)."""
         return self.n_perturbations if self.n_table_rows is None else self.n_table_rows
 
-    @property
-    def resolved_basal_dim(self) -> int:
-        """Width of the basal encoder input (``n_genes`` unless a pluggable encoder is used)."""
-        return self.n_genes if self.basal_dim is None else self.basal_dim
-
     def transformer_config(self) -> BackboneConfig:
         """The :class:`BackboneConfig` of the set transformer's blocks (no positions)."""
         return BackboneConfig(
@@ -211,10 +208,6 @@ class PerturbOutput:
     hidden: torch.Tensor
 
 
-def _activation(name: str) -> nn.Module:
-    return nn.GELU() if name == "gelu" else nn.ReLU()
-
-
 class MLPEncoder(nn.Module):
     """Two-layer MLP ``linear -> activation -> dropout -> linear`` (acts on the last axis)."""
 
@@ -223,7 +216,7 @@ class MLPEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.linear1 = nn.Linear(in_dim, hidden_dim)
-        self.activation = _activation(activation)
+        self.activation = _mlp.activation(activation)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(hidden_dim, out_dim)
         self.output_dim = out_dim
@@ -268,7 +261,7 @@ class PerturbationEncoder(nn.Module):
             self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32).clone())
             self.control_vector = nn.Parameter(torch.zeros(d_in))
             self.linear_in = nn.Linear(d_in, d_hidden)
-        self.activation = _activation(config.activation)
+        self.activation = _mlp.activation(config.activation)
         self.dropout = nn.Dropout(config.dropout)
         self.linear_out = nn.Linear(d_hidden, config.hidden_dim)
 
@@ -406,6 +399,19 @@ class PerturbationSetModel(nn.Module):
         if self.external_basal_encoder:
             modules.append(self.basal_encoder)
         return modules
+
+    def named_axes(self) -> dict[str, tuple[int, str]]:
+        """``{tensor: (axis, what)}`` for the tensors whose ``axis`` is indexed by ``what``:
+        ``"genes"``, ``"perturbations"`` or ``"batches"`` (matched by name when loading)."""
+        axes = {
+            "decoder.linear2.weight": (0, "genes"),
+            "decoder.linear2.bias": (0, "genes"),
+            "perturbation_encoder.embedding.weight": (0, "perturbations"),
+            "batch_embedding.weight": (0, "batches"),
+        }
+        if not self.external_basal_encoder:
+            axes["basal_encoder.linear1.weight"] = (1, "genes")
+        return axes
 
     def head_modules(self) -> list[nn.Module]:
         """Every other module: encoders, batch embedding, projection and decoder."""

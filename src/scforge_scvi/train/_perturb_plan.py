@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,14 +25,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from scforge_scvi._logging import logger
+from scforge_scvi.io._pretrained import read_pretrained
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbOutput
 
+from ._callbacks import BestCheckpoint
 from ._optim import build_adamw, format_parameter_summary, parameter_group_summary
 from ._perturb_losses import PerturbLossWeights, perturbation_set_loss
 from ._schedules import cosine_with_warmup
-
-#: metadata key written into Lightning checkpoints (configuration of the run)
-CHECKPOINT_KEY = "scforge_perturb"
 
 
 @dataclass
@@ -149,22 +149,23 @@ class PerturbTrainingPlan(pl.LightningModule):
         The set model.
     config
         A :class:`PerturbTrainingConfig`.
-    run_metadata
-        Plain values written into every checkpoint under ``"scforge_perturb"`` (the model and
-        data configuration); a resumed run is checked against them.
+    checkpoint_metadata
+        ``{"config": ..., "vocab": ...}`` (plain values) written into every checkpoint under
+        ``"scforge"``, so that :func:`~scforge_scvi.io.read_pretrained` reads the ``.ckpt``
+        like a pretrained directory; a resumed run is checked against its configuration.
     """
 
     def __init__(
         self,
         module: PerturbationSetModel,
         config: PerturbTrainingConfig | None = None,
-        run_metadata: dict[str, Any] | None = None,
+        checkpoint_metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self.config = config or PerturbTrainingConfig()
         self.loss_weights = self.config.loss_weights
-        self.run_metadata = {"training": self.config.to_dict(), **(run_metadata or {})}
+        self.checkpoint_metadata = checkpoint_metadata
 
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> PerturbOutput:
@@ -200,7 +201,8 @@ class PerturbTrainingPlan(pl.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = copy.deepcopy(self.run_metadata)
+        if self.checkpoint_metadata is not None:
+            checkpoint["scforge"] = copy.deepcopy(self.checkpoint_metadata)
 
     # -- optimisation ------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -270,3 +272,64 @@ class BackboneFreezing(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
         self._apply(pl_module, trainer.current_epoch)
+
+
+def check_same_run(saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise unless a checkpoint's run (``training``, ``model``, ``data``) is ``expected``.
+
+    Resuming restores optimizer and scheduler state, which is only valid for the same run.
+    """
+    differences = []
+    for section in ("training", "model", "data"):
+        old, new = saved.get(section, {}), expected.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                differences.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    if differences:
+        raise ValueError(
+            "Cannot resume: the configuration differs from the checkpoint's "
+            f"({'; '.join(differences)}). Resuming restores optimizer and scheduler state and "
+            "is only valid for the same run; to fine-tune with new settings, start a new run "
+            "with ScForgePerturb.from_pretrained(checkpoint, adata) (weights only, fresh "
+            "optimizer and schedule)."
+        )
+
+
+def check_freezable(module: PerturbationSetModel, fresh: set[str]) -> None:
+    """Raise if freezing the backbone would freeze parameters in ``fresh``.
+
+    ``fresh`` names the parameters that were never trained or loaded (still random).
+    """
+    backbone = {id(p) for m in module.backbone_modules() for p in m.parameters()}
+    frozen_new = sorted(n for n, p in module.named_parameters() if id(p) in backbone and n in fresh)
+    if frozen_new:
+        raise ValueError(
+            f"freeze_backbone=True would freeze {len(frozen_new)} newly initialised backbone "
+            f"parameter tensors (e.g. {frozen_new[:3]}): they were never trained or loaded. "
+            "Initialise the backbone with ScForgePerturb.from_pretrained (checking the load "
+            "report), or train without freezing."
+        )
+
+
+def kept_weights(
+    best: BestCheckpoint, module: torch.nn.Module, checkpoint_dir: Path | None, has_val: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The ``best`` and ``final`` weights of a finished run (CPU copies).
+
+    ``best`` comes from the callback, from ``best.ckpt`` after a resumed run whose best epoch
+    came before the resume, or, without any validation loss, is the final weights.
+    """
+    final = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    state = best.best_state
+    if state is None and best.best_score is not None and checkpoint_dir is not None:
+        state = read_pretrained(checkpoint_dir / "best.ckpt").state_dict
+    if state is None:
+        if has_val:
+            logger.warning("No validation loss was recorded; 'best' is the final weights.")
+        else:
+            logger.warning(
+                "No validation cells (no 'val' split): 'best' is the final weights. Declare "
+                "held-out perturbations to select the checkpoint by validation loss."
+            )
+        state = final
+    return {"best": state, "final": final}

@@ -1,0 +1,331 @@
+"""A semi-synthetic Perturb-seq screen built from real cells, for benchmarks and tests.
+
+No real Perturb-seq data ships offline, so :func:`make_semisynthetic_perturbation_data` builds a
+benchmark from real cells: control cells are resampled from real PBMCs, and perturbed cells
+are the same kind of real cells with known perturbation programs applied to their expected
+counts before the counts are drawn again. :func:`perturbation_feature_table` hands out the
+perturbations' (noisy) feature vectors. Not part of the package: ``benchmarks/`` scripts import
+it directly, the tests through ``tests/model/conftest.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeValueError
+from scforge_scvi.data._perturb_data import _check_names, _obs_column
+from scforge_scvi.data._preprocess import check_raw_counts, library_size, log_normalize
+
+
+# ----------------------------------------------------------------------- real source cells
+def _shared_data_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def load_pbmc3k_counts(path: str | Path | None = None) -> ad.AnnData:
+    """The 10x PBMC 3k cells with raw counts and ``obs["louvain"]`` cell types.
+
+    Parameters
+    ----------
+    path
+        The ``pbmc3k_raw_labeled.h5ad`` file; defaults to the project's shared data directory.
+    """
+    path = _shared_data_dir() / "pbmc3k_raw_labeled.h5ad" if path is None else Path(path)
+    if not path.exists():
+        raise ScForgeFileNotFoundError(f"pbmc3k counts not found at {path}.")
+    adata = ad.read_h5ad(path)
+    adata.var_names_make_unique()
+    return adata
+
+
+# -------------------------------------------------------------- semi-synthetic benchmark
+def _select_genes(counts: sp.csr_matrix, n_genes: int, min_fraction: float) -> np.ndarray:
+    """Highly variable genes (normalised dispersion of log1p CP10k) among expressed genes."""
+    expressed = np.asarray((counts > 0).mean(axis=0)).ravel() >= min_fraction
+    logn = log_normalize(counts)
+    mean = np.asarray(logn.mean(axis=0)).ravel()
+    sq = logn.copy()
+    sq.data **= 2
+    var = np.asarray(sq.mean(axis=0)).ravel() - mean**2
+    dispersion = np.log(np.maximum(var, 1e-12) / np.maximum(mean, 1e-12))
+    # normalise the dispersion within 20 bins of mean expression (Seurat's recipe)
+    bins = pd.qcut(mean[expressed], q=20, duplicates="drop", labels=False)
+    disp = pd.Series(dispersion[expressed])
+    z = (disp - disp.groupby(bins).transform("mean")) / disp.groupby(bins).transform("std")
+    score = np.full(counts.shape[1], -np.inf)
+    score[expressed] = z.fillna(-np.inf).to_numpy()
+    n_available = int(expressed.sum())
+    if n_available < n_genes:
+        raise ScForgeValueError(
+            f"Only {n_available} genes are detected in >= {min_fraction:.0%} of the cells; "
+            f"asked for n_genes={n_genes}."
+        )
+    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
+
+
+def _gene_programs(logn: np.ndarray, n_programs: int, seed: int) -> np.ndarray:
+    """Cluster genes into co-expression programs (k-means on standardised gene loadings)."""
+    from sklearn.cluster import KMeans
+
+    z = (logn - logn.mean(0)) / (logn.std(0) + 1e-6)  # cells x genes
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    loadings = (vt[:20] * s[:20, None]).T  # genes x 20
+    loadings /= np.linalg.norm(loadings, axis=1, keepdims=True) + 1e-9
+    km = KMeans(n_clusters=n_programs, n_init=4, random_state=seed)
+    return km.fit_predict(loadings)
+
+
+def _soft_threshold(u: np.ndarray, t: float) -> np.ndarray:
+    """``sign(u) * max(|u| - t, 0)``: zero for small inputs, linear beyond ``t``."""
+    return np.sign(u) * np.maximum(np.abs(u) - t, 0.0)
+
+
+def make_semisynthetic_perturbation_data(
+    source: ad.AnnData,
+    cell_type_key: str,
+    *,
+    cell_types: Sequence[str] | None = None,
+    n_genes: int = 500,
+    n_perturbations: int = 24,
+    n_cells_per_perturbation: int = 40,
+    n_controls_per_cell_type: int = 200,
+    n_programs: int = 8,
+    knockdown: float = 0.15,
+    program_effect: float = 1.2,
+    escape_rate: float = 0.1,
+    smoothing: float = 0.2,
+    min_cell_fraction: float = 0.1,
+    n_features: int = 0,
+    feature_noise: float = 0.3,
+    perturbation_key: str = "target_gene",
+    control_label: str = "non-targeting",
+    seed: int = 0,
+) -> ad.AnnData:
+    """Build a Perturb-seq-like benchmark from real cells with known perturbation programs.
+
+    Recipe:
+
+    1. Keep the requested cell types and ``n_genes`` highly variable genes among those
+       detected in at least ``min_cell_fraction`` of their cells.
+    2. Cluster the genes into ``n_programs`` co-expression programs; each program gets a
+       fixed signed effect per member gene (log fold change, scale ``program_effect``).
+    3. Each perturbation knocks down one well-expressed target gene (expected counts times
+       ``knockdown``) and moves its target's own program (down) plus, for some
+       perturbations, a second program, and a handful of perturbation-specific genes.
+       The strength of each program differs between cell types, so a response seen in one
+       cell type predicts, but does not equal, the response in another.
+    3b. With ``n_features > 0`` the effects come from a hidden feature vector instead, so
+       that perturbations never seen in training can be predicted from features: each
+       perturbation gets a latent ``z ~ N(0, I_n_features)``. With ``soft(u, t) = sign(u)
+       max(|u| - t, 0)`` and Gaussian maps ``A`` (``n_features x n_programs``) and ``B``
+       (``n_features x n_genes``), both with standard deviation ``1 / sqrt(n_features)``
+       (so ``z A`` and ``z B`` have unit variance), its program weights are
+       ``tanh(2 soft(z A, 1))`` (about a third of the programs move, none linearly in ``z``)
+       and its gene-specific effects are ``program_effect * soft(z B, 2)`` (about 5% of the
+       genes). Only the target's knockdown is tied to the target gene, not to ``z``. The
+       features handed to a model are ``z + feature_noise * N(0, I)``
+       (``uns["perturbation_truth"]["features"]``; the noiseless ``z`` is ``["latent"]``), so
+       they are informative but not exact, as an embedding of the target gene would be.
+       The cells drawn are the same as with ``n_features=0`` (the latent part has a random
+       stream of its own).
+    4. Every cell of the benchmark (controls included) is a real cell of its cell type,
+       drawn with replacement, whose counts are drawn again:
+       ``Poisson(((1 - smoothing) x + smoothing * L * profile_c) * exp(r * lfc))`` with the
+       cell's library size ``L``, its cell type's mean profile, and a per-cell response
+       ``r``: 0 for a fraction ``escape_rate`` of cells (guides that failed), else
+       uniform in [0.6, 1].
+
+    Parameters
+    ----------
+    source
+        Real cells with raw counts in ``X`` (e.g. :func:`load_pbmc3k_counts` or
+        :func:`scforge_scvi.data._datasets.pbmc68k_counts`).
+    cell_type_key
+        ``source.obs`` column with cell types; written under the same name.
+    cell_types
+        Cell types to keep (default: all with at least 20 cells).
+    n_genes, n_perturbations, n_cells_per_perturbation, n_controls_per_cell_type
+        Size of the benchmark (cells per perturbation are per cell type).
+    n_programs, knockdown, program_effect, escape_rate, smoothing
+        The perturbation model (see above).
+    min_cell_fraction
+        Genes detected in fewer cells are never kept (effects on genes that are almost never
+        detected cannot be measured).
+    n_features, feature_noise
+        Width of the hidden perturbation feature vectors (``0``: effects are not generated
+        from features, the original recipe) and the standard deviation of the noise added to
+        them in the feature table handed out (see 3b).
+    perturbation_key, control_label
+        Name of the perturbation column and of the control (perturbations are named after
+        their target gene, as in CRISPR screens).
+    seed
+        Seeds everything.
+
+    Returns
+    -------
+    AnnData with raw counts in ``X``, ``obs[perturbation_key]``, ``obs[cell_type_key]``,
+    ``var["program"]``, ``var["is_target"]``, and the ground truth in
+    ``uns["perturbation_truth"]``: ``targets`` (perturbation -> gene) and, per cell type,
+    the applied log fold changes ``lfc[cell_type]`` (perturbations x genes); with
+    ``n_features > 0`` also ``features`` (the noisy table, perturbations x n_features, rows in
+    the order of ``perturbations``) and ``latent`` (the noiseless vectors).
+    """
+    if n_features < 0 or feature_noise < 0:
+        raise ValueError(
+            f"n_features and feature_noise must be >= 0, got {n_features} and {feature_noise}."
+        )
+    rng = np.random.default_rng(seed)
+    check_raw_counts(source.X, "source.X")
+    labels = _obs_column(source, cell_type_key, "Cell-type").astype(str)
+    if cell_types is None:
+        sizes = labels.value_counts()
+        cell_types = sorted(sizes.index[sizes >= 20])
+    cell_types = _check_names(cell_types, pd.Index(labels.unique()), "cell_types")
+    keep = labels.isin(cell_types).to_numpy()
+    counts = sp.csr_matrix(source.X[keep], dtype=np.float32)
+    labels = labels[keep].to_numpy()
+
+    genes = _select_genes(counts, n_genes, min_fraction=min_cell_fraction)
+    counts = counts[:, genes]
+    gene_names = source.var_names[genes].astype(str)
+    logn = np.asarray(log_normalize(counts).todense())
+    programs = _gene_programs(logn, n_programs, seed)
+
+    # signed effect of each program on its member genes
+    program_lfc = np.zeros((n_programs, n_genes))
+    for k in range(n_programs):
+        members = np.flatnonzero(programs == k)
+        signs = np.where(rng.random(members.size) < 0.75, 1.0, -1.0)
+        program_lfc[k, members] = signs * rng.uniform(0.5, 1.5, members.size) * program_effect
+    # strength of each program in each cell type
+    strength = rng.uniform(0.3, 1.3, size=(len(cell_types), n_programs))
+
+    # targets: drawn among the best-expressed genes, so that a knockdown is measurable
+    mean_count = np.asarray(counts.mean(axis=0)).ravel()
+    candidates = np.argsort(-mean_count)[: 3 * n_perturbations]  # the best-expressed genes
+    if len(candidates) < n_perturbations:
+        raise ScForgeValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
+    targets = np.sort(rng.choice(candidates, size=n_perturbations, replace=False))
+    pert_names = list(gene_names[targets])
+    if control_label in pert_names:
+        raise ScForgeValueError(f"The control label {control_label!r} is also a gene name.")
+
+    weights = np.zeros((n_perturbations, n_programs))
+    weights[np.arange(n_perturbations), programs[targets]] = -rng.uniform(0.7, 1.2, n_perturbations)
+    second = rng.random(n_perturbations) < 0.4
+    other = (programs[targets] + rng.integers(1, n_programs, n_perturbations)) % n_programs
+    weights[second, other[second]] += rng.choice([-1.0, 1.0], second.sum()) * rng.uniform(
+        0.4, 0.8, second.sum()
+    )
+    specific = np.zeros((n_perturbations, n_genes))
+    for p in range(n_perturbations):
+        genes_p = rng.choice(n_genes, size=8, replace=False)
+        specific[p, genes_p] = rng.normal(0.0, 0.6, size=8) * program_effect
+    latent = features = None
+    if n_features > 0:
+        # effects generated from a hidden feature vector per perturbation (recipe step 3b);
+        # a random stream of its own keeps the cells identical to the n_features=0 screen
+        frng = np.random.default_rng([seed, 1])
+        latent = frng.normal(size=(n_perturbations, n_features))
+        to_programs = frng.normal(size=(n_features, n_programs)) / np.sqrt(n_features)
+        strength_p = 1.0 / (
+            1.0 + np.exp(-2.0 * latent @ (frng.normal(size=n_features) / np.sqrt(n_features)))
+        )
+        weights = strength_p[:, None] * np.tanh(latent @ to_programs)
+        to_genes = frng.normal(size=(n_features, n_genes)) / np.sqrt(n_features)
+        specific = _soft_threshold(latent @ to_genes, 2.0) * program_effect
+        features = latent + feature_noise * frng.normal(size=latent.shape)
+
+    lfc = {}
+    for c, cell_type in enumerate(cell_types):
+        effect = (weights * strength[c]) @ program_lfc + specific  # perts x genes
+        effect[np.arange(n_perturbations), targets] = np.log(knockdown)
+        lfc[cell_type] = effect
+
+    obs_perts, obs_types, rows_lfc, sources = [], [], [], []
+    for cell_type in cell_types:
+        pool = np.flatnonzero(labels == cell_type)
+        n_total = n_controls_per_cell_type + n_perturbations * n_cells_per_perturbation
+        sources.append(rng.choice(pool, size=n_total, replace=True))
+        obs_types += [cell_type] * n_total
+        obs_perts += [control_label] * n_controls_per_cell_type
+        rows_lfc.append(np.zeros((n_controls_per_cell_type, n_genes)))
+        for p, name in enumerate(pert_names):
+            obs_perts += [name] * n_cells_per_perturbation
+            response = np.where(
+                rng.random(n_cells_per_perturbation) < escape_rate,
+                0.0,
+                rng.uniform(0.6, 1.0, n_cells_per_perturbation),
+            )
+            rows_lfc.append(response[:, None] * lfc[cell_type][p][None, :])
+    src = np.concatenate(sources)
+    cell_lfc = np.concatenate(rows_lfc)
+
+    # mean expression profile (fractions of the library) of each cell type
+    fractions = sp.diags(1.0 / np.maximum(library_size(counts), 1.0)) @ counts
+    profiles = np.stack(
+        [np.asarray(fractions[labels == t].mean(axis=0)).ravel() for t in cell_types]
+    )
+    type_index = pd.Index(cell_types).get_indexer(labels[src])
+    x = np.asarray(counts[src].todense(), dtype=np.float64)
+    size = library_size(counts[src])
+    rate = (1 - smoothing) * x + smoothing * size[:, None] * profiles[type_index]
+    rate *= np.exp(cell_lfc)
+    new_counts = rng.poisson(rate).astype(np.float32)
+
+    obs = pd.DataFrame(
+        {
+            perturbation_key: pd.Categorical(obs_perts, categories=[control_label, *pert_names]),
+            cell_type_key: pd.Categorical(obs_types, categories=list(cell_types)),
+        },
+        index=[f"cell{i}" for i in range(len(obs_perts))],
+    )
+    var = pd.DataFrame(index=pd.Index(gene_names, name=None))
+    var["program"] = programs
+    var["is_target"] = np.isin(np.arange(n_genes), targets)
+    out = ad.AnnData(X=sp.csr_matrix(new_counts), obs=obs, var=var)
+    out.uns["perturbation_truth"] = {
+        "targets": dict(zip(pert_names, gene_names[targets], strict=True)),
+        "perturbations": np.asarray(pert_names),
+        "lfc": {cell_type: lfc[cell_type].astype(np.float32) for cell_type in cell_types},
+        "seed": seed,
+    }
+    if features is not None:
+        out.uns["perturbation_truth"]["features"] = features.astype(np.float32)
+        out.uns["perturbation_truth"]["latent"] = latent.astype(np.float32)
+    return out
+
+
+def perturbation_feature_table(adata: ad.AnnData, *, latent: bool = False) -> pd.DataFrame:
+    """The perturbation feature table of a screen built with ``n_features > 0``.
+
+    Parameters
+    ----------
+    adata
+        Output of :func:`make_semisynthetic_perturbation_data`.
+    latent
+        Return the noiseless latent vectors instead of the noisy features.
+
+    Returns
+    -------
+    DataFrame indexed by perturbation name, one column per feature (the format of
+    ``ScForgePerturb(perturbation_features=...)``).
+    """
+    truth = adata.uns.get("perturbation_truth", {})
+    key = "latent" if latent else "features"
+    if key not in truth:
+        raise KeyError(
+            "This screen has no perturbation features: build it with "
+            "make_semisynthetic_perturbation_data(..., n_features=16)."
+        )
+    values = np.asarray(truth[key], dtype=np.float32)
+    names = [str(p) for p in truth["perturbations"]]
+    return pd.DataFrame(
+        values, index=pd.Index(names), columns=[f"f{i}" for i in range(values.shape[1])]
+    )
