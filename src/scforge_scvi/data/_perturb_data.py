@@ -21,6 +21,7 @@ from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeKeyError, ScFo
 from scforge_scvi._logging import logger
 
 from ._preprocess import check_raw_counts
+from ._splits import split_cells
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -133,12 +134,30 @@ def read_perturbation_h5ad(
     if not path.exists():
         raise ScForgeFileNotFoundError(f"No perturbation dataset at {path}.")
     adata = ad.read_h5ad(path)
+    check_perturbation_counts(
+        adata, layer, perturbation_key, control_label, cell_type_key, batch_key
+    )
+    return adata
+
+
+def check_perturbation_counts(
+    adata: ad.AnnData,
+    layer: str | None,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    batch_key: str | None = None,
+) -> None:
+    """Raise unless ``adata`` has raw counts in ``X`` (or ``layer``) and passes
+    :func:`validate_perturbation_adata`."""
     if layer is not None and layer not in adata.layers:
-        raise ScForgeKeyError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        raise ScForgeKeyError(
+            f"Layer {layer!r} not found; available layers: {sorted(adata.layers)} "
+            "(use layer=None for adata.X)."
+        )
     counts = adata.X if layer is None else adata.layers[layer]
     check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
     validate_perturbation_adata(adata, perturbation_key, control_label, cell_type_key, batch_key)
-    return adata
 
 
 # ------------------------------------------------------------------ perturbation features
@@ -308,9 +327,11 @@ def perturbation_split(
         return normalize_split_labels(adata.obs[split_key], split_key)
     if not 0.0 <= validation_size < 1.0:
         raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
-    rng = np.random.default_rng(seed)
     split = np.full(adata.n_obs, "train", dtype=object)
-    is_val = rng.random(adata.n_obs) < validation_size
+    if validation_size == 0:
+        return split
+    _, val, _ = split_cells(adata.n_obs, 1.0 - validation_size, validation_size, seed)
+    is_val = np.isin(np.arange(adata.n_obs), val)
     perts = adata.obs[perturbation_key].astype(str).to_numpy()
     split[is_val & (perts != control_label)] = "val"
     return split

@@ -11,7 +11,7 @@ perturbs chosen control cells (:func:`prediction_sets`). Both are read through
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anndata as ad
 import lightning.pytorch as pl
@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from scforge_scvi._errors import ScForgeValueError
 
+from ._preprocess import log_normalize
+
 
 class PerturbCells(NamedTuple):
     """Everything the set loaders read, one row per cell."""
@@ -32,6 +34,24 @@ class PerturbCells(NamedTuple):
     perturbation: np.ndarray
     cell_type: np.ndarray
     batch: np.ndarray
+
+
+def read_cells(manager: Any, keys: Any, *, with_counts: bool) -> PerturbCells:
+    """The registered cells of an ``AnnDataManager``: log1p expression, codes, and the raw
+    counts when ``with_counts``. ``keys`` has the registry's ``X_KEY``,
+    ``PERTURBATION_KEY``, ``CELL_TYPE_KEY`` and ``BATCH_KEY``."""
+    counts = sp.csr_matrix(manager.get_from_registry(keys.X_KEY), dtype=np.float32)
+
+    def codes(key: str) -> np.ndarray:
+        return np.asarray(manager.get_from_registry(key)).ravel().astype(np.int64)
+
+    return PerturbCells(
+        log1p=log_normalize(counts),
+        counts=counts if with_counts else None,
+        perturbation=codes(keys.PERTURBATION_KEY),
+        cell_type=codes(keys.CELL_TYPE_KEY),
+        batch=codes(keys.BATCH_KEY),
+    )
 
 
 def control_pools(

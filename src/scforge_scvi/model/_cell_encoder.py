@@ -13,6 +13,8 @@ from torch import nn
 
 from scforge_scvi._logging import logger
 
+BASAL_INPUTS = ("log1p", "counts")
+
 
 class ScForgeCellEncoder(nn.Module):
     """A ScForge backbone as the basal encoder of :class:`~scforge_scvi.ScForgePerturb`.
@@ -82,3 +84,21 @@ class ScForgeCellEncoder(nn.Module):
         values = None if tokens.values is None else tokens.values.to(device)
         out = self.backbone(tokens.gene_ids.to(device), tokens.padding_mask.to(device), values)
         return out.cell_embedding
+
+
+def basal_width(encoder: nn.Module | None, basal_input: str, basal_dim: int | None) -> int | None:
+    """Check what a basal encoder reads; return its output width (read from a
+    :class:`ScForgeCellEncoder` when ``basal_dim`` is ``None``)."""
+    if isinstance(encoder, ScForgeCellEncoder):
+        if basal_input != encoder.basal_input:
+            raise ValueError(
+                "A ScForgeCellEncoder reads raw counts: pass basal_input='counts', got "
+                f"{basal_input!r}."
+            )
+        if basal_dim is None:
+            basal_dim = encoder.output_dim
+    if basal_input not in BASAL_INPUTS:
+        raise ValueError(f"basal_input must be one of {BASAL_INPUTS}, got {basal_input!r}.")
+    if basal_input == "counts" and encoder is None:
+        raise ValueError("basal_input='counts' needs a basal_encoder that reads counts.")
+    return basal_dim

@@ -12,7 +12,8 @@ training (``final``) are kept in memory, and, with ``checkpoint_dir``, written a
 directories (the versioned layout of :func:`~scforge_scvi.io.write_pretrained`) beside
 Lightning's resumable ``last.ckpt`` and ``best.ckpt``. :meth:`ScForgePerturb.predict` uses
 ``best`` by default.
-A pretrained ScForge backbone can be the basal encoder (:class:`ScForgeCellEncoder`).
+A pretrained ScForge backbone can be the basal encoder
+(:class:`~scforge_scvi.ScForgeCellEncoder`).
 Initialising from a checkpoint (:meth:`ScForgePerturb.from_pretrained`) loads weights only;
 resuming (``train(resume_from=...)``) restores optimizer, scheduler, step and callbacks, and
 only for the same configuration.
@@ -29,7 +30,6 @@ from typing import Any, NamedTuple
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -39,14 +39,14 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from torch import nn
 
-from scforge_scvi._errors import ScForgeKeyError, ScForgeValueError
+from scforge_scvi._errors import ScForgeValueError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._perturb_data import (
     check_genes,
+    check_perturbation_counts,
     perturbation_inputs,
     perturbation_split,
     stored_feature_table,
-    validate_perturbation_adata,
 )
 from scforge_scvi.data._perturb_sets import (
     PerturbCells,
@@ -55,8 +55,8 @@ from scforge_scvi.data._perturb_sets import (
     prediction_anndata,
     prediction_jobs,
     prediction_sets,
+    read_cells,
 )
-from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
 from scforge_scvi.data._vocab import GeneVocab
 from scforge_scvi.io._by_name import load_by_name
 from scforge_scvi.io._pretrained import Pretrained, read_pretrained, write_pretrained
@@ -71,7 +71,7 @@ from scforge_scvi.train._perturb_plan import (
     kept_weights,
 )
 
-from ._cell_encoder import ScForgeCellEncoder
+from ._cell_encoder import basal_width
 
 
 class _PerturbRegistryKeys(NamedTuple):
@@ -83,7 +83,6 @@ class _PerturbRegistryKeys(NamedTuple):
 
 PERTURB_REGISTRY_KEYS = _PerturbRegistryKeys()
 CHECKPOINT_NAMES = ("best", "final", "last")
-BASAL_INPUTS = ("log1p", "counts")
 #: constructor arguments that are fields of the PerturbConfig
 _ARCHITECTURE = (
     "hidden_dim",
@@ -141,14 +140,15 @@ class ScForgePerturb(BaseModelClass):
         features alone.
     basal_encoder
         A pretrained cell encoder as the basal encoder, e.g. a ScForge backbone wrapped by
-        :meth:`ScForgeCellEncoder.from_scforge` (with ``basal_input="counts"``), or any
-        module mapping ``(N, n_genes)`` tensors (see ``basal_input``) to ``(N, basal_dim)``
-        cell embeddings, differentiable so that it can be fine-tuned. ``None`` uses an MLP on
-        the log1p expression. The output stays in gene space either way. A pluggable encoder
-        belongs to the backbone (frozen by ``freeze_backbone``).
+        :meth:`~scforge_scvi.ScForgeCellEncoder.from_scforge` (with
+        ``basal_input="counts"``), or any module mapping ``(N, n_genes)`` tensors (see
+        ``basal_input``) to ``(N, basal_dim)`` cell embeddings, differentiable so that it can
+        be fine-tuned. ``None`` uses an MLP on the log1p expression. The output stays in gene
+        space either way. A pluggable encoder belongs to the backbone (frozen by
+        ``freeze_backbone``).
     basal_dim
-        Output width of ``basal_encoder``; read from a :class:`ScForgeCellEncoder` when
-        ``None``.
+        Output width of ``basal_encoder``; read from a
+        :class:`~scforge_scvi.ScForgeCellEncoder` when ``None``.
     basal_input
         What ``basal_encoder`` reads: ``"log1p"`` expression or raw ``"counts"``.
 
@@ -185,18 +185,7 @@ class ScForgePerturb(BaseModelClass):
     ) -> None:
         super().__init__(adata, registry)
         given = locals()
-        if isinstance(basal_encoder, ScForgeCellEncoder):
-            if basal_input != basal_encoder.basal_input:
-                raise ValueError(
-                    "A ScForgeCellEncoder reads raw counts: pass basal_input='counts', got "
-                    f"{basal_input!r}."
-                )
-            if basal_dim is None:
-                basal_dim = basal_encoder.output_dim
-        if basal_input not in BASAL_INPUTS:
-            raise ValueError(f"basal_input must be one of {BASAL_INPUTS}, got {basal_input!r}.")
-        if basal_input == "counts" and basal_encoder is None:
-            raise ValueError("basal_input='counts' needs a basal_encoder that reads counts.")
+        basal_dim = basal_width(basal_encoder, basal_input, basal_dim)
         setup = self.registry_["setup_args"]
         self.control_label_ = str(setup["control_label"])
         self.perturbations_ = [str(x) for x in self._categories(_KEYS.PERTURBATION_KEY)]
@@ -277,15 +266,8 @@ class ScForgePerturb(BaseModelClass):
             log1p-normalised expression computed from these counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        if layer is not None and layer not in adata.layers:
-            raise ScForgeKeyError(
-                f"Layer {layer!r} not found; available layers: {sorted(adata.layers)} "
-                "(use layer=None for adata.X)."
-            )
-        counts = adata.X if layer is None else adata.layers[layer]
-        check_raw_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
-        validate_perturbation_adata(
-            adata, perturbation_key, control_label, cell_type_key, batch_key
+        check_perturbation_counts(
+            adata, layer, perturbation_key, control_label, cell_type_key, batch_key
         )
         fields = [
             LayerField(_KEYS.X_KEY, layer, is_count_data=True),
@@ -304,18 +286,7 @@ class ScForgePerturb(BaseModelClass):
 
     def _read_cells(self, adata: ad.AnnData) -> PerturbCells:
         manager = self.get_anndata_manager(adata, required=True)
-        counts = sp.csr_matrix(manager.get_from_registry(_KEYS.X_KEY), dtype=np.float32)
-
-        def codes(key: str) -> np.ndarray:
-            return np.asarray(manager.get_from_registry(key)).ravel().astype(np.int64)
-
-        return PerturbCells(
-            log1p=log_normalize(counts),
-            counts=counts if self.basal_input_ == "counts" else None,
-            perturbation=codes(_KEYS.PERTURBATION_KEY),
-            cell_type=codes(_KEYS.CELL_TYPE_KEY),
-            batch=codes(_KEYS.BATCH_KEY),
-        )
+        return read_cells(manager, _KEYS, with_counts=self.basal_input_ == "counts")
 
     def perturbation_table(self) -> pd.DataFrame | None:
         """The stored perturbation feature table (``None`` for a one-hot model).
