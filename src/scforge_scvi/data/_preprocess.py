@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scforge_scvi._errors import ScForgeTypeError, ScForgeValueError
+from scforge_scvi._settings import from_known_keys
 
 from ._vocab import GeneVocab
 
@@ -70,13 +71,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         """Settings from :meth:`to_dict`'s output; unknown keys are an error, not ignored."""
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ScForgeValueError(
-                f"Unknown preprocessing keys {sorted(unknown)}; valid keys are "
-                f"{sorted(cls.__dataclass_fields__)}."
-            )
-        return cls(**d)
+        return from_known_keys(cls, d, "preprocessing")
 
 
 def is_backed(x: Any) -> bool:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scforge_scvi._settings import from_known_keys
+
 from ._attention import MultiHeadSelfAttention
 from ._dropout import Dropout
 from ._mlp import ACTIVATIONS, activation
@@ -151,15 +153,7 @@ class BackboneConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackboneConfig:
         """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown BackboneConfig key(s) {unknown}; valid keys are {sorted(known)}."
-            )
-        if "vocab_size" not in d:
-            raise ValueError("BackboneConfig needs the key 'vocab_size'.")
-        return cls(**d)
+        return from_known_keys(cls, d, required=("vocab_size",))
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scforge_scvi._settings import from_known_keys
+
 from . import _mlp
 from ._backbone import BackboneConfig, TransformerBlock
 from ._mlp import ACTIVATIONS
@@ -180,13 +182,7 @@ class PerturbConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PerturbConfig:
         """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown PerturbConfig key(s) {unknown}; valid keys are {sorted(known)}."
-            )
-        return cls(**d)
+        return from_known_keys(cls, d)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from scforge_scvi._settings import from_known_keys
 from scforge_scvi.nn._dropout import Dropout
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
@@ -82,13 +83,7 @@ class LoraSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraSettings:
         """Build settings from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown LoraSettings key(s) {unknown}; valid keys are {sorted(known)}."
-            )
-        return cls(**d)
+        return from_known_keys(cls, d)
 
 
 def _matches(module_name: str, target: str) -> bool:
