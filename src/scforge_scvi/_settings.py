@@ -1,9 +1,14 @@
-"""Settings dataclasses read back from their ``to_dict`` output, refusing unknown keys."""
+"""Settings shared by the layers: the masking of the pretraining objective, and settings
+dataclasses read back from their ``to_dict`` output (refusing unknown keys).
+
+This module imports no other layer, so that ``data`` and ``train`` can both depend on it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from scforge_scvi._errors import ScForgeValueError
@@ -41,3 +46,39 @@ def from_known_keys(
     if missing:
         raise ScForgeValueError(f"{what} needs the key {missing[0]!r}.")
     return cls(**d)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Which tokens are hidden, and how.
+
+    Parameters
+    ----------
+    mask_ratio
+        Fraction of a cell's gene tokens selected as prediction targets.
+    random_replace_ratio
+        Of the selected tokens, the fraction replaced by a random gene token.
+    keep_ratio
+        Of the selected tokens, the fraction left unchanged. The rest become ``<mask>``.
+        Whatever happens to the gene token, the expression value of every selected token is
+        hidden, so the target never leaks into the input.
+    """
+
+    mask_ratio: float = 0.15
+    random_replace_ratio: float = 0.1
+    keep_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("mask_ratio", "random_replace_ratio", "keep_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"masking.{name} must be in [0, 1], got {value}.")
+        if self.random_replace_ratio + self.keep_ratio > 1.0:
+            raise ValueError(
+                "masking.random_replace_ratio + masking.keep_ratio must be <= 1, got "
+                f"{self.random_replace_ratio} + {self.keep_ratio}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The three ratios as a JSON-serialisable dict."""
+        return asdict(self)

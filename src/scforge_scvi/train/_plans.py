@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
-from scforge_scvi.data._masking import MaskingConfig
+from scforge_scvi._settings import MaskingConfig
 
 from ._optim import build_adamw
 from ._schedules import make_lr_scheduler
