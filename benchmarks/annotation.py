@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--class-weights", default="balanced")
     p.add_argument("--token-dropout", type=float, default=0.0)

@@ -39,7 +39,9 @@ from scforge_scvi.config import ScForgeConfig
 from scforge_scvi.data import GeneVocab
 from scforge_scvi.data import pbmc68k_counts as load_pbmc68k
 
-TINY = {
+TINY = {  # the architecture of CONFIG below
+    "tokenizer": "rank_value",
+    "pooling": "cls",
     "hidden_dim": 16,
     "num_layers": 1,
     "num_heads": 2,

@@ -37,12 +37,12 @@ def match_kwargs(
 ) -> dict[str, Any]:
     """Arguments of :meth:`GeneVocab.match` for a model's vocabulary.
 
-    A vocabulary of selected (HVG) genes, no larger than ``n_top_genes``, is checked by the
-    share of its genes found in the data; any other (a named or pretrained one of all genes)
-    by the share of the data's genes.
+    A vocabulary of selected (HVG) genes, exactly ``n_top_genes`` of them, is checked by the
+    share of its genes found in the data; any other (a named one, or all genes of a dataset
+    with fewer than ``n_top_genes``) by the share of the data's genes.
     """
     n_top = preprocessing.n_top_genes
-    selected = bool(n_top) and len(vocab) - vocab.n_special <= n_top
+    selected = bool(n_top) and len(vocab) - vocab.n_special == n_top
     return {
         "gene_key": gene_key,
         "min_coverage": min_coverage,

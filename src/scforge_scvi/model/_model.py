@@ -61,9 +61,10 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         vocabulary file, or a :class:`~scforge_scvi.data.GeneVocab`. Per-gene medians are
         fitted on ``adata`` when the vocabulary has none, and never refitted afterwards.
     tokenizer
-        ``"rank_value"`` (Geneformer), ``"binned_expression"`` (scGPT) or ``"continuous"``.
+        ``"binned_expression"`` (scGPT-style value bins, the default), ``"rank_value"``
+        (Geneformer) or ``"continuous"``.
     max_genes
-        Genes kept per cell (the highest-ranked).
+        Genes kept per cell (the highest-expressed; ``<cls>`` not counted).
     prepend_cls
         Start each cell's sequence with a ``<cls>`` token.
     n_bins
@@ -72,6 +73,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         Preprocessing, see :class:`~scforge_scvi.data.Preprocessing`.
     hidden_dim, num_layers, num_heads, ffn_dim, dropout, activation, pooling, max_seq_len
         Transformer architecture; ``max_seq_len`` defaults to ``max_genes`` (+1 for CLS).
+        ``pooling="mean"`` averages the gene tokens, ``"cls"`` reads ``<cls>``.
+
     expression_loss_weight
         Weight of the masked expression loss of the binned/continuous tokenizers.
     head_hidden_dim, head_dropout
@@ -99,6 +102,11 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
 
     Notes
     -----
+    The defaults are the recipe measured on pbmc3k and pbmc68k_reduced
+    (``docs/benchmarks_annotation.md``): binned values of the 2,000 most variable genes,
+    512 genes a cell, a 2-layer, 64-wide transformer with mean pooling. An imported or
+    pretrained model brings its own architecture through :meth:`from_pretrained`.
+
     Writes ``adata.obsm["X_scforge"]`` (:meth:`embed`) and ``adata.obs["scforge_prediction"]``,
     ``adata.obs["scforge_confidence"]``, ``adata.obsm["scforge_probabilities"]``
     (:meth:`predict`); each key can be moved with ``key_added``. Parameters of each call are
@@ -110,8 +118,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
     >>> import scforge_scvi as sf
     >>> adata = sc.read_h5ad("pbmc.h5ad")
     >>> sf.ScForge.setup_anndata(adata, layer="counts")
-    >>> model = sf.ScForge(adata, hidden_dim=128, num_layers=2, max_genes=512)
-    >>> model.train(max_epochs=10)
+    >>> model = sf.ScForge(adata)  # the measured annotation recipe: 2,000 HVGs, 64 wide
+    >>> model.train()
     >>> model.embed()
     >>> sc.pp.neighbors(adata, use_rep="X_scforge")
     """
@@ -126,21 +134,21 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         adata: AnnData | None = None,
         registry: dict | None = None,
         vocab: VocabLike = None,
-        tokenizer: str = "rank_value",
-        max_genes: int = 2048,
+        tokenizer: str = "binned_expression",
+        max_genes: int = 512,
         prepend_cls: bool = True,
         n_bins: int = 51,
         normalize: str = "library_size",
         target_sum: float = 1e4,
         log1p: bool = True,
-        n_top_genes: int | None = None,
-        hidden_dim: int = 256,
-        num_layers: int = 4,
-        num_heads: int = 8,
+        n_top_genes: int | None = 2000,
+        hidden_dim: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
         ffn_dim: int | None = None,
         dropout: float = 0.1,
         activation: str = "gelu",
-        pooling: str = "cls",
+        pooling: str = "mean",
         max_seq_len: int | None = None,
         expression_loss_weight: float = 1.0,
         head_hidden_dim: int | None = 256,

@@ -29,7 +29,7 @@ from scvi.train import TrainingPlan
 from scforge_scvi._settings import MaskingConfig
 
 from ._optim import build_adamw
-from ._schedules import make_lr_scheduler
+from ._schedules import default_warmup_steps, make_lr_scheduler
 
 
 def class_weights(how: str | Sequence[float], codes: np.ndarray | None, n_classes: int):
@@ -86,7 +86,8 @@ class ScForgeTrainingPlan(TrainingPlan):
     weight_decay
         AdamW weight decay for >= 2-D weights (never biases, norms or embeddings).
     warmup_steps
-        Linear warmup steps of the warmup + cosine schedule.
+        Linear warmup steps of the warmup + cosine schedule; ``None``: 50, or a tenth of
+        the run when that is shorter.
     min_lr_ratio
         Floor of the cosine schedule as a fraction of the peak; the schedule stays there
         after its last step.
@@ -115,7 +116,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         objective: str = "pretrain",
         lr: float = 1e-4,
         weight_decay: float = 0.01,
-        warmup_steps: int = 0,
+        warmup_steps: int | None = 0,
         min_lr_ratio: float = 0.0,
         masking: MaskingConfig | None = None,
         backbone_lr: float | None = None,
@@ -127,7 +128,7 @@ class ScForgeTrainingPlan(TrainingPlan):
     ) -> None:
         super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW")
         self.objective = objective
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = None if warmup_steps is None else int(warmup_steps)
         self.min_lr_ratio = float(min_lr_ratio)
         self.masking = masking or MaskingConfig()
         self.backbone_lr = lr if backbone_lr is None else backbone_lr
@@ -231,7 +232,9 @@ class ScForgeTrainingPlan(TrainingPlan):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = make_lr_scheduler(
             optimizer,
-            warmup_steps=self.warmup_steps,
+            warmup_steps=(
+                default_warmup_steps(total) if self.warmup_steps is None else self.warmup_steps
+            ),
             total_steps=total,
             min_lr_ratio=self.min_lr_ratio,
         )

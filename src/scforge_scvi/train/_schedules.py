@@ -94,6 +94,18 @@ def make_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
 
 
+WARMUP_STEPS = 50
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """Warmup of the default schedule: ``WARMUP_STEPS``, or a tenth of a shorter run.
+
+    The annotation recipe of ``docs/benchmarks_annotation.md`` warms up for 50 of about 1,000
+    steps; a run of a few hundred steps or fewer would otherwise spend most of it warming up.
+    """
+    return min(WARMUP_STEPS, max(0, int(total_steps)) // 10)
+
+
 PRETRAIN_EPOCHS = 10
 FINETUNE_STEPS = 1_000
 
