@@ -182,6 +182,7 @@ def main(argv=None) -> None:
             pre = adata[rest].copy()
             del pre.obs[key]
             ScForge.setup_anndata(pre)
+            torch.manual_seed(seed)  # the initial weights: a seed names one whole run
             model = ScForge(pre, **arch)
             model.train(
                 max_epochs=args.pretrain_epochs,
@@ -205,10 +206,10 @@ def main(argv=None) -> None:
             for arm in args.arms:
                 init, strategy = arm.split(":")
                 t0 = time.perf_counter()
+                torch.manual_seed(seed)  # the new head (and a random init) are seeded too
                 model = ScForge.from_pretrained(str(Path(tmp) / "pre"), labelled)
                 if init == "random":
                     model = ScForge(labelled, vocab=model.vocab, **arch)
-                torch.manual_seed(seed)
                 epochs = args.epochs or default_max_epochs(
                     "classify",
                     len(labelled) - len(test) - round(VALIDATION_SIZE * len(labelled)),
