@@ -464,7 +464,3 @@ class PerturbationSetModel(nn.Module):
         delta = self.decoder(h)  # (B, S, G)
         prediction = torch.relu(basal + delta)
         return PerturbOutput(prediction=prediction, delta=delta, hidden=h)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
