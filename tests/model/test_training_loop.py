@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from helpers import setup_counts
 from scforge_scvi import ScForge
 
 TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64}
@@ -36,10 +37,7 @@ class GradientRecorder(Callback):
 
 @pytest.fixture(scope="module")
 def run(_pbmc68k_counts_once):
-    adata = _pbmc68k_counts_once.copy()
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        adata.uns.pop(key, None)
-    ScForge.setup_anndata(adata, layer="counts")
+    adata = setup_counts(_pbmc68k_counts_once.copy())
     torch.manual_seed(0)
     model = ScForge(adata, **TINY)
     recorder = GradientRecorder()
@@ -94,10 +92,7 @@ class SamplerRecorder(Callback):
 
 
 def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_counts_once):
-    adata = _pbmc68k_counts_once.copy()
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        adata.uns.pop(key, None)
-    ScForge.setup_anndata(adata, layer="counts")
+    adata = setup_counts(_pbmc68k_counts_once.copy())
     model = ScForge(adata, **TINY)
     with pytest.raises(ValueError, match=r"plan_kwargs cannot set \['lr'\]"):
         model.train(max_epochs=1, plan_kwargs={"lr": 0.1})
