@@ -80,3 +80,16 @@ def write_geneformer_dir(
     with open(path / f"gene_median_dictionary_{suffix}.pkl", "wb") as f:
         pickle.dump({str(g): np.float64(m) for g, m in zip(genes, medians)}, f)
     return model, tokens
+
+
+# Perturbation screens of tests/model (``make_screen`` in tests/model/conftest.py)
+PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
+PERTURB_TINY = {
+    "hidden_dim": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "encoder_hidden_dim": 64,
+    "dropout": 0.0,
+    "cell_set_len": 16,
+}
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": None}

@@ -12,6 +12,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from helpers import CELL_TYPE, CONTROL, PERT, QUIET
+from helpers import PERTURB_TINY as TINY
 from scforge_scvi import ScForge
 from scforge_scvi.bench._perturbation import (
     aggregate_metrics,
@@ -19,42 +21,20 @@ from scforge_scvi.bench._perturbation import (
     evaluate_perturbation_predictions,
     log1p_anndata,
 )
-from scforge_scvi.data._datasets import pbmc68k_counts
 from scforge_scvi.data._perturb_data import assign_perturbation_split, read_perturbation_h5ad
 from scforge_scvi.data._perturb_sets import PerturbSetDataModule
 from scforge_scvi.model._cell_encoder import ScForgeCellEncoder
 from scforge_scvi.model._perturb_model import ScForgePerturb
 from scforge_scvi.train._schedules import cosine_with_warmup
-from semisynthetic import make_semisynthetic_perturbation_data
 
-PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
 FEWSHOT = "CD14+ Monocyte"
-TINY = {
-    "hidden_dim": 32,
-    "num_layers": 1,
-    "num_heads": 2,
-    "encoder_hidden_dim": 64,
-    "dropout": 0.0,
-    "cell_set_len": 16,
-}
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": None}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one intra-op thread (two thrash on busy shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def screen() -> ad.AnnData:
+def screen(make_screen) -> ad.AnnData:
     """1,200 cells x 200 genes: 3 cell types, 8 perturbations; 2 held out in monocytes."""
-    adata = make_semisynthetic_perturbation_data(
-        pbmc68k_counts(),
-        CELL_TYPE,
+    return make_screen(
         cell_types=["CD14+ Monocyte", "Dendritic", "CD19+ B"],
         n_genes=200,
         n_perturbations=8,
@@ -62,21 +42,10 @@ def screen() -> ad.AnnData:
         n_controls_per_cell_type=80,
         n_programs=4,
         program_effect=2.5,  # strong programs: at this size weaker ones drown in sampling noise
-        perturbation_key=PERT,
-        control_label=CONTROL,
-        seed=0,
-    )
-    perts = list(adata.uns["perturbation_truth"]["perturbations"])
-    assign_perturbation_split(
-        adata,
-        PERT,
-        CONTROL,
-        CELL_TYPE,
-        test_perturbations=perts[:2],
-        val_perturbations=perts[2:3],
+        n_test=2,
+        n_val=1,
         fewshot_cell_types=[FEWSHOT],
     )
-    return adata
 
 
 @pytest.fixture

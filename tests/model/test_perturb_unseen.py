@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import CELL_TYPE, CONTROL, PERT, QUIET
+from helpers import PERTURB_TINY as TINY
 from scforge_scvi.bench._perturbation import (
     aggregate_metrics,
     evaluate_perturbation_predictions,
@@ -22,40 +24,19 @@ from scforge_scvi.bench._perturbation import (
     normalized_score,
     perturbation_mean_baseline,
 )
-from scforge_scvi.data._datasets import pbmc68k_counts
-from scforge_scvi.data._perturb_data import assign_perturbation_split
 from scforge_scvi.model._perturb_model import ScForgePerturb
-from semisynthetic import make_semisynthetic_perturbation_data, perturbation_feature_table
+from semisynthetic import perturbation_feature_table
 
-PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
 CELL_TYPES = ["CD14+ Monocyte", "CD19+ B"]
 N_TEST = 4
-TINY = {
-    "hidden_dim": 32,
-    "num_layers": 1,
-    "num_heads": 2,
-    "encoder_hidden_dim": 64,
-    "dropout": 0.0,
-    "cell_set_len": 16,
-}
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": None}
 KW = {"perturbation_key": PERT, "control_label": CONTROL, "cell_type_key": CELL_TYPE}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def screen() -> ad.AnnData:
+def screen(make_screen) -> ad.AnnData:
     """2 cell types x 24 perturbations with informative 8-d features; 4 test, 3 val."""
-    adata = make_semisynthetic_perturbation_data(
-        pbmc68k_counts(),
-        CELL_TYPE,
+    return make_screen(
         cell_types=CELL_TYPES,
         n_genes=150,
         n_perturbations=24,
@@ -65,20 +46,9 @@ def screen() -> ad.AnnData:
         program_effect=2.0,
         n_features=8,
         feature_noise=0.2,
-        perturbation_key=PERT,
-        control_label=CONTROL,
-        seed=0,
+        n_test=N_TEST,
+        n_val=3,
     )
-    perts = list(adata.uns["perturbation_truth"]["perturbations"])
-    assign_perturbation_split(
-        adata,
-        PERT,
-        CONTROL,
-        CELL_TYPE,
-        test_perturbations=perts[:N_TEST],
-        val_perturbations=perts[N_TEST : N_TEST + 3],
-    )
-    return adata
 
 
 def unseen_perts(screen: ad.AnnData) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from helpers import setup_counts
 from scforge_scvi import ScForge
 
 TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64}
@@ -36,10 +37,7 @@ class GradientRecorder(Callback):
 
 @pytest.fixture(scope="module")
 def run(_pbmc68k_counts_once):
-    adata = _pbmc68k_counts_once.copy()
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        adata.uns.pop(key, None)
-    ScForge.setup_anndata(adata, layer="counts")
+    adata = setup_counts(_pbmc68k_counts_once.copy())
     torch.manual_seed(0)
     model = ScForge(adata, **TINY)
     recorder = GradientRecorder()
@@ -82,3 +80,33 @@ def test_progress_bar_shows_loss_and_val_loss(run):
     _, recorder = run
     assert "val_loss" in recorder.progress_bar
     assert any(name.startswith("train_loss") for name in recorder.progress_bar)
+
+
+class SamplerRecorder(Callback):
+    """The training loader's batch sampler when training starts."""
+
+    sampler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.sampler = trainer.train_dataloader.sampler
+
+
+def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_counts_once):
+    adata = setup_counts(_pbmc68k_counts_once.copy())
+    model = ScForge(adata, **TINY)
+    with pytest.raises(ValueError, match=r"plan_kwargs cannot set \['lr'\]"):
+        model.train(max_epochs=1, plan_kwargs={"lr": 0.1})
+    with pytest.raises(ValueError, match=r"datasplitter_kwargs cannot set \['batch_size'\]"):
+        model.train(max_epochs=1, datasplitter_kwargs={"batch_size": 8})
+    recorder = SamplerRecorder()
+    model.train(
+        max_epochs=1,
+        batch_size=64,
+        datasplitter_kwargs={"group_batches": 2},
+        plan_kwargs={},
+        limit_train_batches=1,
+        callbacks=[recorder],
+        enable_progress_bar=False,
+    )
+    assert recorder.sampler.group_batches == 2
+    assert model.best_epoch_ == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def knn_accuracy(embedding: np.ndarray, labels: np.ndarray, k: int = 15, seed: int = 0) -> float:
+def knn_accuracy(embedding: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
     """Held-out kNN classification accuracy of an embedding (5-fold cross-validation)."""
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -70,7 +70,7 @@ def run_demo(
     ax.figure.savefig(png, dpi=120, bbox_inches="tight")
 
     labels = adata.obs["bulk_labels"].astype(str).to_numpy()
-    acc = knn_accuracy(adata.obsm["X_scforge"], labels, seed=seed)
+    acc = knn_accuracy(adata.obsm["X_scforge"], labels)
     chance = float(adata.obs["bulk_labels"].value_counts(normalize=True).max())
     elapsed = time.perf_counter() - start
     val = model.history["val_loss"].to_numpy().ravel()

@@ -59,6 +59,7 @@ from scforge_scvi.data import TOKENIZERS
 from scforge_scvi.io import atomic_file
 from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
 from scforge_scvi.train import STRATEGIES
+from scforge_scvi.train._lora import DEFAULT_TARGET_MODULES
 
 NAMED_GENE_VOCABS = ("human_protein_coding", "data")
 """Vocabulary names accepted by ``data.gene_vocab`` besides a file path."""
@@ -66,7 +67,7 @@ NAMED_GENE_VOCABS = ("human_protein_coding", "data")
 GENE_VOCAB_FILE_SUFFIXES = (".json", ".tsv")
 DATA_FILE_SUFFIXES = (".h5ad", ".zarr")
 
-LORA_TARGETABLE_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
+LORA_TARGETABLE_MODULES = DEFAULT_TARGET_MODULES
 """The ``nn.Linear`` modules of a backbone block that LoRA adapters can wrap."""
 
 DEFAULT_LORA_TARGET_MODULES = LORA_TARGETABLE_MODULES

@@ -57,6 +57,7 @@ from scforge_scvi.data._perturb_sets import (
     read_cells,
 )
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
+from scforge_scvi.train import count_parameters
 from scforge_scvi.train._callbacks import BestCheckpoint
 from scforge_scvi.train._perturb_plan import (
     BackboneFreezing,
@@ -212,7 +213,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         self._model_summary_string = (
             f"ScForgePerturb: {config.n_perturbations} perturbations{extra} "
             f"({config.perturbation_features}), {config.n_genes} genes, set of "
-            f"{config.cell_set_len} cells, {self.module.num_parameters():,} parameters"
+            f"{config.cell_set_len} cells, {count_parameters(self.module)[1]:,} parameters"
         )
         self.init_params_ = self._get_init_params(locals())
 

@@ -69,6 +69,8 @@ class TrainingMixin:
         data: StreamedCells | str | Sequence[str] | None = None,
         distributed: str = "auto",
         num_nodes: int = 1,
+        plan_kwargs: dict[str, Any] | None = None,
+        datasplitter_kwargs: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         """Pretrain (masked genes) or fine-tune (task head) the model.
@@ -158,6 +160,15 @@ class TrainingMixin:
             from the file).
         num_nodes
             Machines taking part (with ``devices`` processes each).
+        plan_kwargs
+            Further keywords of the training plan (``_training_plan_cls``). Keys that
+            ``train()`` sets itself (``lr``, ``weight_decay``, ``masking``, ...) are refused:
+            pass those as ``train()`` keywords.
+        datasplitter_kwargs
+            Further keywords of the data splitter of the registered AnnData, e.g.
+            ``group_batches`` (batches per length group, default 16) with
+            ``group_by_length=True``. Keys that ``train()`` sets itself (``batch_size``,
+            ``num_workers``, ...) are refused; not available with ``data=``.
         **trainer_kwargs
             Passed to the Lightning trainer.
 
@@ -220,6 +231,11 @@ class TrainingMixin:
                 "synchronised after unfreezing. Use 'full', 'frozen' or 'lora'."
             )
         if data is not None:
+            if datasplitter_kwargs:
+                raise ScForgeValueError(
+                    f"datasplitter_kwargs={datasplitter_kwargs!r} configure the data splitter "
+                    "of the registered AnnData; streamed cells (data=...) have none."
+                )
             cells = data if isinstance(data, StreamedCells) else StreamedCells(data)
             splits = split_cells(cells.n_obs, train_size, validation_size, seed)
             logger.info(
@@ -262,12 +278,13 @@ class TrainingMixin:
                 "num_workers": num_workers,
             }
             if group_by_length and not self.adata.isbacked:  # lengths would read all of X
-                lengths = self._token_lengths(self.adata)
-                splitter = LengthGroupedDataSplitter(self.adata_manager, lengths=lengths, **common)
+                common["lengths"] = self._token_lengths(self.adata)
+                splitter_cls = LengthGroupedDataSplitter
             else:
-                splitter = self._data_splitter_cls(
-                    self.adata_manager, load_sparse_tensor=True, **common
-                )
+                common["load_sparse_tensor"] = True
+                splitter_cls = self._data_splitter_cls
+            common = _merged(common, datasplitter_kwargs, "datasplitter_kwargs")
+            splitter = splitter_cls(self.adata_manager, **common)
         if max_epochs is None:
             max_epochs = default_max_epochs(objective, len(splits[0]), batch_size)
             logger.info(f"max_epochs={max_epochs} ({objective}, {len(splits[0])} training cells).")
@@ -285,8 +302,7 @@ class TrainingMixin:
                     codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel()
                     codes = codes[splits[0]]
                 weights = class_weights_of(class_weights, codes, len(self.class_names_))
-        plan = self._training_plan_cls(
-            self.module,
+        plan_settings = dict(
             objective=objective,
             lr=lr,
             weight_decay=weight_decay,
@@ -300,6 +316,8 @@ class TrainingMixin:
             token_dropout=token_dropout,
             checkpoint_metadata={"config": self.pretrained_config(), "vocab": self.vocab.to_dict()},
         )
+        plan_settings = _merged(plan_settings, plan_kwargs, "plan_kwargs")
+        plan = self._training_plan_cls(self.module, **plan_settings)
         trainable, total = count_parameters(self.module)
         logger.info(
             f"Training ({objective}, strategy={strategy}): {trainable:,} of {total:,} "
@@ -341,3 +359,14 @@ class TrainingMixin:
         codes = self.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel().astype(int)
         names = np.asarray([*self.class_names_, "unlabelled"])
         return names[np.minimum(codes, len(self.class_names_))]
+
+
+def _merged(settings: dict[str, Any], extra: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """``settings`` updated with ``extra``, refusing keys that ``train()`` already sets."""
+    taken = sorted(set(settings) & set(extra or {}))
+    if taken:
+        raise ScForgeValueError(
+            f"{name} cannot set {taken}: train() sets {sorted(settings)} itself; pass "
+            "learning rates, batch size and the like as train() keywords."
+        )
+    return {**settings, **(extra or {})}

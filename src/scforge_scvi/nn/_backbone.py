@@ -220,6 +220,23 @@ class PostNormTransformerBlock(TransformerBlock):
         return h
 
 
+@torch.no_grad()
+def init_weights(module: nn.Module) -> None:
+    """Initialise one module's own weights: linear and embedding weights normal (std 0.02),
+    biases and padding embeddings zero, layer norms the identity."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class ScForgeBackbone(nn.Module):
     """Transformer encoder over gene tokens, optionally with expression values.
 
@@ -274,7 +291,7 @@ class ScForgeBackbone(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise all weights (normal, std 0.02; residual projections scaled down)."""
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         if self.config.value_encoding == "continuous":
             nn.init.normal_(self.value_mask_embedding, std=0.02)
         # Residual projections add into the stream once per layer and branch: scale them so
@@ -283,20 +300,6 @@ class ScForgeBackbone(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("out_proj.weight", "linear2.weight")):
                 nn.init.normal_(param, std=residual_std)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     # -------------------------------------------------------------------------- forward
     def forward(

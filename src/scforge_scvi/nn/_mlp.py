@@ -21,9 +21,8 @@ def mlp(
     out_dim: int,
     hidden_dim: int | None,
     dropout: float = 0.0,
-    activation_name: str = "gelu",
 ) -> nn.Sequential:
-    """``Linear -> activation -> Dropout -> Linear``, or one ``Linear`` if ``hidden_dim`` is falsy.
+    """``Linear -> GELU -> Dropout -> Linear``, or one ``Linear`` if ``hidden_dim`` is falsy.
 
     Parameters
     ----------
@@ -33,14 +32,12 @@ def mlp(
         Width of the hidden layer; ``None`` or ``0`` gives a linear map.
     dropout
         Dropout after the activation.
-    activation_name
-        See :func:`activation`.
     """
     if not hidden_dim:
         return nn.Sequential(nn.Linear(in_dim, out_dim))
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
-        activation(activation_name),
+        nn.GELU(),
         nn.Dropout(dropout),
         nn.Linear(hidden_dim, out_dim),
     )

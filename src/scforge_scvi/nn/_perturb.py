@@ -29,7 +29,7 @@ from torch import nn
 from scforge_scvi._settings import from_known_keys
 
 from . import _mlp
-from ._backbone import BackboneConfig, TransformerBlock
+from ._backbone import BackboneConfig, TransformerBlock, init_weights
 from ._mlp import ACTIVATIONS
 
 PERTURBATION_FEATURES = ("one_hot", "table")
@@ -375,15 +375,7 @@ class PerturbationSetModel(nn.Module):
         for name, module in self.named_modules():
             if self.external_basal_encoder and name.startswith("basal_encoder"):
                 continue  # a pretrained encoder keeps its weights
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_weights(module)
         if hasattr(self.perturbation_encoder, "control_vector"):
             nn.init.normal_(self.perturbation_encoder.control_vector, std=0.02)
         nn.init.zeros_(self.decoder.linear2.weight)
@@ -472,7 +464,3 @@ class PerturbationSetModel(nn.Module):
         delta = self.decoder(h)  # (B, S, G)
         prediction = torch.relu(basal + delta)
         return PerturbOutput(prediction=prediction, delta=delta, hidden=h)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
