@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scforge_scvi.data._splits import split_cells
 from scforge_scvi.model._model import ScForge
 from scforge_scvi.train._lora import count_parameters
 from scforge_scvi.train._schedules import default_max_epochs
@@ -125,20 +126,6 @@ def load(dataset: str):
     return adata, "louvain"
 
 
-def split(codes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-test and test cells, exactly as ``ScForge.train`` splits them."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(codes))
-    rest, test = train_test_split(
-        idx,
-        test_size=1 - TRAIN_SIZE - VALIDATION_SIZE,
-        random_state=seed,
-        stratify=codes.astype(str),
-    )
-    return np.sort(rest), np.sort(test)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     for name in ("lightning", "lightning.pytorch", "scforge_scvi"):
@@ -176,7 +163,11 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         labelled = adata.copy()
         ScForge.setup_anndata(labelled, labels_key=key)
-        rest, test = split(labelled.obs["_scvi_labels"].to_numpy(), seed)
+        # the model's own split (the same function ScForge.train calls, stratified by label)
+        train, val, test = split_cells(
+            labelled.n_obs, TRAIN_SIZE, VALIDATION_SIZE, seed, labelled.obs[key].astype(str)
+        )
+        rest = np.union1d(train, val)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             pre = adata[rest].copy()
@@ -210,11 +201,7 @@ def main(argv=None) -> None:
                 model = ScForge.from_pretrained(str(Path(tmp) / "pre"), labelled)
                 if init == "random":
                     model = ScForge(labelled, vocab=model.vocab, **arch)
-                epochs = args.epochs or default_max_epochs(
-                    "classify",
-                    len(labelled) - len(test) - round(VALIDATION_SIZE * len(labelled)),
-                    args.batch_size,
-                )
+                epochs = args.epochs or default_max_epochs("classify", len(train), args.batch_size)
                 freeze = max(1, epochs // 3) if strategy == "gradual_unfreeze" else 0
                 trace = TestTrace(model, test, key) if args.trace else None
                 model.train(
