@@ -322,9 +322,7 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
     kwargs["strategy"] = finetune.strategy_for(training.max_epochs)
     kwargs["backbone_lr"], kwargs["head_lr"] = finetune.learning_rates(training.optimizer.lr)
     kwargs["freeze_backbone_epochs"] = finetune.freeze_backbone_epochs
-    if finetune.head.task == "classification" and not config.data.streaming:
-        # weights counted from the training labels; streamed cells train unweighted
-        kwargs["class_weights"] = finetune.class_weights
+    kwargs["class_weights"] = finetune.class_weights  # train() decides for streamed cells
     if kwargs["strategy"] != "gradual_unfreeze":
         kwargs["freeze_backbone_epochs"] = 0
     if finetune.lora.enabled:

@@ -638,26 +638,6 @@ class TrainingConfig(_Section):
             )
         return self
 
-    def to_trainer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``lightning.Trainer`` taken straight from this section.
-
-        Returns
-        -------
-        dict
-            ``max_epochs``, ``accelerator``, ``devices``, ``strategy``, ``num_nodes``,
-            ``precision`` and ``gradient_clip_val`` (None when clipping is off). Logger,
-            callbacks (checkpointing, early stopping) are built by the caller.
-        """
-        return {
-            "max_epochs": self.max_epochs,
-            "accelerator": self.accelerator,
-            "devices": self.devices,
-            "strategy": self.strategy,
-            "num_nodes": self.num_nodes,
-            "precision": self.precision,
-            "gradient_clip_val": self.gradient_clip or None,
-        }
-
 
 # --------------------------------------------------------------------------------------------
 # finetune
