@@ -59,7 +59,6 @@ CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "training.devices": ([], ["training.devices=1"]),
     "training.strategy": ([], ["training.strategy=ddp"]),
     "training.num_nodes": ([], ["training.num_nodes=2"]),
-    "training.logger": ([], ["training.logger=tensorboard"]),
     "finetune.freeze_backbone": ([], ["finetune.freeze_backbone=false"]),
     "finetune.freeze_backbone_epochs": ([], ["finetune.freeze_backbone_epochs=2"]),
     "finetune.head.hidden_dim": ([], ["finetune.head.hidden_dim=64"]),

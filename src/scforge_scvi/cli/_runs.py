@@ -45,25 +45,10 @@ def check_supported(config: ScForgeConfig) -> None:
             f"data.gene_vocab: data (got {data.gene_vocab!r}); preselect genes with "
             "'scforge preprocess' instead"
         )
-    if tuple(training.optimizer.betas) != (0.9, 0.999):
-        problems.append(
-            "training.optimizer.betas other than [0.9, 0.999] are not supported by the "
-            "training plan yet; remove the key"
-        )
     if training.scheduler.name == "constant" and training.scheduler.min_lr_ratio != 0.0:
         problems.append(
             "training.scheduler.min_lr_ratio is only used by 'cosine_warmup'; remove it for "
             "the 'constant' schedule"
-        )
-    if training.strategy != "auto":
-        problems.append(
-            f"training.strategy: {training.strategy!r} (multi-device strategy) is not supported "
-            "by the command line yet; use 'auto'"
-        )
-    if training.logger != "csv":
-        problems.append(
-            f"training.logger: {training.logger!r} is not supported yet; use 'csv' (metrics.csv "
-            "in the run directory)"
         )
     if training.val_split == 0.0:
         problems.append(
@@ -311,6 +296,8 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
         "devices": training.devices,
         "num_workers": config.data.num_workers,
         "num_nodes": training.num_nodes,
+        "distributed": training.strategy,
+        "plan_kwargs": {"betas": tuple(training.optimizer.betas)},
         # Lightning's per-batch bar: "Epoch 0: 100%|####| 22/22 [...] val_loss=..., val_acc=..."
         "simple_progress_bar": False,
         "callbacks": [TQDMProgressBar()],

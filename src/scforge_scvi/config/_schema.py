@@ -583,17 +583,11 @@ class TrainingConfig(_Section):
         min_length=1,
         description=(
             "How training is spread over several devices (a Lightning strategy name such as "
-            "'ddp' or 'fsdp'); 'auto' chooses."
+            "'ddp' or 'fsdp'; passed to ScForge.train(distributed=...), which needs streamed "
+            "cells, data.streaming: true); 'auto' chooses."
         ),
     )
     num_nodes: _Int = Field(1, ge=1, description="Number of machines taking part.")
-    logger: Literal["csv", "tensorboard", "wandb"] = Field(
-        "csv",
-        description=(
-            "Where loss and accuracy curves are logged: 'csv' (a metrics.csv file in "
-            "checkpoint_dir), 'tensorboard', or 'wandb' (needs the wandb package)."
-        ),
-    )
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -85,6 +85,8 @@ class ScForgeTrainingPlan(TrainingPlan):
         Peak learning rate of pretraining (and of the heads when ``head_lr`` is None).
     weight_decay
         AdamW weight decay for >= 2-D weights (never biases, norms or embeddings).
+    betas
+        AdamW's coefficients of the running averages of the gradient and its square.
     warmup_steps
         Linear warmup steps of the warmup + cosine schedule; ``None``: 50, or a tenth of
         the run when that is shorter.
@@ -116,6 +118,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         objective: str = "pretrain",
         lr: float = 1e-4,
         weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int | None = 0,
         min_lr_ratio: float = 0.0,
         masking: MaskingConfig | None = None,
@@ -128,6 +131,7 @@ class ScForgeTrainingPlan(TrainingPlan):
     ) -> None:
         super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW")
         self.objective = objective
+        self.betas = (float(betas[0]), float(betas[1]))
         self.warmup_steps = None if warmup_steps is None else int(warmup_steps)
         self.min_lr_ratio = float(min_lr_ratio)
         self.masking = masking or MaskingConfig()
@@ -228,7 +232,7 @@ class ScForgeTrainingPlan(TrainingPlan):
             sets["pretraining_heads"] = (torch.nn.ModuleList(others), self.lr)
         else:
             sets["heads"] = (torch.nn.ModuleList(module.heads), self.head_lr)
-        optimizer = build_adamw(sets, weight_decay=self.weight_decay)
+        optimizer = build_adamw(sets, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = make_lr_scheduler(
             optimizer,
