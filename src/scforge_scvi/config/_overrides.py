@@ -17,15 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from ._schema import (
-    _SECTION_LIST,
-    ConfigError,
-    ScForgeConfig,
-    field_kind,
-    format_path,
-    load_yaml,
-    unknown_key_message,
-)
+from ._errors import SECTION_LIST, ConfigError, field_kind, format_path, unknown_key_message
+from ._schema import ScForgeConfig
+from ._yaml import load_yaml
 
 __all__ = ["apply_overrides"]
 
@@ -114,7 +108,9 @@ def _assign(root: dict[str, Any], keys: list[str | int], value: Any) -> None:
             in_list = False
         else:
             if not isinstance(key, str) or key not in schema.model_fields:
-                raise _OverrideProblem(unknown_key_message(keys[: depth + 1], schema))
+                raise _OverrideProblem(
+                    unknown_key_message(keys[: depth + 1], schema, ScForgeConfig)
+                )
             kind, child = field_kind(schema.model_fields[key].annotation)
             if child is None and not last:
                 raise _OverrideProblem(
@@ -122,7 +118,7 @@ def _assign(root: dict[str, Any], keys: list[str | int], value: Any) -> None:
                     f"'{keys[depth + 1]}'"
                 )
             if child is not None:
-                schema, in_list = child, kind == _SECTION_LIST
+                schema, in_list = child, kind == SECTION_LIST
         if last:
             node[key] = value
             return

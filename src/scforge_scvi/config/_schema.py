@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
-import types
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -54,12 +52,14 @@ from pydantic import (
     model_validator,
 )
 
-from scforge_scvi._errors import ScForgeValueError
 from scforge_scvi.data import TOKENIZERS
 from scforge_scvi.io import atomic_file
 from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
 from scforge_scvi.train import STRATEGIES
 from scforge_scvi.train._lora import DEFAULT_TARGET_MODULES
+
+from ._errors import ConfigError, describe_errors, is_required_section, show
+from ._yaml import describe_yaml_error, load_yaml
 
 NAMED_GENE_VOCABS = ("human_protein_coding", "data")
 """Vocabulary names accepted by ``data.gene_vocab`` besides a file path."""
@@ -87,40 +87,6 @@ PRECISIONS = (
 )
 
 FinetuneStrategy = Literal[STRATEGIES]  # type: ignore[valid-type]
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-class ConfigError(ScForgeValueError):
-    """An invalid configuration: one human-readable message per problem.
-
-    Parameters
-    ----------
-    problems
-        One message per problem, each naming the dotted path of the offending key.
-    source
-        The config file the problems were found in, if any.
-
-    Attributes
-    ----------
-    problems
-        The messages, in the order found.
-    """
-
-    def __init__(self, problems: str | Sequence[str], source: str | os.PathLike | None = None):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        self.source = None if source is None else str(source)
-        super().__init__(self.problems, self.source)
-
-    def __str__(self) -> str:
-        where = f" in '{self.source}'" if self.source else ""
-        if len(self.problems) == 1:
-            return f"Configuration error{where}: {self.problems[0]}"
-        lines = "\n".join(f"  - {problem}" for problem in self.problems)
-        return f"Configuration error{where} ({len(self.problems)} problems):\n{lines}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +126,7 @@ class _Section(BaseModel):
         return {
             key: value
             for key, value in data.items()
-            if not (value is None and _is_required_section(cls, key))
+            if not (value is None and is_required_section(cls, key))
         }
 
 
@@ -973,14 +939,14 @@ class ScForgeConfig(_Section):
         if not isinstance(data, Mapping):
             raise ConfigError(
                 "a config must be a mapping of sections "
-                f"({', '.join(cls.model_fields)}); got {_show(data)}",
+                f"({', '.join(cls.model_fields)}); got {show(data)}",
                 source,
             )
         data = apply_overrides(data, overrides)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_describe_errors(exc), source) from None
+            raise ConfigError(describe_errors(exc, cls), source) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> ScForgeConfig:
@@ -1010,7 +976,7 @@ class ScForgeConfig(_Section):
         try:
             data = load_yaml(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(_describe_yaml_error(exc), path) from None
+            raise ConfigError(describe_yaml_error(exc), path) from None
         return cls.from_dict(data, overrides, source=path)
 
     def to_dict(self) -> dict[str, Any]:
@@ -1038,229 +1004,6 @@ class ScForgeConfig(_Section):
         with atomic_file(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return path
-
-
-# --------------------------------------------------------------------------------------------
-# YAML reading
-# --------------------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses a key written twice in one mapping.
-
-    Plain PyYAML keeps the last value silently, which would drop a whole repeated section.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                repeated = key in first_seen
-            except TypeError:  # unhashable key: let PyYAML report it
-                continue
-            if repeated:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key '{key}' (first given on line {first_seen[key] + 1})",
-                    key_node.start_mark,
-                )
-            first_seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text safely, refusing duplicate keys."""
-    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-
-
-def _describe_yaml_error(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is None:
-        return f"invalid YAML: {problem}"
-    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-# --------------------------------------------------------------------------------------------
-# Walking the schema, describing errors
-# --------------------------------------------------------------------------------------------
-
-_SECTION, _SECTION_LIST, _VALUE = "section", "section list", "value"
-
-
-def field_kind(annotation: Any) -> tuple[str, type[BaseModel] | None]:
-    """Classify a field: a section (model), a list of sections, or a plain value."""
-    if get_origin(annotation) is list:
-        item = _model_in(get_args(annotation)[0])
-        return (_SECTION_LIST, item) if item is not None else (_VALUE, None)
-    model = _model_in(annotation)
-    return (_SECTION, model) if model is not None else (_VALUE, None)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
-    for option in (annotation, *options):
-        if isinstance(option, type) and issubclass(option, BaseModel):
-            return option
-    return None
-
-
-def _is_required_section(model: type[BaseModel], key: Any) -> bool:
-    field = model.model_fields.get(key) if isinstance(key, str) else None
-    if field is None or field_kind(field.annotation)[0] != _SECTION:
-        return False
-    return type(None) not in get_args(field.annotation)
-
-
-def format_path(parts: Sequence[str | int]) -> str:
-    """``["benchmarks", 0, "label_key"]`` -> ``"benchmarks[0].label_key"``."""
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _all_key_paths(
-    model: type[BaseModel], prefix: tuple[str, ...] = ()
-) -> Iterator[tuple[str, ...]]:
-    for name, field in model.model_fields.items():
-        yield (*prefix, name)
-        kind, child = field_kind(field.annotation)
-        if child is not None:
-            inner = (*prefix, name + ("[]" if kind == _SECTION_LIST else ""))
-            yield from _all_key_paths(child, inner)
-
-
-def unknown_key_message(parts: Sequence[str | int], model: type[BaseModel]) -> str:
-    """Message for an unknown key ``parts[-1]`` inside the section ``model`` at ``parts[:-1]``.
-
-    Suggests the closest valid key, or else the section where a key of that name lives.
-    """
-    key, section = str(parts[-1]), format_path(parts[:-1])
-    valid = list(model.model_fields)
-    message = f"Unknown key '{format_path(parts)}'"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    elsewhere = [".".join(path[:-1]) for path in _all_key_paths(ScForgeConfig) if path[-1] == key]
-    if close:
-        message += f": did you mean '{close[0]}'?"
-    elif elsewhere:
-        message += f": '{key}' belongs in '{elsewhere[0]}'."
-    else:
-        message += "."
-    where = f"in '{section}'" if section else "at the top level"
-    return f"{message} Valid keys {where}: {', '.join(valid)}"
-
-
-def _walk_loc(
-    loc: Sequence[str | int],
-) -> tuple[list[str | int], type[BaseModel], type[BaseModel] | None]:
-    """Follow a pydantic error location through the schema.
-
-    Returns the user-facing path (union tags dropped), the section holding its last key, and
-    the section the location itself points to (None when it points to a value or unknown key).
-    """
-    parts: list[str | int] = []
-    kind, model, parent = _SECTION, ScForgeConfig, ScForgeConfig
-    for item in loc:
-        if kind == _SECTION:
-            parts.append(item)
-            parent = model
-            if item not in model.model_fields:  # an unknown key ends the walk
-                return parts, parent, None
-            kind, model = field_kind(model.model_fields[item].annotation)
-        elif kind == _SECTION_LIST and isinstance(item, int):
-            parts.append(item)
-            kind = _SECTION
-        elif kind == _VALUE and isinstance(item, int):
-            parts.append(item)  # an item of a list value; other items are union tags
-    return parts, parent, (model if kind == _SECTION else None)
-
-
-_EXPECTED = {
-    "int_type": "a whole number",
-    "int_parsing": "a whole number",
-    "int_from_float": "a whole number",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "string_type": "text",
-    "list_type": "a list",
-    "tuple_type": "a list",
-    "path_type": "a file path",
-    "model_type": "a section of keys",
-    "model_attributes_type": "a section of keys",
-    "dict_type": "a section of keys",
-}
-
-
-def _describe_errors(exc: ValidationError) -> list[str]:
-    messages: list[str] = []
-    for error in exc.errors(include_url=False):
-        parts, parent, _ = _walk_loc(error["loc"])
-        path, kind, given = format_path(parts), error["type"], error.get("input")
-        if kind == "extra_forbidden":
-            new = [unknown_key_message(parts, parent)]
-        elif kind == "missing":
-            description = parent.model_fields[parts[-1]].description or ""
-            new = [f"Missing required key '{path}': {description}"]
-        elif kind in _EXPECTED:
-            new = [
-                f"Wrong type for '{path}': expected {_EXPECTED[kind]}, got {_show(given)}"
-                f" ({_yaml_type(given)})"
-            ]
-        elif kind == "literal_error":
-            choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
-            close = difflib.get_close_matches(str(given), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            new = [
-                f"Invalid value for '{path}': {_show(given)} is not one of "
-                f"{', '.join(choices)}.{hint}"
-            ]
-        elif kind == "value_error":
-            text = error["msg"].removeprefix("Value error, ")
-            new = [_place(line, error["loc"]) for line in text.splitlines()]
-        else:
-            text = error["msg"].replace("Input should be", "must be")
-            new = [f"Invalid value for '{path}': {text}; got {_show(given)}"]
-        messages += [m for m in new if m not in messages]
-    return messages
-
-
-def _place(line: str, loc: tuple) -> str:
-    """Attach a validator's message to the key path it concerns."""
-    parts, _, section = _walk_loc(loc)
-    if not parts:
-        return line  # whole-config checks name their keys themselves
-    path = format_path(parts)
-    if section is None:
-        return f"Invalid value for '{path}': {line}"
-    first_word = re.match(r"\w+", line)
-    if first_word and first_word.group() in section.model_fields:
-        return f"{path}.{line}"  # e.g. "model.hidden_dim (500) must be divisible by ..."
-    return f"In '{path}': {line}"
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _yaml_type(value: Any) -> str:
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "text")):
-        if isinstance(value, kind):
-            return name
-    return {type(None): "null", list: "list", dict: "mapping"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _warn(message: str) -> None:
