@@ -53,16 +53,16 @@ CONFIG = """\
 data:
   paths: [{data}]
   gene_vocab: data
-  max_genes: 33
+  max_genes: 32
   num_workers: 0
 tokenizer:
   strategy: rank_value
-  max_genes: 33
+  max_genes: 32
 model:
   hidden_dim: 16
   num_layers: 1
   num_heads: 2
-  max_seq_len: 33
+  max_seq_len: 32
 training:
   batch_size: 64
   max_epochs: 1

@@ -52,7 +52,7 @@ def test_tutorial_values_are_read_as_meant():
     assert full.training.optimizer.lr == pytest.approx(5e-5)
     assert full.finetune.learning_rates(full.training.optimizer.lr) == (1e-5, 1e-3)
     assert full.data.paths == [Path("data/pbmc3k.h5ad")]
-    assert full.tokenizer.max_gene_tokens == 2047  # the [CLS] token takes one place
+    assert full.tokenizer.max_genes == 2048  # genes: the [CLS] token is not counted
 
     lora = ScForgeConfig.from_yaml(LORA)
     assert lora.finetune.strategy == "lora"
@@ -278,7 +278,7 @@ def test_cls_pooling_needs_cls_token(full):
     [message] = problems_of(full, ["tokenizer.prepend_cls=false"])
     assert "model.pooling" in message and "tokenizer.prepend_cls" in message
     config = ScForgeConfig.from_dict(full, ["tokenizer.prepend_cls=false", "model.pooling=mean"])
-    assert config.tokenizer.max_gene_tokens == 2048
+    assert config.tokenizer.max_genes == 2048
 
 
 def test_heads_must_divide_hidden_dim(full):

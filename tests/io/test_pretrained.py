@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -121,3 +122,27 @@ def test_freezing_a_newly_initialised_parameter_is_an_error(saved, counts, tmp_p
     assert missing in model.load_report_.initialised
     with pytest.raises(ValueError, match="still random"):
         model.train(max_epochs=1, strategy="frozen", enable_progress_bar=False)
+
+
+def test_max_seq_len_counts_genes_and_old_directories_load(counts, tmp_path):
+    """``max_seq_len`` counts genes like ``max_genes``; version-1 directories counted <cls>."""
+    torch.manual_seed(0)
+    ranked = {**TINY, "tokenizer": "rank_value", "max_seq_len": 80}  # position embeddings
+    model = ScForge(counts, **ranked)
+    assert model.backbone_config.max_seq_len == 81  # 80 genes + <cls>
+    with pytest.raises(ValueError, match="max_seq_len=63 is smaller than max_genes=64"):
+        ScForge(counts, **{**ranked, "max_seq_len": 63})
+    expected = model.get_latent_representation(counts)
+
+    path = tmp_path / "v1"
+    model.save_pretrained(str(path))
+    config = json.loads((path / "config.json").read_text())
+    assert config["format_version"] == 2 and config["init_params"]["max_seq_len"] == 80
+    config["format_version"] = 1  # as version 1 wrote it: positions, <cls> counted
+    config["init_params"]["max_seq_len"] = 81
+    (path / "config.json").write_text(json.dumps(config))
+
+    assert read_pretrained(path).init_params["max_seq_len"] == 80
+    loaded = ScForge.from_pretrained(str(path), counts)
+    assert loaded.backbone_config.max_seq_len == 81
+    np.testing.assert_allclose(loaded.get_latent_representation(counts), expected, atol=1e-5)

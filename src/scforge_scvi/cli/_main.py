@@ -314,8 +314,7 @@ def _architecture_yaml(params: dict) -> str:
     """The tokenizer and model keys of a config that match the init params of a model."""
     tokenizer = {
         "strategy": params["tokenizer"],
-        # the config's max_genes counts [CLS] (not the end-of-sequence token)
-        "max_genes": params["max_genes"] + int(params["prepend_cls"]),
+        "max_genes": params["max_genes"],
         "prepend_cls": params["prepend_cls"],
     }
     model = {

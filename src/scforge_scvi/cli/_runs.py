@@ -176,7 +176,7 @@ def model_kwargs(config: ScForgeConfig) -> dict[str, Any]:
     tok, prep = config.tokenizer, config.data.preprocessing
     kwargs: dict[str, Any] = {
         "tokenizer": tok.strategy,
-        "max_genes": tok.max_gene_tokens,  # the API counts genes only, the config counts [CLS]
+        "max_genes": tok.max_genes,
         "prepend_cls": tok.prepend_cls,
         "n_bins": tok.n_bins,
         "normalize": prep.normalize,

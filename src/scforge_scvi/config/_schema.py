@@ -12,11 +12,10 @@ Relative paths
     directory, as in the tutorial (``./data/pbmc3k.h5ad``). A leading ``~`` is expanded.
 
 Sequence length
-    ``tokenizer.max_genes`` is the length of a cell's token sequence *including* the ``[CLS]``
-    token when ``tokenizer.prepend_cls`` is on (as in the tutorial, where ``max_genes``,
-    ``max_seq_len`` and ``prepend_cls`` are 2048, 2048 and true). A cell therefore contributes at
-    most ``max_genes - 1`` genes with ``[CLS]`` (:attr:`TokenizerConfig.max_gene_tokens`), and
-    ``tokenizer.max_genes`` may not exceed ``model.max_seq_len``.
+    ``tokenizer.max_genes`` and ``model.max_seq_len`` count genes, as ``ScForge(max_genes=...,
+    max_seq_len=...)`` does: the ``[CLS]`` token of ``tokenizer.prepend_cls`` is not counted (the
+    model adds its position). With the tutorial's 2048, 2048 and true, a cell keeps its 2,048
+    most highly expressed genes. ``tokenizer.max_genes`` may not exceed ``model.max_seq_len``.
 
 Fine-tuning strategy (:attr:`FinetuneConfig.strategy`)
     ================================================  ====================
@@ -307,9 +306,8 @@ class TokenizerConfig(_Section):
         2048,
         ge=1,
         description=(
-            "Length of a cell's token sequence, counting the [CLS] token when prepend_cls is "
-            "true (so 2048 keeps a cell's 2047 most highly expressed genes). At most "
-            "model.max_seq_len."
+            "Genes kept per cell, its most highly expressed (the [CLS] token of prepend_cls "
+            "is not counted). At most model.max_seq_len."
         ),
     )
     prepend_cls: bool = Field(
@@ -328,20 +326,6 @@ class TokenizerConfig(_Section):
         default_factory=MaskingConfig,
         description="Masked-gene pretraining settings; ignored when fine-tuning.",
     )
-
-    @property
-    def max_gene_tokens(self) -> int:
-        """Most genes a cell contributes: ``max_genes`` less one for ``[CLS]`` if prepended."""
-        return self.max_genes - int(self.prepend_cls)
-
-    @model_validator(mode="after")
-    def _check_room_for_genes(self) -> TokenizerConfig:
-        if self.max_gene_tokens < 1:
-            raise ValueError(
-                "max_genes must be at least 2 when prepend_cls is true: the [CLS] token takes "
-                "one place"
-            )
-        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +362,10 @@ class ModelConfig(_Section):
     max_seq_len: _Int = Field(
         2048,
         ge=1,
-        description="Longest token sequence the model accepts; at least tokenizer.max_genes.",
+        description=(
+            "Most genes of a cell the model can read ([CLS] not counted); at least "
+            "tokenizer.max_genes."
+        ),
     )
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "cls",
@@ -886,7 +873,7 @@ class ScForgeConfig(_Section):
             problems.append(
                 f"tokenizer.max_genes ({tokenizer.max_genes}) is larger than model.max_seq_len "
                 f"({model.max_seq_len}): the model cannot read sequences that long. Lower "
-                "tokenizer.max_genes or raise model.max_seq_len (the [CLS] token counts in both)."
+                "tokenizer.max_genes or raise model.max_seq_len (both count genes, not [CLS])."
             )
         if model.pooling == "cls" and not tokenizer.prepend_cls:
             problems.append(

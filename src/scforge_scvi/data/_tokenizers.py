@@ -127,9 +127,14 @@ class Tokenizer:
 
     # -- shared path -------------------------------------------------------------------------
     @property
+    def n_special_tokens(self) -> int:
+        """Tokens of a sequence that are not genes: ``<cls>`` and ``<eos>`` when added."""
+        return int(self.prepend_cls) + int(self.append_eos)
+
+    @property
     def max_length(self) -> int:
         """Longest sequence this tokenizer can emit."""
-        return self.max_genes + int(self.prepend_cls) + int(self.append_eos)
+        return self.max_genes + self.n_special_tokens
 
     def __call__(self, counts: Any, gene_index: np.ndarray) -> TokenizedBatch:
         """Tokenise a minibatch.

@@ -615,7 +615,7 @@ def read_geneformer(
         "activation": activation,
         "gene_head_activation": activation,
         "pooling": "cls" if special_tokens else "mean",
-        "max_seq_len": max_positions,
+        "max_seq_len": max_positions - n_special,  # genes; the backbone adds <cls> / <eos>
         "norm_position": "post",
         "embedding_norm": True,
         "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),

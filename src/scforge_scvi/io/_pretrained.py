@@ -36,7 +36,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VOCAB_NAME = "gene_vocab.json"
 FORMAT_NAME = "scforge-pretrained"
-FORMAT_VERSION = 1
+# 2: ScForge's ``max_seq_len`` counts genes (version 1 counted the <cls> / <eos> tokens too)
+FORMAT_VERSION = 2
 
 # init arguments that fix tensor shapes (or which tensors exist and how they are used): they
 # must match between checkpoint and model
@@ -118,6 +119,21 @@ class LoadReport:
 def _preview(keys: list[str], k: int = 4) -> str:
     heads = sorted({key.split(".")[0] for key in keys})
     return ", ".join(heads[:k]) + (", ..." if len(heads) > k else "")
+
+
+def _special_tokens(params: dict[str, Any]) -> int:
+    """``<cls>`` and ``<eos>`` tokens of a ScForge sequence with init arguments ``params``."""
+    return int(params.get("prepend_cls", True)) + int(params.get("append_eos", False))
+
+
+def _upgrade(config: dict[str, Any], version: int) -> dict[str, Any]:
+    """A ``config.json`` of an older format version, as the current version writes it."""
+    params = config.get("init_params")
+    old_length = params and params.get("max_seq_len") is not None
+    if version < 2 and config.get("model_class") == "ScForge" and old_length:
+        params["max_seq_len"] -= _special_tokens(params)  # it counted <cls> / <eos> too
+    config["format_version"] = FORMAT_VERSION
+    return config
 
 
 def _json_dump(obj: Any, path: Path) -> None:
@@ -226,14 +242,16 @@ def read_pretrained(path: str | os.PathLike, *, vocab: bool = True) -> Pretraine
             "no model was built. Re-export it from the training run."
         ) from None
     genes = GeneVocab.load(path / VOCAB_NAME) if vocab else None
+    config = _upgrade(config, config.get("format_version", FORMAT_VERSION))
     return Pretrained(config, genes, state_dict, str(path))
 
 
 def _read_checkpoint(path: Path) -> Pretrained:
     ckpt = read_lightning_checkpoint(path, key="scforge", expected=_EXPECTED)
     meta = ckpt["scforge"]
+    config = _upgrade(meta["config"], meta["config"].get("format_version", 1))
     return Pretrained(
-        meta["config"], GeneVocab.from_dict(meta["vocab"]), module_state_dict(ckpt), str(path)
+        config, GeneVocab.from_dict(meta["vocab"]), module_state_dict(ckpt), str(path)
     )
 
 
@@ -298,6 +316,7 @@ class PretrainedMixin:
             params.pop(key, None)
         return {
             "model_class": type(self).__name__,
+            "format_version": FORMAT_VERSION,  # also in a Lightning checkpoint's metadata
             "init_params": params,
             "backbone": self.backbone_config.to_dict(),
             "class_names": list(self.class_names_),
@@ -460,8 +479,8 @@ class PretrainedMixin:
         params = pretrained.init_params
         saved = dict(params)  # a None that was saved stands for the value it implied
         backbone = pretrained.config.get("backbone", {})
-        if saved.get("max_seq_len") is None:
-            saved["max_seq_len"] = backbone.get("max_seq_len")
+        if saved.get("max_seq_len") is None and backbone.get("max_seq_len"):
+            saved["max_seq_len"] = backbone["max_seq_len"] - _special_tokens(saved)
         if saved.get("ffn_dim") is None and backbone.get("hidden_dim"):
             saved["ffn_dim"] = backbone.get("ffn_dim") or 4 * backbone["hidden_dim"]
         check_architecture(saved, kwargs, source=f"the requested {cls.__name__} arguments")

@@ -72,7 +72,9 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
     normalize, target_sum, log1p, n_top_genes
         Preprocessing, see :class:`~scforge_scvi.data.Preprocessing`.
     hidden_dim, num_layers, num_heads, ffn_dim, dropout, activation, pooling, max_seq_len
-        Transformer architecture; ``max_seq_len`` defaults to ``max_genes`` (+1 for CLS).
+        Transformer architecture. ``max_seq_len`` is the most genes the model can read in
+        one cell (default ``max_genes``); like ``max_genes`` it does not count ``<cls>`` and
+        ``<eos>``, for which the backbone adds positions itself.
         ``pooling="mean"`` averages the gene tokens, ``"cls"`` reads ``<cls>``.
 
     expression_loss_weight
@@ -194,7 +196,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             dropout=dropout,
             attention_dropout=attention_dropout,
             activation=activation,
-            max_seq_len=max_seq_len or self.tokenizer.max_length,
+            # positions: the genes plus the tokenizer's <cls> / <eos>
+            max_seq_len=(max_seq_len or max_genes) + self.tokenizer.n_special_tokens,
             pooling=pooling,
             value_encoding=self.tokenizer.value_encoding,
             n_bins=n_bins,
@@ -204,12 +207,11 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             norm_position=norm_position,
             embedding_norm=embedding_norm,
         )
-        if self.backbone_config.max_seq_len < self.tokenizer.max_length:
+        if max_seq_len is not None and max_seq_len < max_genes:
             raise ValueError(
-                f"max_seq_len={self.backbone_config.max_seq_len} is shorter than the "
-                f"tokenizer's longest sequence ({self.tokenizer.max_length} = max_genes "
-                f"{max_genes} + CLS {int(prepend_cls)} + EOS {int(append_eos)}); raise "
-                "max_seq_len or lower max_genes."
+                f"max_seq_len={max_seq_len} is smaller than max_genes={max_genes}: the model "
+                "could not read a cell's genes (both count genes; <cls> and <eos> are added). "
+                "Raise max_seq_len or lower max_genes."
             )
         if pooling == "cls" and not prepend_cls:
             raise ValueError("pooling='cls' needs prepend_cls=True; use pooling='mean' instead.")
