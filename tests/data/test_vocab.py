@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
+from scforge_scvi.data import VocabCoverageError
 from scforge_scvi.data._vocab import (
     CLS_ID,
     MASK_ID,
@@ -20,7 +21,6 @@ from scforge_scvi.data._vocab import (
     SPECIAL_TOKENS,
     UNK_ID,
     GeneVocab,
-    VocabCoverageError,
 )
 
 PBMC3K = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "pbmc3k_raw_labeled.h5ad"

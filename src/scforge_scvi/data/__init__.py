@@ -4,6 +4,7 @@ from ._bucketing import LengthGroupedDataSplitter, LengthGroupedSampler, token_l
 from ._collate import TokenCollator
 from ._datasets import pbmc68k_counts
 from ._masking import MaskedBatch, MaskingConfig, mask_tokens
+from ._matching import GeneMatch, VocabCoverageError
 from ._preprocess import (
     Preprocessing,
     check_raw_counts,
@@ -22,7 +23,7 @@ from ._tokenizers import (
     Tokenizer,
     build_tokenizer,
 )
-from ._vocab import SPECIAL_TOKENS, GeneMatch, GeneVocab, VocabCoverageError
+from ._vocab import SPECIAL_TOKENS, GeneVocab
 
 __all__ = [
     "SPECIAL_TOKENS",

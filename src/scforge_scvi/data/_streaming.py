@@ -45,8 +45,9 @@ from scforge_scvi._errors import (
 from scforge_scvi._logging import logger
 
 from ._collate import TokenCollator
+from ._matching import VocabCoverageError
 from ._tokenizers import Tokenizer
-from ._vocab import GeneVocab, VocabCoverageError
+from ._vocab import GeneVocab
 
 #: extra key of streamed batches: the global index of each cell (shard offset + row)
 CELL_INDEX_KEY = "ind_x"
