@@ -127,12 +127,11 @@ def _special_tokens(params: dict[str, Any]) -> int:
 
 
 def _upgrade(config: dict[str, Any], version: int) -> dict[str, Any]:
-    """A ``config.json`` of an older format version, as the current version writes it."""
+    """A ``config.json`` of an older format version, read as the current version means it."""
     params = config.get("init_params")
     old_length = params and params.get("max_seq_len") is not None
     if version < 2 and config.get("model_class") == "ScForge" and old_length:
         params["max_seq_len"] -= _special_tokens(params)  # it counted <cls> / <eos> too
-    config["format_version"] = FORMAT_VERSION
     return config
 
 
