@@ -60,9 +60,9 @@ from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
 from scforge_scvi.train import count_parameters
 from scforge_scvi.train._callbacks import BestCheckpoint
 from scforge_scvi.train._perturb_plan import (
-    BackboneFreezing,
     PerturbTrainingConfig,
     PerturbTrainingPlan,
+    backbone_freezing,
     check_freezable,
 )
 
@@ -402,7 +402,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         # minimum validation loss (gene space): weights kept in memory; with a directory,
         # resumable best.ckpt and last.ckpt written after every validation
         best = BestCheckpoint("validation_loss", dirpath=checkpoint_dir, restore_best=False)
-        callbacks = [BackboneFreezing(), best, *trainer_kwargs.pop("callbacks", [])]
+        callbacks = [backbone_freezing(config), best, *trainer_kwargs.pop("callbacks", [])]
         has_val = datamodule.val_sets is not None
         trainer_kwargs.setdefault("enable_progress_bar", False)
         trainer_kwargs.setdefault("log_every_n_steps", 1)  # losses are logged per epoch

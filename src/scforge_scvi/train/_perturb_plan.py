@@ -22,13 +22,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from scforge_scvi._logging import logger
 from scforge_scvi.io._pretrained import read_pretrained
 from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbOutput
 
 from ._callbacks import BestCheckpoint
+from ._freezing import GradualUnfreezing
 from ._optim import build_adamw, format_parameter_summary, parameter_group_summary
 from ._perturb_losses import PerturbLossWeights, perturbation_set_loss
 from ._schedules import cosine_with_warmup
@@ -250,28 +250,18 @@ class PerturbTrainingPlan(pl.LightningModule):
         }
 
 
-class BackboneFreezing(Callback):
-    """Freeze the backbone while :meth:`PerturbTrainingConfig.frozen_at_epoch` says so.
+def backbone_freezing(config: PerturbTrainingConfig) -> GradualUnfreezing:
+    """The callback that freezes the backbone as ``config`` says (see ``frozen_at_epoch``).
 
     The backbone's parameters stay in the optimizer throughout (with a zero learning rate
-    while frozen); this callback only switches ``requires_grad`` at the start of each epoch
-    and logs when the backbone unfreezes.
+    while frozen); the callback only switches ``requires_grad`` at the start of each epoch.
     """
+    epochs = config.freeze_backbone_epochs if config.freeze_backbone else 0
+    return GradualUnfreezing(epochs, parameters=_set_model_backbone)
 
-    def _apply(self, pl_module: PerturbTrainingPlan, epoch: int) -> None:
-        frozen = pl_module.config.frozen_at_epoch(epoch)
-        params = [p for m in pl_module.module.backbone_modules() for p in m.parameters()]
-        was_frozen = any(not p.requires_grad for p in params)
-        for p in params:
-            p.requires_grad_(not frozen)
-        if was_frozen and not frozen:
-            logger.info("Epoch %d: backbone unfrozen (%d tensors).", epoch, len(params))
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
-        self._apply(pl_module, trainer.current_epoch)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: PerturbTrainingPlan) -> None:
-        self._apply(pl_module, trainer.current_epoch)
+def _set_model_backbone(pl_module: PerturbTrainingPlan) -> list[torch.nn.Parameter]:
+    return [p for m in pl_module.module.backbone_modules() for p in m.parameters()]
 
 
 def check_same_run(saved: dict[str, Any], expected: dict[str, Any]) -> None:
