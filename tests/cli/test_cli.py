@@ -196,6 +196,23 @@ def test_embed_and_predict_write_anndata(in_project: Path, capsys):
     assert "_scforge_query_labels" not in predicted.obs
 
 
+def test_interrupted_write_keeps_the_previous_output(in_project: Path, capsys, monkeypatch):
+    model = "checkpoints/cell_type/best"
+    args = ("embed", "--model", model, "--input", "data/pbmc3k.h5ad", "--output", "kept.h5ad")
+    assert _run(capsys, *args)[0] == 0
+    before = Path("kept.h5ad").read_bytes()
+
+    def half_then_fail(self, path, *a, **k):
+        Path(path).write_bytes(before[: len(before) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        main([*args, "--overwrite", "--key-added", "X_other"])
+    assert Path("kept.h5ad").read_bytes() == before
+    assert [p.name for p in Path().iterdir() if p.name.startswith(".kept")] == []
+
+
 def test_benchmark_reports_model_and_baseline(in_project: Path, capsys):
     code, out, err = _run(
         capsys,

@@ -64,8 +64,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     if prep.hvg is not None and prep.hvg < adata.n_vars:
         sc.pp.highly_variable_genes(adata, n_top_genes=prep.hvg, subset=True)
     adata.uns["scforge_preprocess"] = {"params": config.data.preprocessing.model_dump()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(output)
+    runs.write_h5ad(adata, output)
     print(
         f"Wrote {output}: {adata.n_obs} cells x {adata.n_vars} genes; raw counts in "
         "layers['counts'], normalised values in X."
@@ -140,23 +139,22 @@ def _train_run(args: argparse.Namespace, config, *, objective: str) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    adata, model, output = _query(args)
-    model.embed(adata, key_added=args.key_added, batch_size=args.batch_size)
-    runs.drop_query_labels(adata)
-    adata.write_h5ad(output)
-    print(
-        f"Wrote {output} with obsm['{args.key_added}'] ({adata.obsm[args.key_added].shape[1]} "
-        "dims)."
-    )
-    return 0
+    return _apply(args, "embed")
 
 
 def _predict(args: argparse.Namespace) -> int:
+    return _apply(args, "predict")
+
+
+def _apply(args: argparse.Namespace, method: str) -> int:
+    """``scforge embed`` / ``predict``: run ``model.<method>`` on the cells, write them out."""
     adata, model, output = _query(args)
-    model.predict(adata, key_added=args.key_added, batch_size=args.batch_size)
+    getattr(model, method)(adata, key_added=args.key_added, batch_size=args.batch_size)
     runs.drop_query_labels(adata)
-    adata.write_h5ad(output)
-    print(f"Wrote {output} with obs['{args.key_added}'].")
+    runs.write_h5ad(adata, output)
+    key = args.key_added
+    added = f"obsm['{key}'] ({adata.obsm[key].shape[1]} dims)" if method == "embed" else None
+    print(f"Wrote {output} with {added or f'obs[{key!r}]'}.")
     return 0
 
 

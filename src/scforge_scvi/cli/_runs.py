@@ -170,6 +170,14 @@ def check_output(
     return path
 
 
+def write_h5ad(adata: AnnData, path: Path) -> None:
+    """Write ``adata`` to ``path`` atomically: an interrupted write leaves a file there intact."""
+    from scforge_scvi.io import atomic_file
+
+    with atomic_file(path) as tmp:
+        adata.write_h5ad(tmp)
+
+
 # -- model -----------------------------------------------------------------------------------
 def model_kwargs(config: ScForgeConfig) -> dict[str, Any]:
     """``ScForge`` init arguments from ``tokenizer``, ``model``, ``data`` and ``finetune.head``."""
