@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--class-weights", default="balanced")
     p.add_argument("--token-dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.1, help="backbone and head dropout")
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--monitor", default=None, help="selection metric (default: ScForge.train's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", type=Path, default=None)
@@ -146,6 +148,8 @@ def main(argv=None) -> None:
         num_layers=args.num_layers,
         num_heads=args.num_heads,
         pooling=args.pooling,
+        dropout=args.dropout,
+        head_dropout=args.dropout,
     )
     fit = dict(
         lr=args.lr,
@@ -153,6 +157,7 @@ def main(argv=None) -> None:
         min_lr_ratio=args.min_lr_ratio,
         class_weights=None if args.class_weights == "none" else args.class_weights,
         token_dropout=args.token_dropout,
+        weight_decay=args.weight_decay,
         monitor=args.monitor,
         batch_size=args.batch_size,
         train_size=TRAIN_SIZE,
