@@ -62,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--class-weights", default="balanced")
@@ -153,6 +154,7 @@ def main(argv=None) -> None:
     )
     fit = dict(
         lr=args.lr,
+        backbone_lr=args.backbone_lr,
         warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio,
         class_weights=None if args.class_weights == "none" else args.class_weights,
