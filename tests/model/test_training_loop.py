@@ -83,12 +83,13 @@ def test_progress_bar_shows_loss_and_val_loss(run):
 
 
 class SamplerRecorder(Callback):
-    """The training loader's batch sampler when training starts."""
+    """The training loader's batch sampler and the optimizer's betas when training starts."""
 
-    sampler = None
+    sampler = betas = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.sampler = trainer.train_dataloader.sampler
+        self.betas = {group["betas"] for group in trainer.optimizers[0].param_groups}
 
 
 def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_counts_once):
@@ -103,10 +104,11 @@ def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_count
         max_epochs=1,
         batch_size=64,
         datasplitter_kwargs={"group_batches": 2},
-        plan_kwargs={},
+        plan_kwargs={"betas": (0.8, 0.95)},
         limit_train_batches=1,
         callbacks=[recorder],
         enable_progress_bar=False,
     )
     assert recorder.sampler.group_batches == 2
+    assert recorder.betas == {(0.8, 0.95)}  # every parameter group
     assert model.best_epoch_ == 0

@@ -153,8 +153,10 @@ def _apply(args: argparse.Namespace, method: str) -> int:
     runs.drop_query_labels(adata)
     runs.write_h5ad(adata, output)
     key = args.key_added
-    added = f"obsm['{key}'] ({adata.obsm[key].shape[1]} dims)" if method == "embed" else None
-    print(f"Wrote {output} with {added or f'obs[{key!r}]'}.")
+    if method == "embed":
+        print(f"Wrote {output} with obsm['{key}'] ({adata.obsm[key].shape[1]} dims).")
+    else:
+        print(f"Wrote {output} with obs['{key}'].")
     return 0
 
 

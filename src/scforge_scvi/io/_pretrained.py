@@ -121,17 +121,14 @@ def _preview(keys: list[str], k: int = 4) -> str:
     return ", ".join(heads[:k]) + (", ..." if len(heads) > k else "")
 
 
-def _special_tokens(params: dict[str, Any]) -> int:
-    """``<cls>`` and ``<eos>`` tokens of a ScForge sequence with init arguments ``params``."""
-    return int(params.get("prepend_cls", True)) + int(params.get("append_eos", False))
-
-
 def _upgrade(config: dict[str, Any], version: int) -> dict[str, Any]:
     """A ``config.json`` of an older format version, read as the current version means it."""
     params = config.get("init_params")
     old_length = params and params.get("max_seq_len") is not None
     if version < 2 and config.get("model_class") == "ScForge" and old_length:
-        params["max_seq_len"] -= _special_tokens(params)  # it counted <cls> / <eos> too
+        # it counted the <cls> / <eos> tokens too (ScForge's defaults: <cls> only)
+        params["max_seq_len"] -= int(params.get("prepend_cls", True))
+        params["max_seq_len"] -= int(params.get("append_eos", False))
     return config
 
 
@@ -478,8 +475,8 @@ class PretrainedMixin:
         params = pretrained.init_params
         saved = dict(params)  # a None that was saved stands for the value it implied
         backbone = pretrained.config.get("backbone", {})
-        if saved.get("max_seq_len") is None and backbone.get("max_seq_len"):
-            saved["max_seq_len"] = backbone["max_seq_len"] - _special_tokens(saved)
+        if saved.get("max_seq_len") is None:
+            saved["max_seq_len"] = saved.get("max_genes")  # None meant "as many as max_genes"
         if saved.get("ffn_dim") is None and backbone.get("hidden_dim"):
             saved["ffn_dim"] = backbone.get("ffn_dim") or 4 * backbone["hidden_dim"]
         check_architecture(saved, kwargs, source=f"the requested {cls.__name__} arguments")

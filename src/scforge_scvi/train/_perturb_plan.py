@@ -101,12 +101,6 @@ class PerturbTrainingConfig:
         """The loss weights as a :class:`PerturbLossWeights`."""
         return PerturbLossWeights(energy=self.energy_weight, mean_mse=self.mean_mse_weight)
 
-    def frozen_at_epoch(self, epoch: int) -> bool:
-        """Whether the backbone is frozen during ``epoch``."""
-        if not self.freeze_backbone:
-            return False
-        return self.freeze_backbone_epochs is None or epoch < self.freeze_backbone_epochs
-
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of all fields."""
         return asdict(self)
@@ -251,7 +245,8 @@ class PerturbTrainingPlan(pl.LightningModule):
 
 
 def backbone_freezing(config: PerturbTrainingConfig) -> GradualUnfreezing:
-    """The callback that freezes the backbone as ``config`` says (see ``frozen_at_epoch``).
+    """The callback that freezes the backbone as ``config`` says: with ``freeze_backbone``, for
+    ``freeze_backbone_epochs`` epochs (``None``: the whole run).
 
     The backbone's parameters stay in the optimizer throughout (with a zero learning rate
     while frozen); the callback only switches ``requires_grad`` at the start of each epoch.
