@@ -71,6 +71,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--monitor", default=None, help="selection metric (default: ScForge.train's)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--validation-size",
+        type=float,
+        default=VALIDATION_SIZE,
+        help="share of the cells that chooses the kept epoch, taken from the training share "
+        "(the test cells stay the same)",
+    )
+    p.add_argument(
+        "--pretrain-extra",
+        choices=("pbmc3k",),
+        default=None,
+        help="also pretrain on every cell of this dataset (restricted to the genes of --dataset)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--history", action="store_true", help="print validation metrics by epoch")
     p.add_argument(
@@ -162,23 +175,39 @@ def main(argv=None) -> None:
         weight_decay=args.weight_decay,
         monitor=args.monitor,
         batch_size=args.batch_size,
-        train_size=TRAIN_SIZE,
-        validation_size=VALIDATION_SIZE,
+        train_size=TRAIN_SIZE + VALIDATION_SIZE - args.validation_size,
+        validation_size=args.validation_size,
         enable_progress_bar=False,
     )
+    extra = None
+    if args.pretrain_extra:
+        extra, _ = load(args.pretrain_extra)
+        extra = extra[:, extra.var_names.isin(adata.var_names)].copy()
+        extra.obs = extra.obs[[]]
+        print(
+            f"pretraining also on {args.pretrain_extra}: {extra.n_obs} cells x {extra.n_vars} genes"
+        )
     results = []
     for seed in args.seeds:
         labelled = adata.copy()
         ScForge.setup_anndata(labelled, labels_key=key)
         # the model's own split (the same function ScForge.train calls, stratified by label)
         train, val, test = split_cells(
-            labelled.n_obs, TRAIN_SIZE, VALIDATION_SIZE, seed, labelled.obs[key].astype(str)
+            labelled.n_obs,
+            fit["train_size"],
+            fit["validation_size"],
+            seed,
+            labelled.obs[key].astype(str),
         )
         rest = np.union1d(train, val)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             pre = adata[rest].copy()
-            del pre.obs[key]
+            pre.obs = pre.obs[[]]
+            if extra is not None:
+                import anndata as ad
+
+                pre = ad.concat([pre, extra], join="outer", index_unique="-")
             ScForge.setup_anndata(pre)
             torch.manual_seed(seed)  # the initial weights: a seed names one whole run
             model = ScForge(pre, **arch)
@@ -197,7 +226,7 @@ def main(argv=None) -> None:
             model.save_pretrained(str(Path(tmp) / "pre"))
             t_pre = time.perf_counter() - t0
             print(
-                f"seed {seed}: pretraining {len(model.history['train_loss_epoch'])} epochs on {len(rest)} "
+                f"seed {seed}: pretraining {len(model.history['train_loss_epoch'])} epochs on {pre.n_obs} "
                 f"cells: {t_pre:.0f} s",
                 flush=True,
             )
