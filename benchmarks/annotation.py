@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--class-weights", default="balanced")
     p.add_argument("--token-dropout", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.1, help="backbone and head dropout")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--monitor", default=None, help="selection metric (default: ScForge.train's)")
@@ -179,6 +180,8 @@ def main(argv=None) -> None:
         validation_size=args.validation_size,
         enable_progress_bar=False,
     )
+    if args.label_smoothing:
+        fit["plan_kwargs"] = {"label_smoothing": args.label_smoothing}
     extra = None
     if args.pretrain_extra:
         extra, _ = load(args.pretrain_extra)

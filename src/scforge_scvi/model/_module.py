@@ -222,12 +222,15 @@ class ScForgeModule(BaseModuleClass):
         generative_outputs: dict[str, Any],
         objective: str = "pretrain",
         class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> LossOutput:
         """Objective of the current training stage, as an scvi-tools ``LossOutput``."""
         if objective == "pretrain":
             return self._masked_gene_loss(inference_outputs)
         if objective == "classify":
-            return self._classification_loss(tensors, inference_outputs, class_weights)
+            return self._classification_loss(
+                tensors, inference_outputs, class_weights, label_smoothing
+            )
         if objective == "regress":
             return self._regression_loss(tensors, inference_outputs)
         raise ValueError(f"Unknown objective {objective!r}; choose one of {OBJECTIVES}.")
@@ -252,7 +255,9 @@ class ScForgeModule(BaseModuleClass):
             extra["expression_loss"] = expr_loss.detach()
         return LossOutput(loss=loss, n_obs_minibatch=n_cells, extra_metrics=extra)
 
-    def _classification_loss(self, tensors, outputs, class_weights) -> LossOutput:
+    def _classification_loss(
+        self, tensors, outputs, class_weights, label_smoothing=0.0
+    ) -> LossOutput:
         if self.classifier is None:
             raise ValueError("This model has no classification head.")
         logits = self.classifier(outputs["embedding"])
@@ -260,7 +265,12 @@ class ScForgeModule(BaseModuleClass):
         # codes past the last class mark unlabelled cells: predicted, never in the loss
         labelled = labels < logits.shape[-1]
         if labelled.any():
-            loss = F.cross_entropy(logits[labelled], labels[labelled], weight=class_weights)
+            loss = F.cross_entropy(
+                logits[labelled],
+                labels[labelled],
+                weight=class_weights,
+                label_smoothing=label_smoothing,
+            )
             acc = (logits[labelled].argmax(-1) == labels[labelled]).float().mean()
         else:
             loss = logits.sum() * 0.0

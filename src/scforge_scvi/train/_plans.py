@@ -105,6 +105,10 @@ class ScForgeTrainingPlan(TrainingPlan):
     token_dropout
         Fraction of each training cell's gene tokens hidden at random in fine-tuning steps
         (an augmentation; never in validation, inference or pretraining).
+    label_smoothing
+        Share of the target probability spread over all classes in the classification loss
+        of training steps (``torch.nn.functional.cross_entropy``'s ``label_smoothing``); the
+        validation loss, which chooses the kept epoch, stays the plain cross-entropy.
     checkpoint_metadata
         JSON-like description of the model (config and vocabulary) stored in every Lightning
         checkpoint under ``"scforge"``, so that a ``.ckpt`` loads with ``weights_only=True``
@@ -127,6 +131,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         seed: int = 0,
         class_weights: torch.Tensor | None = None,
         token_dropout: float = 0.0,
+        label_smoothing: float = 0.0,
         checkpoint_metadata: dict | None = None,
     ) -> None:
         super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW")
@@ -140,6 +145,9 @@ class ScForgeTrainingPlan(TrainingPlan):
         self.seed = int(seed)
         self.class_weights = class_weights
         self.token_dropout = float(token_dropout)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r}: use a value in [0, 1).")
+        self.label_smoothing = float(label_smoothing)
         self.checkpoint_metadata = checkpoint_metadata
 
     # -- steps -------------------------------------------------------------------------------
@@ -166,6 +174,8 @@ class ScForgeTrainingPlan(TrainingPlan):
         loss_kwargs: dict[str, Any] = {"objective": self.objective}
         if self.class_weights is not None:
             loss_kwargs["class_weights"] = self.class_weights.to(self.device)
+        if self.objective == "classify" and stage == "train" and self.label_smoothing > 0:
+            loss_kwargs["label_smoothing"] = self.label_smoothing
         _, _, out = self.forward(batch, inference_kwargs=inference_kwargs, loss_kwargs=loss_kwargs)
         prefix = "train" if stage == "train" else "val"
         n = out.n_obs_minibatch
