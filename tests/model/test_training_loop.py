@@ -112,3 +112,46 @@ def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_count
     assert recorder.sampler.group_batches == 2
     assert recorder.betas == {(0.8, 0.95)}  # every parameter group
     assert model.best_epoch_ == 0
+
+
+def test_label_smoothing_applies_to_training_steps_only(_pbmc68k_counts_once):
+    adata = _pbmc68k_counts_once.copy()
+    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
+        adata.uns.pop(key, None)
+    ScForge.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
+    torch.manual_seed(0)
+    model = ScForge(adata, **TINY)
+    with pytest.raises(ValueError, match=r"label_smoothing=1\.0: use a value in \[0, 1\)"):
+        model.train(max_epochs=1, plan_kwargs={"label_smoothing": 1.0})
+
+    seen: list[tuple[bool, float]] = []  # (training step?, smoothing of that loss)
+    loss = model.module.loss
+
+    def recording_loss(*args, **kwargs):
+        seen.append((model.module.training, kwargs.get("label_smoothing", 0.0)))
+        return loss(*args, **kwargs)
+
+    model.module.loss = recording_loss
+    model.train(
+        max_epochs=1,
+        batch_size=64,
+        plan_kwargs={"label_smoothing": 0.2},
+        limit_train_batches=2,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    assert {s for training, s in seen if training} == {0.2}
+    assert {s for training, s in seen if not training} == {0.0}  # selection sees plain CE
+
+    # the smoothed loss is cross-entropy against the smoothed targets
+    batch = next(iter(model._loader(adata, batch_size=32)))
+    model.module.eval()
+    with torch.no_grad():
+        inference = model.module.inference(**model.module._get_inference_input(batch))
+        smoothed = loss(batch, inference, {}, objective="classify", label_smoothing=0.2).loss
+        logits = model.module.classifier(inference["embedding"])
+    labels = batch["labels"].view(-1).long()
+    n = logits.shape[-1]
+    target = torch.full_like(logits, 0.2 / n).scatter_(1, labels[:, None], 0.8 + 0.2 / n)
+    expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(smoothed, expected, atol=1e-5)
