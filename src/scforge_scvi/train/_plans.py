@@ -107,8 +107,8 @@ class ScForgeTrainingPlan(TrainingPlan):
         (an augmentation; never in validation, inference or pretraining).
     label_smoothing
         Share of the target probability spread over all classes in the classification loss
-        of training steps (``torch.nn.functional.cross_entropy``'s ``label_smoothing``); the
-        validation loss, which chooses the kept epoch, stays the plain cross-entropy.
+        of training steps (``torch.nn.functional.cross_entropy``'s ``label_smoothing``);
+        validation metrics stay those of the plain cross-entropy.
     checkpoint_metadata
         JSON-like description of the model (config and vocabulary) stored in every Lightning
         checkpoint under ``"scforge"``, so that a ``.ckpt`` loads with ``weights_only=True``
