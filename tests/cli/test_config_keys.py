@@ -71,6 +71,7 @@ CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "finetune.backbone_lr": ([], ["finetune.backbone_lr=1e-4"]),
     "finetune.head_lr": ([], ["finetune.head_lr=1e-2"]),
     "finetune.class_weights": ([], ["finetune.class_weights=null"]),
+    "finetune.label_smoothing": ([], ["finetune.label_smoothing=0.1"]),
 }
 
 # keys read by a step other than the API arguments compared here, and where

@@ -51,6 +51,8 @@ def test_config_trains_with_the_default_schedule(recipe):
     fit = train_kwargs(recipe, objective="classify")
     for name in ("lr", "weight_decay", "min_lr_ratio", "batch_size", "class_weights"):
         assert fit[name] == defaults[name], name
+    plan_defaults = _defaults(ScForge._training_plan_cls.__init__)
+    assert fit["plan_kwargs"]["label_smoothing"] == plan_defaults["label_smoothing"]
     assert fit["strategy"] == "full" and fit["backbone_lr"] == fit["head_lr"] == fit["lr"]
     # the training file holds 80% of pbmc3k; the config's validation share of it is 1/8
     n_train = round(0.8 * PBMC3K_CELLS * fit["train_size"])

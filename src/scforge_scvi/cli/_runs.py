@@ -318,6 +318,7 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
     kwargs["backbone_lr"], kwargs["head_lr"] = finetune.learning_rates(training.optimizer.lr)
     kwargs["freeze_backbone_epochs"] = finetune.freeze_backbone_epochs
     kwargs["class_weights"] = finetune.class_weights  # train() decides for streamed cells
+    kwargs["plan_kwargs"]["label_smoothing"] = finetune.label_smoothing
     if kwargs["strategy"] != "gradual_unfreeze":
         kwargs["freeze_backbone_epochs"] = 0
     if finetune.lora.enabled:

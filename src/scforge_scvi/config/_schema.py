@@ -718,6 +718,15 @@ class FinetuneConfig(_Section):
             "or null (plain cross-entropy)."
         ),
     )
+    label_smoothing: _Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Share of the target probability spread over all classes in the training loss "
+            "(0: plain cross-entropy); validation metrics use the plain cross-entropy."
+        ),
+    )
 
     # training.max_epochs of the enclosing config, set by ScForgeConfig; decides "frozen".
     _max_epochs: int | None = PrivateAttr(None)
