@@ -153,5 +153,20 @@ def test_label_smoothing_applies_to_training_steps_only(_pbmc68k_counts_once):
     labels = batch["labels"].view(-1).long()
     n = logits.shape[-1]
     target = torch.full_like(logits, 0.2 / n).scatter_(1, labels[:, None], 0.8 + 0.2 / n)
-    expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
-    assert torch.allclose(smoothed, expected, atol=1e-5)
+    per_cell = -(target * logits.log_softmax(-1)).sum(-1)
+    assert torch.allclose(smoothed, per_cell.mean(), atol=1e-5)
+
+    # with class weights, each cell counts with its own class's weight: the smoothing share
+    # is spread evenly, not towards the classes of largest weight
+    weights = torch.linspace(0.5, 20.0, n)
+    with torch.no_grad():
+        weighted = loss(
+            batch,
+            inference,
+            {},
+            objective="classify",
+            label_smoothing=0.2,
+            class_weights=weights,
+        ).loss
+    w = weights[labels]
+    assert torch.allclose(weighted, (w * per_cell).sum() / w.sum(), atol=1e-5)

@@ -265,12 +265,20 @@ class ScForgeModule(BaseModuleClass):
         # codes past the last class mark unlabelled cells: predicted, never in the loss
         labelled = labels < logits.shape[-1]
         if labelled.any():
-            loss = F.cross_entropy(
-                logits[labelled],
-                labels[labelled],
-                weight=class_weights,
-                label_smoothing=label_smoothing,
-            )
+            logits_l, labels_l = logits[labelled], labels[labelled]
+            if label_smoothing > 0 and class_weights is not None:
+                # weight each cell by its own class; torch's weighted smoothing would weight
+                # the smoothing term of every cell by each class's weight, pulling all cells
+                # towards the rarest classes
+                per_cell = F.cross_entropy(
+                    logits_l, labels_l, reduction="none", label_smoothing=label_smoothing
+                )
+                w = class_weights[labels_l]
+                loss = (w * per_cell).sum() / w.sum()
+            else:
+                loss = F.cross_entropy(
+                    logits_l, labels_l, weight=class_weights, label_smoothing=label_smoothing
+                )
             acc = (logits[labelled].argmax(-1) == labels[labelled]).float().mean()
         else:
             loss = logits.sum() * 0.0
