@@ -108,9 +108,9 @@ class ScForgeTrainingPlan(TrainingPlan):
     label_smoothing
         Share of the target probability spread over all classes in the classification loss
         of training steps (``torch.nn.functional.cross_entropy``'s ``label_smoothing``);
-        validation metrics stay those of the plain cross-entropy. Off by default: 0.1 with
-        the balanced loss cost pbmc3k 0.3 x of the logistic regression's macro-F1
-        (``docs/benchmarks_annotation.md``).
+        validation metrics stay those of the plain cross-entropy. With class weights each
+        cell counts with its own class's weight. Off by default: 0.1 changed macro-F1 by
+        less than the seed spread (``docs/benchmarks_annotation.md``).
     checkpoint_metadata
         JSON-like description of the model (config and vocabulary) stored in every Lightning
         checkpoint under ``"scforge"``, so that a ``.ckpt`` loads with ``weights_only=True``
