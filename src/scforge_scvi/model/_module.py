@@ -266,20 +266,18 @@ class ScForgeModule(BaseModuleClass):
         labelled = labels < logits.shape[-1]
         if labelled.any():
             logits_l, labels_l = logits[labelled], labels[labelled]
-            if label_smoothing > 0 and class_weights is not None:
-                # weight each cell by its own class; torch's weighted smoothing would weight
-                # the smoothing term of every cell by each class's weight, pulling all cells
-                # towards the rarest classes
-                per_cell = F.cross_entropy(
-                    logits_l, labels_l, reduction="none", label_smoothing=label_smoothing
-                )
+            # each cell weighted by its own class: torch's `weight=` with label smoothing also
+            # weights every cell's smoothing term by each class's weight, pulling all cells
+            # towards the rarest classes
+            per_cell = F.cross_entropy(
+                logits_l, labels_l, reduction="none", label_smoothing=label_smoothing
+            )
+            if class_weights is None:
+                loss = per_cell.mean()
+            else:
                 w = class_weights[labels_l]
                 loss = (w * per_cell).sum() / w.sum()
-            else:
-                loss = F.cross_entropy(
-                    logits_l, labels_l, weight=class_weights, label_smoothing=label_smoothing
-                )
-            acc = (logits[labelled].argmax(-1) == labels[labelled]).float().mean()
+            acc = (logits_l.argmax(-1) == labels_l).float().mean()
         else:
             loss = logits.sum() * 0.0
             acc = torch.zeros((), device=logits.device)
