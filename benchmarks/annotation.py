@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--class-weights", default="balanced")
     p.add_argument("--token-dropout", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--cell-expression-weight", type=float, default=0.0)
+    p.add_argument(
+        "--head-hidden-dim", type=int, default=256, help="0: a linear classification head"
+    )
     p.add_argument("--dropout", type=float, default=0.1, help="backbone and head dropout")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--monitor", default=None, help="selection metric (default: ScForge.train's)")
@@ -143,6 +147,20 @@ def load(dataset: str):
     return adata, "louvain"
 
 
+def probe_macro_f1(model, labels: np.ndarray, fit_on: np.ndarray, test: np.ndarray) -> float:
+    """Test macro-F1 of a logistic regression on the model's cell embeddings."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from scforge_scvi.bench import classification_scores
+
+    z = model.get_latent_representation()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
+    probe.fit(z[fit_on], labels[fit_on])
+    return classification_scores(labels[test], probe.predict(z[test]))["macro_f1"]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     for name in ("lightning", "lightning.pytorch", "scforge_scvi"):
@@ -165,6 +183,8 @@ def main(argv=None) -> None:
         pooling=args.pooling,
         dropout=args.dropout,
         head_dropout=args.dropout,
+        cell_expression_weight=args.cell_expression_weight,
+        head_hidden_dim=args.head_hidden_dim or None,
     )
     fit = dict(
         lr=args.lr,
@@ -180,8 +200,11 @@ def main(argv=None) -> None:
         validation_size=args.validation_size,
         enable_progress_bar=False,
     )
+    plan_kwargs = {}
     if args.label_smoothing:
-        fit["plan_kwargs"] = {"label_smoothing": args.label_smoothing}
+        plan_kwargs["label_smoothing"] = args.label_smoothing
+    if plan_kwargs:
+        fit["plan_kwargs"] = plan_kwargs
     extra = None
     if args.pretrain_extra:
         extra, _ = load(args.pretrain_extra)
@@ -257,6 +280,8 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 scores = model.evaluate()
                 t_eval = time.perf_counter() - t0
+                truth = labelled.obs[key].astype(str).to_numpy()
+                probe = probe_macro_f1(model, truth, rest, test)
                 base = scores["baseline_logreg"]
                 row = {
                     "dataset": args.dataset,
@@ -274,6 +299,7 @@ def main(argv=None) -> None:
                     "logreg_macro_f1": base["macro_f1"],
                     "logreg_accuracy": base["accuracy"],
                     "ratio": scores["relative_macro_f1"],
+                    "embedding_probe_macro_f1": probe,
                     "per_class_f1": scores["per_class_f1"],
                     "support": scores["support"],
                     "logreg_per_class_f1": base["per_class_f1"],
@@ -282,7 +308,7 @@ def main(argv=None) -> None:
                 print(
                     f"  {init:10s} {strategy:16s} macro-F1 {row['macro_f1']:.3f} "
                     f"(logreg {row['logreg_macro_f1']:.3f}, ratio {row['ratio']:.3f}) "
-                    f"acc {row['accuracy']:.3f}  fine-tune {t_fit:.0f} s, evaluate "
+                    f"acc {row['accuracy']:.3f}, probe of its embedding {probe:.3f}  fine-tune {t_fit:.0f} s, evaluate "
                     f"{t_eval:.0f} s, best epoch {row['best_epoch']}",
                     flush=True,
                 )
