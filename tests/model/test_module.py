@@ -2,7 +2,8 @@
 
 The expression objective of the binned and continuous tokenizers: its weight is applied, its
 targets are the hidden values, and it trains; the values of masked tokens never reach the
-hidden states.
+hidden states. The cell-level reconstruction: its targets are every gene's value in the cell,
+masked genes included, and it trains.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _tokens(adata, vocab, strategy: str, n_cells: int = 16):
     return tokenizer(adata.X[:n_cells], vocab.match(adata).vocab_ids)
 
 
-def _module(vocab, encoding: str, weight: float = 1.0) -> ScForgeModule:
+def _module(vocab, encoding: str, weight: float = 1.0, cell_weight: float = 0.0) -> ScForgeModule:
     torch.manual_seed(0)
     config = BackboneConfig(
         vocab_size=len(vocab),
@@ -45,7 +46,11 @@ def _module(vocab, encoding: str, weight: float = 1.0) -> ScForgeModule:
         use_positions=False,
     )
     return ScForgeModule(
-        config, n_special=vocab.n_special, mask_id=vocab.mask_id, expression_loss_weight=weight
+        config,
+        n_special=vocab.n_special,
+        mask_id=vocab.mask_id,
+        expression_loss_weight=weight,
+        cell_expression_weight=cell_weight,
     )
 
 
@@ -143,3 +148,52 @@ def test_token_dropout_hides_gene_tokens_but_never_cls(pbmc68k_counts, vocab):
     assert 0.3 < float(dropped) < 0.5
     by_hand = module.backbone(tokens.gene_ids, kept, tokens.values).cell_embedding
     torch.testing.assert_close(out["embedding"], by_hand)
+
+
+def _cell_targets_by_hand(tokens, vocab, strategy: str) -> torch.Tensor:
+    """Each cell's value of every vocabulary gene (0 where absent), cell by cell."""
+    target = torch.zeros(tokens.gene_ids.shape[0], len(vocab))
+    for cell in range(tokens.gene_ids.shape[0]):
+        for slot, gene in enumerate(tokens.gene_ids[cell].tolist()):
+            if not tokens.padding_mask[cell, slot] or gene < vocab.n_special:
+                continue
+            if strategy == "rank_value":
+                target[cell, gene] = 1.0
+            elif strategy == "binned_expression":
+                target[cell, gene] = tokens.values[cell, slot] / (N_BINS - 1)
+            else:
+                target[cell, gene] = tokens.values[cell, slot]
+    return target[:, vocab.n_special :]
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "rank_value"])
+def test_cell_expression_loss_scores_every_gene_of_the_cell(pbmc68k_counts, vocab, strategy):
+    tokens = _tokens(pbmc68k_counts, vocab, strategy)
+    encoding = STRATEGIES.get(strategy, "none")
+    module = _module(vocab, encoding, cell_weight=2.0).eval()
+    with torch.no_grad():
+        out, loss = _objective(module, tokens)
+        pred = module.cell_expression_head(out["embedding"])[:, vocab.n_special :]
+    target = _cell_targets_by_hand(tokens, vocab, strategy)
+    expected = ((pred - target) ** 2).mean() / target.var()
+    cell = loss.extra_metrics["cell_expression_loss"]
+    torch.testing.assert_close(cell, expected)
+    others = loss.extra_metrics["gene_loss"] + loss.extra_metrics.get("expression_loss", 0.0)
+    torch.testing.assert_close(loss.loss, others + 2.0 * cell)
+    # the targets above are the unmasked values: genes the mask hid are scored too
+    assert out["masked"].target_mask.any()
+
+
+def test_cell_expression_objective_trains_and_is_off_by_zero_weight(pbmc68k_counts, vocab):
+    tokens = _tokens(pbmc68k_counts, vocab, "binned_expression")
+    assert _module(vocab, "binned").cell_expression_head is None
+    module = _module(vocab, "binned", cell_weight=1.0)
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):  # one fixed batch and fixed masks
+        _, out = _objective(module, tokens)
+        losses.append(float(out.extra_metrics["cell_expression_loss"]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.7 * losses[0]

@@ -215,3 +215,20 @@ def test_training_is_reproducible_with_a_seed(counts):
     first = _one_epoch(counts, seed=0)
     np.testing.assert_array_equal(_one_epoch(counts, seed=0), first)
     assert not np.allclose(_one_epoch(counts, seed=1), first)
+
+
+def test_cell_expression_objective_trains_and_reloads(counts, tmp_path):
+    torch.manual_seed(0)
+    model = ScForge(counts, cell_expression_weight=2.0, **TINY)
+    model.train(max_epochs=3, lr=LR, seed=0, **QUIET)
+    cell = model.history["val_cell_expression_loss"].to_numpy().ravel().astype(float)
+    assert cell[-1] < 0.9 * cell[0]
+    model.save_pretrained(str(tmp_path / "cell"))
+    loaded = ScForge.from_pretrained(str(tmp_path / "cell"), counts)
+    assert not loaded.load_report_.initialised
+    torch.testing.assert_close(
+        loaded.module.cell_expression_head.weight, model.module.cell_expression_head.weight
+    )
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )

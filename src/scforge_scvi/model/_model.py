@@ -79,6 +79,13 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
 
     expression_loss_weight
         Weight of the masked expression loss of the binned/continuous tokenizers.
+    cell_expression_weight
+        Weight of a cell-level reconstruction loss in pretraining: a linear read-out of the
+        cell embedding predicts every vocabulary gene's value in the cell, masked genes
+        included (0, the default: off). It makes the pretrained embedding itself informative
+        (pbmc68k_reduced, logistic probe of the pretrained embedding: macro-F1 0.13 at 0,
+        0.55 at 5) but lowered fine-tuned annotation, so it is for pretraining models whose
+        embeddings are used as they are (``docs/benchmarks_annotation.md``).
     head_hidden_dim, head_dropout
         Shape of the task head used when labels (or a regression target) are registered.
     min_coverage
@@ -153,6 +160,7 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         pooling: str = "mean",
         max_seq_len: int | None = None,
         expression_loss_weight: float = 1.0,
+        cell_expression_weight: float = 0.0,
         head_hidden_dim: int | None = 256,
         head_dropout: float = 0.1,
         min_coverage: float = 0.5,
@@ -228,6 +236,7 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             n_special=self.vocab.n_special,
             mask_id=self.vocab.mask_id,
             expression_loss_weight=expression_loss_weight,
+            cell_expression_weight=cell_expression_weight,
             n_classes=len(self.class_names_),
             n_regression_outputs=int(self._has_regression_target()),
             head_hidden_dim=head_hidden_dim,

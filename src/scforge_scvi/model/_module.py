@@ -46,6 +46,10 @@ class ScForgeModule(BaseModuleClass):
     expression_loss_weight
         Weight of the masked expression loss (bin cross-entropy for binned values, MSE for
         continuous values) added to the masked-gene cross-entropy.
+    cell_expression_weight
+        Weight of a cell-level reconstruction added to the masked-gene loss: a linear read-out
+        of the cell embedding predicts the value of every vocabulary gene in the cell (0 where
+        not detected), masked genes included. 0 (default): no such head.
     n_classes
         Size of the classification head (0: no classification head).
     n_regression_outputs
@@ -64,6 +68,7 @@ class ScForgeModule(BaseModuleClass):
         n_special: int,
         mask_id: int,
         expression_loss_weight: float = 1.0,
+        cell_expression_weight: float = 0.0,
         n_classes: int = 0,
         n_regression_outputs: int = 0,
         head_hidden_dim: int | None = 256,
@@ -89,6 +94,12 @@ class ScForgeModule(BaseModuleClass):
             self.expression_head = ExpressionHead(d, backbone_config.n_bins)
         elif backbone_config.value_encoding == "continuous":
             self.expression_head = ExpressionHead(d, 1)
+        if cell_expression_weight < 0:
+            raise ValueError(f"cell_expression_weight={cell_expression_weight!r}: use >= 0.")
+        self.cell_expression_weight = float(cell_expression_weight)
+        self.cell_expression_head = (
+            torch.nn.Linear(d, backbone_config.vocab_size) if cell_expression_weight > 0 else None
+        )
         self.classifier = (
             ClassificationHead(d, n_classes, hidden_dim=head_hidden_dim, dropout=head_dropout)
             if n_classes
@@ -106,6 +117,12 @@ class ScForgeModule(BaseModuleClass):
     def heads(self) -> list[torch.nn.Module]:
         """Modules that are not the backbone (trained with the head learning rate)."""
         return [m for m in (self.classifier, self.regressor) if m is not None]
+
+    @property
+    def pretraining_heads(self) -> list[torch.nn.Module]:
+        """Heads of the masked-gene objective (trained with the backbone in pretraining)."""
+        heads = (self.gene_head, self.expression_head, self.cell_expression_head)
+        return [m for m in heads if m is not None]
 
     # -- adapters ----------------------------------------------------------------------------
     _HEAD_PREFIXES = ("classifier.", "regressor.")
@@ -253,7 +270,33 @@ class ScForgeModule(BaseModuleClass):
                 expr_loss = F.mse_loss(pred.squeeze(-1), masked.target_values)
             loss = loss + self.expression_loss_weight * expr_loss
             extra["expression_loss"] = expr_loss.detach()
+        if self.cell_expression_head is not None:
+            cell_loss = self._cell_expression_loss(outputs)
+            loss = loss + self.cell_expression_weight * cell_loss
+            extra["cell_expression_loss"] = cell_loss.detach()
         return LossOutput(loss=loss, n_obs_minibatch=n_cells, extra_metrics=extra)
+
+    def _cell_expression_loss(self, outputs: dict[str, Any]) -> torch.Tensor:
+        """MSE of the cell embedding's read-out against the cell's unmasked gene values.
+
+        Divided by the variance of the targets in the batch, so that the loss is scale-free:
+        1 for predicting the batch's mean value for every gene.
+        """
+        tokens: TokenizedBatch = outputs["tokens"]
+        genes = tokens.padding_mask & (tokens.gene_ids >= self.n_special)
+        if tokens.values is None:  # rank tokens: detected or not
+            values = genes.float()
+        elif self.config.value_encoding == "binned":
+            values = tokens.values.float() / (self.config.n_bins - 1)
+        else:
+            values = tokens.values.float()
+        target = torch.zeros(
+            genes.shape[0], self.config.vocab_size, device=values.device, dtype=values.dtype
+        )
+        target.scatter_(1, tokens.gene_ids * genes, values * genes)  # padding lands on id 0
+        pred = self.cell_expression_head(outputs["embedding"])[:, self.n_special :].float()
+        target = target[:, self.n_special :]
+        return F.mse_loss(pred, target) / target.var().clamp_min(1e-8)
 
     def _classification_loss(
         self, tensors, outputs, class_weights, label_smoothing=0.0

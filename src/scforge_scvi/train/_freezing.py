@@ -100,9 +100,8 @@ def configure_strategy(
             UserWarning,
             stacklevel=3,
         )
-    for head in (module.gene_head, module.expression_head):
-        if head is not None:
-            head.requires_grad_(objective == "pretrain")
+    for head in module.pretraining_heads:
+        head.requires_grad_(objective == "pretrain")
     for head in module.heads:
         head.requires_grad_(objective != "pretrain")
     return callbacks

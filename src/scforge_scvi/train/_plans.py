@@ -240,8 +240,7 @@ class ScForgeTrainingPlan(TrainingPlan):
         sets = {"backbone": (module.backbone, self.backbone_lr)}
         if self.objective == "pretrain":
             sets = {"backbone": (module.backbone, self.lr)}
-            others = [m for m in (module.gene_head, module.expression_head) if m is not None]
-            sets["pretraining_heads"] = (torch.nn.ModuleList(others), self.lr)
+            sets["pretraining_heads"] = (torch.nn.ModuleList(module.pretraining_heads), self.lr)
         else:
             sets["heads"] = (torch.nn.ModuleList(module.heads), self.head_lr)
         optimizer = build_adamw(sets, weight_decay=self.weight_decay, betas=self.betas)
