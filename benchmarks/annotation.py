@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scforge_scvi.bench import classification_scores
 from scforge_scvi.data._splits import split_cells
 from scforge_scvi.model._model import ScForge
 from scforge_scvi.train._lora import count_parameters
@@ -88,6 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("pbmc3k",),
         default=None,
         help="also pretrain on every cell of this dataset (restricted to the genes of --dataset)",
+    )
+    p.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="also score an ensemble of this many models per split (each pretrained with its "
+        "own seed, fine-tuned on the same cells; class probabilities averaged)",
     )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--history", action="store_true", help="print validation metrics by epoch")
@@ -153,12 +161,36 @@ def probe_macro_f1(model, labels: np.ndarray, fit_on: np.ndarray, test: np.ndarr
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from scforge_scvi.bench import classification_scores
-
     z = model.get_latent_representation()
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
     probe.fit(z[fit_on], labels[fit_on])
     return classification_scores(labels[test], probe.predict(z[test]))["macro_f1"]
+
+
+def fine_tune(
+    pretrained, torch_seed, args, arch, fit, traced=None, *, labelled, arm, seed, n_train
+):
+    """One arm fine-tuned from a pretrained directory: ``(model, test trace or None)``.
+
+    ``torch_seed`` draws the new head (and a random init); ``seed`` the split, the data order
+    and the dropout. ``traced``: ``(test cells, label key)`` to score after every epoch.
+    """
+    init, strategy = arm.split(":")
+    torch.manual_seed(torch_seed)
+    model = ScForge.from_pretrained(str(pretrained), labelled)
+    if init == "random":
+        model = ScForge(labelled, vocab=model.vocab, **arch)
+    epochs = args.epochs or default_max_epochs("classify", n_train, args.batch_size)
+    trace = TestTrace(model, *traced) if traced else None
+    model.train(
+        max_epochs=args.epochs,
+        strategy=strategy,
+        seed=seed,
+        freeze_backbone_epochs=max(1, epochs // 3) if strategy == "gradual_unfreeze" else 0,
+        callbacks=[trace.callback] if trace else [],
+        **fit,
+    )
+    return model, trace
 
 
 def main(argv=None) -> None:
@@ -227,7 +259,6 @@ def main(argv=None) -> None:
         )
         rest = np.union1d(train, val)
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
             pre = adata[rest].copy()
             pre.obs = pre.obs[[]]
             if extra is not None:
@@ -235,45 +266,38 @@ def main(argv=None) -> None:
 
                 pre = ad.concat([pre, extra], join="outer", index_unique="-")
             ScForge.setup_anndata(pre)
-            torch.manual_seed(seed)  # the initial weights: a seed names one whole run
-            model = ScForge(pre, **arch)
-            model.train(
-                max_epochs=args.pretrain_epochs,
-                objective="pretrain",
-                lr=args.pretrain_lr,
-                warmup_steps=args.warmup_steps,
-                min_lr_ratio=args.min_lr_ratio,
-                batch_size=args.batch_size,
-                train_size=0.9,
-                validation_size=0.1,
-                seed=seed,
-                enable_progress_bar=False,
-            )
-            model.save_pretrained(str(Path(tmp) / "pre"))
-            t_pre = time.perf_counter() - t0
-            print(
-                f"seed {seed}: pretraining {len(model.history['train_loss_epoch'])} epochs on {pre.n_obs} "
-                f"cells: {t_pre:.0f} s",
-                flush=True,
-            )
+            member_seeds = [seed + 1000 * m for m in range(args.members)]
+            for member, member_seed in enumerate(member_seeds):
+                t0 = time.perf_counter()
+                torch.manual_seed(member_seed)  # the initial weights: a seed names one whole run
+                model = ScForge(pre, **arch)
+                model.train(
+                    max_epochs=args.pretrain_epochs,
+                    objective="pretrain",
+                    lr=args.pretrain_lr,
+                    warmup_steps=args.warmup_steps,
+                    min_lr_ratio=args.min_lr_ratio,
+                    batch_size=args.batch_size,
+                    train_size=0.9,
+                    validation_size=0.1,
+                    seed=member_seed,
+                    enable_progress_bar=False,
+                )
+                model.save_pretrained(str(Path(tmp) / f"pre{member}"))
+                t_member = time.perf_counter() - t0
+                if member == 0:
+                    t_pre = t_member
+                print(
+                    f"seed {seed}: pretraining {len(model.history['train_loss_epoch'])} epochs "
+                    f"on {pre.n_obs} cells (member seed {member_seed}): {t_member:.0f} s",
+                    flush=True,
+                )
             for arm in args.arms:
                 init, strategy = arm.split(":")
                 t0 = time.perf_counter()
-                torch.manual_seed(seed)  # the new head (and a random init) are seeded too
-                model = ScForge.from_pretrained(str(Path(tmp) / "pre"), labelled)
-                if init == "random":
-                    model = ScForge(labelled, vocab=model.vocab, **arch)
-                epochs = args.epochs or default_max_epochs("classify", len(train), args.batch_size)
-                freeze = max(1, epochs // 3) if strategy == "gradual_unfreeze" else 0
-                trace = TestTrace(model, test, key) if args.trace else None
-                model.train(
-                    max_epochs=args.epochs,
-                    strategy=strategy,
-                    seed=seed,
-                    freeze_backbone_epochs=freeze,
-                    callbacks=[trace.callback] if trace else [],
-                    **fit,
-                )
+                run = dict(labelled=labelled, arm=arm, seed=seed, n_train=len(train))
+                traced = (test, key) if args.trace else None
+                model, trace = fine_tune(Path(tmp) / "pre0", seed, args, arch, fit, traced, **run)
                 t_fit = time.perf_counter() - t0
                 if not np.array_equal(model.test_indices_, test):
                     sys.exit("The model's test cells differ from the benchmark's split.")
@@ -304,6 +328,34 @@ def main(argv=None) -> None:
                     "support": scores["support"],
                     "logreg_per_class_f1": base["per_class_f1"],
                 }
+                if args.members > 1:
+                    t0 = time.perf_counter()
+                    probs = [model.predict(labelled, return_probabilities=True).to_numpy()[test]]
+                    for member in range(1, args.members):
+                        member_model, _ = fine_tune(
+                            Path(tmp) / f"pre{member}", member_seeds[member], args, arch, fit, **run
+                        )
+                        probs.append(
+                            member_model.predict(labelled, return_probabilities=True).to_numpy()[
+                                test
+                            ]
+                        )
+                    names = np.asarray(model.class_names_)
+                    single = classification_scores(truth[test], names[probs[0].argmax(1)])
+                    together = classification_scores(
+                        truth[test], names[np.mean(probs, axis=0).argmax(1)]
+                    )
+                    if not np.isclose(single["macro_f1"], row["macro_f1"]):
+                        sys.exit("The ensemble's scoring differs from ScForge.evaluate's.")
+                    row["ensemble_macro_f1"] = together["macro_f1"]
+                    row["ensemble_ratio"] = together["macro_f1"] / row["logreg_macro_f1"]
+                    row["ensemble_extra_s"] = time.perf_counter() - t0
+                    print(
+                        f"    ensemble of {args.members}: macro-F1 {together['macro_f1']:.3f} "
+                        f"(ratio {row['ensemble_ratio']:.3f}), {row['ensemble_extra_s']:.0f} s "
+                        "more fine-tuning",
+                        flush=True,
+                    )
                 results.append(row)
                 print(
                     f"  {init:10s} {strategy:16s} macro-F1 {row['macro_f1']:.3f} "
