@@ -114,18 +114,24 @@ def test_masked_values_are_targets_and_never_inputs(pbmc68k_counts, vocab, strat
     )
 
 
+def _train_on_one_batch(module, tokens, metric: str, steps: int = 15) -> list[float]:
+    """``metric`` at each of ``steps`` Adam steps on one fixed batch with fixed masks."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        _, out = _objective(module, tokens)
+        losses.append(float(out.extra_metrics[metric]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return losses
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_expression_objective_trains(pbmc68k_counts, vocab, strategy):
     tokens = _tokens(pbmc68k_counts, vocab, strategy)
     module = _module(vocab, STRATEGIES[strategy])
-    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):  # one fixed batch and fixed masks
-        _, out = _objective(module, tokens)
-        losses.append(float(out.extra_metrics["expression_loss"]))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    losses = _train_on_one_batch(module, tokens, "expression_loss")
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -188,12 +194,5 @@ def test_cell_expression_objective_trains_and_is_off_by_zero_weight(pbmc68k_coun
     tokens = _tokens(pbmc68k_counts, vocab, "binned_expression")
     assert _module(vocab, "binned").cell_expression_head is None
     module = _module(vocab, "binned", cell_weight=1.0)
-    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):  # one fixed batch and fixed masks
-        _, out = _objective(module, tokens)
-        losses.append(float(out.extra_metrics["cell_expression_loss"]))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    losses = _train_on_one_batch(module, tokens, "cell_expression_loss")
     assert losses[-1] < 0.7 * losses[0]
