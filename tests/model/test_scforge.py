@@ -232,3 +232,16 @@ def test_cell_expression_objective_trains_and_reloads(counts, tmp_path):
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation()
     )
+
+
+def test_scaled_gene_embedding_reloads_with_identical_embeddings(counts, tmp_path):
+    torch.manual_seed(0)
+    model = ScForge(counts, scaled_gene_embedding=True, **TINY)
+    model.train(max_epochs=1, lr=LR, seed=0, limit_train_batches=4, **QUIET)
+    model.save_pretrained(str(tmp_path / "scaled"))
+    loaded = ScForge.from_pretrained(str(tmp_path / "scaled"), counts)
+    assert loaded.backbone_config.scaled_gene_embedding
+    assert not loaded.load_report_.initialised
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )

@@ -100,9 +100,10 @@ def test_mean_pooling_is_masked_mean_over_real_tokens():
     torch.testing.assert_close(pooled[1], hidden[1].mean(0))
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("encoding", ["binned", "continuous"])
-def test_values_are_used_and_value_mask_hides_them(encoding):
-    backbone = _backbone(value_encoding=encoding).eval()
+def test_values_are_used_and_value_mask_hides_them(encoding, scaled):
+    backbone = _backbone(value_encoding=encoding, scaled_gene_embedding=scaled).eval()
     gene_ids, padding_mask, values = _cells([6, 6], encoding)
     other = _cells([6, 6], encoding, seed=1)[2]
     value_mask = torch.zeros_like(padding_mask)
@@ -286,3 +287,35 @@ def test_new_options_are_validated():
         k: v for k, v in _config().to_dict().items() if k not in ("norm_position", "embedding_norm")
     }
     assert BackboneConfig.from_dict(old) == _config()  # configs saved before the options load
+
+
+@pytest.mark.parametrize("encoding", ["binned", "continuous"])
+def test_scaled_gene_embedding_adds_level_times_a_gene_vector(encoding):
+    """The input of a token is gene + value encoding + level x scaled gene embedding, the level
+    being 0 where the value is masked (so a masked value cannot leak through it)."""
+    backbone = _backbone(value_encoding=encoding, scaled_gene_embedding=True).eval()
+    gene_ids, padding_mask, values = _cells([6, 4], encoding)
+    value_mask = torch.zeros_like(padding_mask)
+    value_mask[:, 1] = True
+    level = values.float() / (N_BINS - 1) if encoding == "binned" else values.float()
+    level = level.masked_fill(value_mask, 0.0)
+    with torch.no_grad():
+        plain = backbone.gene_embedding(gene_ids) + backbone._encode_values(values, value_mask)
+        expected = plain + level[..., None] * backbone.scaled_gene_embedding(gene_ids)
+        seen = []
+        hook = backbone.embedding_dropout.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        backbone(gene_ids, padding_mask, values, value_mask)
+        hook.remove()
+    expected = expected + backbone.position_embedding.weight[: gene_ids.shape[1]]
+    torch.testing.assert_close(seen[0], expected)
+    # every parameter, the scaled embedding included, is trained
+    out = backbone.train()(gene_ids, padding_mask, values, value_mask)
+    out.cell_embedding.pow(2).mean().backward()
+    assert backbone.scaled_gene_embedding.weight.grad.abs().sum() > 0
+
+
+def test_scaled_gene_embedding_needs_values():
+    with pytest.raises(ValueError, match=r"scaled_gene_embedding.*value_encoding"):
+        _config(value_encoding="none", scaled_gene_embedding=True)
+    old = {k: v for k, v in _config().to_dict().items() if k != "scaled_gene_embedding"}
+    assert BackboneConfig.from_dict(old).scaled_gene_embedding is False

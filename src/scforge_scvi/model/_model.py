@@ -108,6 +108,12 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         (``"post"``, ``True`` and ``1e-12`` for BERT/Geneformer).
     gene_head_activation
         Non-linearity of the masked-gene head (``"relu"`` for Geneformer models).
+    scaled_gene_embedding
+        Add a second gene embedding scaled by each token's expression level, so that the
+        mean-pooled embedding also carries a linear projection of the expression levels (see
+        :class:`~scforge_scvi.nn.BackboneConfig`). Off by default: on pbmc68k_reduced it
+        did not change fine-tuned annotation beyond the seed spread
+        (``docs/benchmarks_annotation.md``).
 
     Notes
     -----
@@ -173,6 +179,7 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         embedding_norm: bool = False,
         layer_norm_eps: float = 1e-5,
         gene_head_activation: str = "gelu",
+        scaled_gene_embedding: bool = False,
     ) -> None:
         super().__init__(adata, registry)
         self.preprocessing = Preprocessing(normalize, target_sum, log1p, n_top_genes)
@@ -214,6 +221,7 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             layer_norm_eps=layer_norm_eps,
             norm_position=norm_position,
             embedding_norm=embedding_norm,
+            scaled_gene_embedding=scaled_gene_embedding,
         )
         if max_seq_len is not None and max_seq_len < max_genes:
             raise ValueError(

@@ -74,6 +74,13 @@ class BackboneConfig:
     embedding_norm
         Apply a LayerNorm to the summed input embeddings, before the embedding dropout (BERT's
         embedding LayerNorm). Off by default.
+    scaled_gene_embedding
+        Add to each token a second gene embedding multiplied by the token's expression level
+        (``bin / (n_bins - 1)`` for ``"binned"``, the value for ``"continuous"``; 0 where the
+        value is masked). The value encodings above are added to the gene embedding, so the
+        mean of a cell's input embeddings only says which genes are detected; this term makes
+        it a learned linear projection of the cell's expression levels as well. Needs a value
+        encoding. Off by default (models saved without it load unchanged).
     """
 
     vocab_size: int
@@ -93,6 +100,7 @@ class BackboneConfig:
     layer_norm_eps: float = 1e-5
     norm_position: str = "pre"
     embedding_norm: bool = False
+    scaled_gene_embedding: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -132,9 +140,15 @@ class BackboneConfig:
                 f"BackboneConfig.pad_token_id ({self.pad_token_id}) must be a valid token id "
                 f"in [0, vocab_size={self.vocab_size})."
             )
-        if not isinstance(self.embedding_norm, bool):
+        for name in ("embedding_norm", "scaled_gene_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"BackboneConfig.{name} must be a bool, got {getattr(self, name)!r}."
+                )
+        if self.scaled_gene_embedding and self.value_encoding == "none":
             raise ValueError(
-                f"BackboneConfig.embedding_norm must be a bool, got {self.embedding_norm!r}."
+                "BackboneConfig.scaled_gene_embedding scales by expression values: it needs "
+                "value_encoding='binned' or 'continuous', not 'none'."
             )
         if not self.layer_norm_eps > 0:
             raise ValueError(
@@ -272,6 +286,10 @@ class ScForgeBackbone(nn.Module):
                 nn.Linear(1, d), activation(config.activation), nn.Linear(d, d)
             )
             self.value_mask_embedding = nn.Parameter(torch.zeros(d))
+        if config.scaled_gene_embedding:
+            self.scaled_gene_embedding = nn.Embedding(
+                config.vocab_size, d, padding_idx=config.pad_token_id
+            )
         if config.use_positions:
             self.position_embedding = nn.Embedding(config.max_seq_len, d)
         # BERT-style options (imported Geneformer models). The defaults add no module and no
@@ -335,6 +353,9 @@ class ScForgeBackbone(nn.Module):
         h = self.gene_embedding(gene_ids)  # (B, L, d)
         if self.config.value_encoding != "none":
             h = h + self._encode_values(values, value_mask)  # (B, L, d)
+        if self.config.scaled_gene_embedding:
+            level = self._value_levels(values, value_mask)  # (B, L)
+            h = h + self.scaled_gene_embedding(gene_ids) * level[..., None]  # (B, L, d)
         if self.config.use_positions:
             positions = torch.arange(length, device=gene_ids.device)  # (L,)
             h = h + self.position_embedding(positions)  # (L, d) broadcast over B
@@ -361,6 +382,16 @@ class ScForgeBackbone(nn.Module):
         if value_mask is not None:
             encoded = torch.where(value_mask[..., None], self.value_mask_embedding, encoded)
         return encoded
+
+    def _value_levels(
+        self, values: torch.Tensor, value_mask: torch.Tensor | None
+    ) -> torch.Tensor:  # (B, L) -> (B, L) floats, 0 where the value is hidden
+        dtype = self.scaled_gene_embedding.weight.dtype
+        if self.config.value_encoding == "binned":
+            level = values.to(dtype) / (self.config.n_bins - 1)
+        else:
+            level = values.to(dtype)
+        return level if value_mask is None else level.masked_fill(value_mask, 0.0)
 
     def _check_inputs(
         self,
