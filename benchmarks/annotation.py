@@ -59,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--pooling", default="mean")
+    p.add_argument(
+        "--scaled-gene-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a second gene embedding scaled by the expression level (default: ScForge's)",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=None, help="default: ScForge.train's")
@@ -218,6 +224,8 @@ def main(argv=None) -> None:
         cell_expression_weight=args.cell_expression_weight,
         head_hidden_dim=args.head_hidden_dim or None,
     )
+    if args.scaled_gene_embedding is not None:
+        arch["scaled_gene_embedding"] = args.scaled_gene_embedding
     fit = dict(
         lr=args.lr,
         backbone_lr=args.backbone_lr,
