@@ -98,8 +98,11 @@ def classification_scores(
     truth, predicted
         One true and one predicted label per cell.
     labels
-        Classes the F1 scores average over (default: the true labels present). A class of
-        ``labels`` absent from ``truth`` and never predicted scores 0 and lowers macro F1.
+        The model's classes (default: the true labels present). Macro and weighted F1
+        average over those of them that occur in ``truth`` or ``predicted``: a class with
+        no cell and no prediction among the scored cells is not an error, so it does not
+        lower macro F1, while a class predicted but absent scores 0. ``per_class_f1``
+        lists every class of ``labels``.
     per_class
         Also return ``per_class_f1`` (a dict, class to F1) and ``support`` (class to cells).
 
@@ -111,14 +114,15 @@ def classification_scores(
     truth = np.asarray(truth).astype(str)
     predicted = np.asarray(predicted).astype(str)
     labels = np.unique(truth) if labels is None else np.asarray(labels).astype(str)
+    occurring = labels[np.isin(labels, np.union1d(truth, predicted))]
     scores: dict = {
         "n_cells": len(truth),
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(
-            f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)
+            f1_score(truth, predicted, labels=occurring, average="macro", zero_division=0)
         ),
         "weighted_f1": float(
-            f1_score(truth, predicted, labels=labels, average="weighted", zero_division=0)
+            f1_score(truth, predicted, labels=occurring, average="weighted", zero_division=0)
         ),
     }
     if per_class:
