@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 import torch
 
 from helpers import setup_counts
@@ -74,3 +75,36 @@ def test_hvg_selection_leaves_the_users_counts_alone(counts):
     adata = setup_counts(counts.copy())
     ScForge(adata, n_top_genes=N_TOP, min_coverage=MIN_COVERAGE, **TINY)
     assert (adata.layers["counts"] != counts.layers["counts"]).nnz == 0
+
+
+def _dispersions(adata):
+    reference = sc.AnnData(adata.layers["counts"].copy(), var=adata.var[[]].copy())
+    sc.pp.normalize_total(reference, target_sum=1e4)
+    sc.pp.log1p(reference)
+    return sc.pp.highly_variable_genes(reference, inplace=False)["dispersions_norm"].to_numpy()
+
+
+def test_a_tie_at_the_cut_still_selects_exactly_n_top_genes(counts):
+    # a copy of the N_TOP-th most variable gene ties with it; ask for the number of genes that
+    # ends on the tied pair, where scanpy selects both
+    gene = counts.var_names[np.argsort(-_dispersions(counts), kind="stable")[N_TOP - 1]]
+    column = counts[:, gene].layers["counts"]
+    tied = sc.AnnData(
+        X=sp.hstack([counts.layers["counts"], column]).tocsr(),
+        obs=counts.obs[[]].copy(),
+    )
+    tied.var_names = [*counts.var_names, f"{gene}-copy"]
+    tied.layers["counts"] = tied.X.copy()
+    dispersion = _dispersions(tied)
+    assert dispersion[-1] == dispersion[counts.var_names.get_loc(gene)]
+    n_top = int((dispersion > dispersion[-1]).sum()) + 1
+    scanpy_pick = sc.pp.highly_variable_genes(
+        sc.pp.log1p(sc.pp.normalize_total(tied.copy(), target_sum=1e4, copy=True), copy=True),
+        n_top_genes=n_top,
+        inplace=False,
+    )["highly_variable"]
+    assert scanpy_pick.sum() == n_top + 1  # the tie scanpy keeps whole
+
+    model = ScForge(setup_counts(tied), n_top_genes=n_top, min_coverage=MIN_COVERAGE, **TINY)
+    assert model.vocab.n_genes == n_top
+    assert gene in model.vocab.genes and f"{gene}-copy" not in model.vocab.genes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from anndata import AnnData
 
 from scforge_scvi._logging import logger
@@ -111,5 +112,24 @@ def _vocab_from_data(adata, counts, preprocessing: Preprocessing, gene_key) -> G
         sc.pp.normalize_total(view, target_sum=preprocessing.target_sum)
         sc.pp.log1p(view)
         hvg = sc.pp.highly_variable_genes(view, n_top_genes=n_top, inplace=False)
-        adata = adata[:, hvg["highly_variable"].to_numpy()]
+        adata = adata[:, _top_genes(hvg, n_top)]
     return GeneVocab.from_adata(adata, gene_key=gene_key)
+
+
+def _top_genes(hvg, n_top: int) -> np.ndarray:
+    """Mask of exactly ``n_top`` genes from scanpy's ``highly_variable_genes`` result.
+
+    scanpy keeps every gene tied with the ``n_top``-th normalised dispersion, so a tie at the
+    cut selects more than ``n_top`` genes (2,001 of 2,000 on some pbmc3k subsets), and the
+    vocabulary would no longer be recognised as an HVG selection (see :func:`match_kwargs`).
+    Of the tied genes, those first in the data's gene order are kept.
+    """
+    selected = hvg["highly_variable"].to_numpy()
+    if selected.sum() <= n_top:
+        return selected
+    candidates = np.flatnonzero(selected)
+    dispersion = hvg["dispersions_norm"].to_numpy()[candidates]
+    keep = candidates[np.argsort(-dispersion, kind="stable")[:n_top]]
+    mask = np.zeros_like(selected)
+    mask[keep] = True
+    return mask
