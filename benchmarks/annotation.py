@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS))
     p.add_argument("--tokenizer", default="binned_expression")
     p.add_argument("--n-top-genes", type=int, default=2000)
+    p.add_argument("--n-bins", type=int, default=51, help="value bins of binned_expression")
     p.add_argument("--max-genes", type=int, default=512)
     p.add_argument("--hidden-dim", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
@@ -235,6 +236,7 @@ def main(argv=None) -> None:
     arch = dict(
         tokenizer=args.tokenizer,
         n_top_genes=args.n_top_genes,
+        n_bins=args.n_bins,
         max_genes=args.max_genes,
         hidden_dim=args.hidden_dim,
         num_layers=args.num_layers,
