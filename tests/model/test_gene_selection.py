@@ -34,13 +34,16 @@ def model(counts):
     )
 
 
-def test_vocabulary_holds_the_highly_variable_genes(model, counts):
-    # the reference: scanpy's own HVG selection on log-normalised counts
-    reference = sc.AnnData(counts.layers["counts"].copy(), var=counts.var[[]].copy())
+def _scanpy_hvg(adata, n_top_genes=None):
+    """The reference: scanpy's own HVG table on log-normalised counts."""
+    reference = sc.AnnData(adata.layers["counts"].copy(), var=adata.var[[]].copy())
     sc.pp.normalize_total(reference, target_sum=1e4)
     sc.pp.log1p(reference)
-    sc.pp.highly_variable_genes(reference, n_top_genes=N_TOP)
-    expected = set(counts.var_names[reference.var["highly_variable"].to_numpy()])
+    return sc.pp.highly_variable_genes(reference, n_top_genes=n_top_genes, inplace=False)
+
+
+def test_vocabulary_holds_the_highly_variable_genes(model, counts):
+    expected = set(counts.var_names[_scanpy_hvg(counts, N_TOP)["highly_variable"].to_numpy()])
     assert model.vocab.n_genes == N_TOP
     assert set(model.vocab.genes) == expected
     assert model.preprocessing.n_top_genes == N_TOP
@@ -77,17 +80,11 @@ def test_hvg_selection_leaves_the_users_counts_alone(counts):
     assert (adata.layers["counts"] != counts.layers["counts"]).nnz == 0
 
 
-def _dispersions(adata):
-    reference = sc.AnnData(adata.layers["counts"].copy(), var=adata.var[[]].copy())
-    sc.pp.normalize_total(reference, target_sum=1e4)
-    sc.pp.log1p(reference)
-    return sc.pp.highly_variable_genes(reference, inplace=False)["dispersions_norm"].to_numpy()
-
-
 def test_a_tie_at_the_cut_still_selects_exactly_n_top_genes(counts):
     # a copy of the N_TOP-th most variable gene ties with it; ask for the number of genes that
     # ends on the tied pair, where scanpy selects both
-    gene = counts.var_names[np.argsort(-_dispersions(counts), kind="stable")[N_TOP - 1]]
+    order = np.argsort(-_scanpy_hvg(counts)["dispersions_norm"].to_numpy(), kind="stable")
+    gene = counts.var_names[order[N_TOP - 1]]
     column = counts[:, gene].layers["counts"]
     tied = sc.AnnData(
         X=sp.hstack([counts.layers["counts"], column]).tocsr(),
@@ -95,15 +92,10 @@ def test_a_tie_at_the_cut_still_selects_exactly_n_top_genes(counts):
     )
     tied.var_names = [*counts.var_names, f"{gene}-copy"]
     tied.layers["counts"] = tied.X.copy()
-    dispersion = _dispersions(tied)
+    dispersion = _scanpy_hvg(tied)["dispersions_norm"].to_numpy()
     assert dispersion[-1] == dispersion[counts.var_names.get_loc(gene)]
     n_top = int((dispersion > dispersion[-1]).sum()) + 1
-    scanpy_pick = sc.pp.highly_variable_genes(
-        sc.pp.log1p(sc.pp.normalize_total(tied.copy(), target_sum=1e4, copy=True), copy=True),
-        n_top_genes=n_top,
-        inplace=False,
-    )["highly_variable"]
-    assert scanpy_pick.sum() == n_top + 1  # the tie scanpy keeps whole
+    assert _scanpy_hvg(tied, n_top)["highly_variable"].sum() == n_top + 1  # scanpy keeps the tie
 
     model = ScForge(setup_counts(tied), n_top_genes=n_top, min_coverage=MIN_COVERAGE, **TINY)
     assert model.vocab.n_genes == n_top
