@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="a second gene embedding scaled by the expression level (default: ScForge's)",
     )
+    p.add_argument(
+        "--gene-embedding-init",
+        choices=("random", "pca"),
+        default=None,
+        help="starting point of the gene embeddings (default: ScForge's)",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: ScForge.train's")
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=None, help="default: ScForge.train's")
@@ -200,7 +206,8 @@ def fine_tune(
     torch.manual_seed(torch_seed)
     model = ScForge.from_pretrained(str(pretrained), labelled)
     if init == "random":
-        model = ScForge(labelled, vocab=model.vocab, **arch)
+        # nothing learned from cells, and no statistic of the test cells: random embeddings
+        model = ScForge(labelled, vocab=model.vocab, **{**arch, "gene_embedding_init": "random"})
     epochs = args.epochs or default_max_epochs("classify", n_train, args.batch_size)
     trace = TestTrace(model, *traced) if traced else None
     model.train(
@@ -249,6 +256,8 @@ def main(argv=None) -> None:
     )
     if args.scaled_gene_embedding is not None:
         arch["scaled_gene_embedding"] = args.scaled_gene_embedding
+    if args.gene_embedding_init is not None:
+        arch["gene_embedding_init"] = args.gene_embedding_init
     fit = dict(
         lr=args.lr,
         backbone_lr=args.backbone_lr,

@@ -9,11 +9,19 @@ from anndata import AnnData
 
 from scforge_scvi._logging import logger
 
-from ._preprocess import Preprocessing, fit_gene_medians, is_backed, read_row_sample
+from ._preprocess import (
+    Preprocessing,
+    fit_gene_medians,
+    is_backed,
+    log_normalize,
+    read_row_sample,
+)
 from ._vocab import GeneVocab
 
 #: cells of a backed AnnData read to fit per-gene medians and select highly variable genes
 BACKED_FIT_CELLS = 10_000
+#: cells (a seeded sample) whose principal components initialise gene embeddings
+PCA_FIT_CELLS = 5_000
 
 
 def fitting_counts(adata: AnnData, counts, what: str):
@@ -133,3 +141,57 @@ def _top_genes(hvg, n_top: int) -> np.ndarray:
     mask = np.zeros_like(selected)
     mask[keep] = True
     return mask
+
+
+def gene_pca_loadings(
+    counts, vocab_ids: np.ndarray, n_components: int, preprocessing: Preprocessing, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Principal-component loadings of the vocabulary genes of a count matrix.
+
+    The counts are library-size normalised over all their genes (and ``log1p``-ed, as the
+    tokenizer does), restricted to the genes in the vocabulary, standardised per gene
+    (clipped at 10, as ``scanpy.pp.scale(max_value=10)``), then decomposed; at most
+    :data:`PCA_FIT_CELLS` cells (a seeded sample) are read. A gene's row of loadings places
+    it in the space of the main axes of variation of the cells, so genes that vary together
+    start close together.
+
+    Parameters
+    ----------
+    counts
+        ``(cells, genes)`` raw counts (in memory or backed).
+    vocab_ids
+        ``(genes,)`` vocabulary id of each column, ``-1`` outside the vocabulary.
+    n_components
+        Components wanted; fewer are returned when the data has too few cells or genes.
+    preprocessing
+        The model's normalisation settings.
+    seed
+        Seed of the cell sample and of the randomised decomposition.
+
+    Returns
+    -------
+    ids, loadings
+        ``(n,)`` vocabulary ids of the genes and their ``(n, k)`` loadings (unit-norm
+        columns, sign fixed so that each column's largest entry is positive), ``k <=
+        n_components``.
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    vocab_ids = np.asarray(vocab_ids)
+    _, sample = read_row_sample(counts, PCA_FIT_CELLS, seed=seed)
+    x = log_normalize(sample, preprocessing.target_sum, preprocessing.log1p)
+    cols = np.flatnonzero(vocab_ids >= 0)
+    x = x[:, cols]
+    x = np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float64)
+    x -= x.mean(axis=0)
+    std = x.std(axis=0)
+    x /= np.where(std > 0, std, 1.0)
+    np.clip(x, None, 10.0, out=x)
+    k = max(0, min(n_components, x.shape[0] - 1, x.shape[1] - 1))
+    if k == 0:
+        return vocab_ids[cols], np.zeros((cols.size, 0))
+    _, _, vt = randomized_svd(x, k, random_state=seed)
+    loadings = vt.T  # (n genes, k)
+    rows = np.abs(loadings).argmax(axis=0)
+    loadings *= np.sign(loadings[rows, np.arange(k)])
+    return vocab_ids[cols], loadings

@@ -24,7 +24,7 @@ from scforge_scvi.data import (
 )
 from scforge_scvi.data._bucketing import token_lengths
 from scforge_scvi.data._collate import TokenCollator
-from scforge_scvi.data._genes import match_kwargs, resolve_vocab
+from scforge_scvi.data._genes import gene_pca_loadings, match_kwargs, resolve_vocab
 from scforge_scvi.data._streaming import CellStream
 from scforge_scvi.io import PretrainedMixin
 from scforge_scvi.nn import BackboneConfig
@@ -41,6 +41,8 @@ from ._module import ScForgeModule
 from ._training import TrainingMixin
 
 VocabLike = GeneVocab | str | dict | None
+#: starting points of the gene embeddings (``ScForge(gene_embedding_init=...)``)
+GENE_EMBEDDING_INITS = ("random", "pca")
 
 
 class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass):
@@ -114,6 +116,12 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         :class:`~scforge_scvi.nn.BackboneConfig`). Off by default: on pbmc68k_reduced it
         did not change fine-tuned annotation beyond the seed spread
         (``docs/benchmarks_annotation.md``).
+    gene_embedding_init
+        ``"random"`` (default) or ``"pca"``: start each gene's embedding from its loadings on
+        the first ``hidden_dim`` principal components of the registered cells (log-normalised,
+        standardised expression of the vocabulary genes; at most 5,000 cells, a seeded
+        sample), so that genes that vary together start close together. Only the starting
+        point changes: a saved model reloads its trained weights either way.
 
     Notes
     -----
@@ -180,8 +188,14 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         layer_norm_eps: float = 1e-5,
         gene_head_activation: str = "gelu",
         scaled_gene_embedding: bool = False,
+        gene_embedding_init: str = "random",
     ) -> None:
         super().__init__(adata, registry)
+        if gene_embedding_init not in GENE_EMBEDDING_INITS:
+            raise ScForgeValueError(
+                f"gene_embedding_init must be one of {GENE_EMBEDDING_INITS}, got "
+                f"{gene_embedding_init!r}."
+            )
         self.preprocessing = Preprocessing(normalize, target_sum, log1p, n_top_genes)
         self.min_coverage = min_coverage
         self.vocab = resolve_vocab(
@@ -251,6 +265,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             head_dropout=head_dropout,
             gene_head_activation=gene_head_activation,
         )
+        if gene_embedding_init == "pca" and self.adata is not None:
+            self._init_gene_embedding_from_pca()
         self.lora_ = None
         if lora is not None:
             self._apply_lora(LoraSettings(**lora))
@@ -264,6 +280,27 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         self.init_params_["non_kwargs"]["vocab"] = self.vocab.to_dict()
 
     # -- helpers -----------------------------------------------------------------------------
+    def _init_gene_embedding_from_pca(self) -> None:
+        """Gene embeddings from the principal-component loadings of the registered cells.
+
+        Each gene found in the data gets its loadings on the first ``hidden_dim`` components,
+        scaled to the spread of the random initialisation (standard deviation 0.02); other
+        tokens keep their random vectors.
+        """
+        match = self.vocab.match(self.adata, **self._match_kwargs())
+        ids, loadings = gene_pca_loadings(
+            self._counts(self.adata),
+            match.vocab_ids,
+            self.backbone_config.hidden_dim,
+            self.preprocessing,
+        )
+        if loadings.size == 0:
+            return
+        weight = self.module.backbone.gene_embedding.weight
+        scaled = torch.as_tensor(loadings * (0.02 / loadings.std()), dtype=weight.dtype)
+        with torch.no_grad():
+            weight[torch.as_tensor(ids), : scaled.shape[1]] = scaled
+
     def gene_match(self, adata: AnnData | None = None):
         """How the genes of ``adata`` map onto the model's vocabulary (coverage report)."""
         adata = self._validate_anndata(adata)
