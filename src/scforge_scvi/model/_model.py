@@ -123,7 +123,7 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         sample), so that genes that vary together start close together. Only the starting
         point changes: a saved model reloads its trained weights either way. Off by default:
         on pbmc68k_reduced it gained +0.017 x logistic regression over fourteen splits
-        (narrowing the spread), on pbmc3k +0.006 x (``docs/benchmarks_annotation.md``).
+        (inside the seed spread), on pbmc3k +0.006 x (``docs/benchmarks_annotation.md``).
 
     Notes
     -----
