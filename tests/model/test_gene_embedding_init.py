@@ -61,12 +61,18 @@ def test_pca_start_makes_the_untrained_embedding_tell_cell_types_apart(counts):
     assert pca_f1 > random_f1 + 0.1, (random_f1, pca_f1)
 
 
-def test_a_pca_started_model_reloads_its_trained_weights(counts, tmp_path):
+def test_a_pca_started_model_reloads_its_trained_weights(counts, tmp_path, monkeypatch):
     model = _model(counts, "pca")
     model.train(max_epochs=1, lr=3e-3, seed=0, limit_train_batches=4, batch_size=64,
                 enable_progress_bar=False)  # fmt: skip
     model.save_pretrained(str(tmp_path / "pca"))
+
+    def no_decomposition(*args, **kwargs):
+        raise AssertionError("the checkpoint's weights replace the PCA start: not computed")
+
+    monkeypatch.setattr("scforge_scvi.model._model.gene_pca_loadings", no_decomposition)
     loaded = ScForge.from_pretrained(str(tmp_path / "pca"), counts)
+    assert loaded.init_params_["non_kwargs"]["gene_embedding_init"] == "pca"
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation()
     )

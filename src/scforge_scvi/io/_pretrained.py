@@ -485,7 +485,11 @@ class PretrainedMixin:
         if manager.registry["setup_args"].get("labels_key") is None and pretrained.class_names:
             # a query without labels keeps the fine-tuned classifier and its classes
             params["class_names"] = pretrained.class_names
+        # the checkpoint's weights replace any computed starting point: skip computing one
+        starting_point = params.pop("gene_embedding_init", None)
         model = cls(adata, vocab=pretrained.vocab, **params)
+        if starting_point is not None:  # still recorded as the model's own setting
+            model.init_params_["non_kwargs"]["gene_embedding_init"] = starting_point
         same_labels = pretrained.class_names == model.class_names_
         skip = () if same_labels else ("classifier.", "regressor.")
         if not same_labels and pretrained.class_names and model.class_names_:

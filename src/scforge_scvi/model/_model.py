@@ -289,10 +289,9 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         scaled to the spread of the random initialisation (standard deviation 0.02); other
         tokens keep their random vectors.
         """
-        match = self.vocab.match(self.adata, **self._match_kwargs())
         ids, loadings = gene_pca_loadings(
             self._counts(self.adata),
-            match.vocab_ids,
+            self.gene_match().vocab_ids,
             self.backbone_config.hidden_dim,
             self.preprocessing,
         )
