@@ -388,6 +388,12 @@ def evaluate_annotation(
     result["confusion"] = pd.DataFrame(
         confusion_matrix(truth, pred, labels=labels), index=labels, columns=labels
     )
+    path = model.module.linear_path
+    result["linear_path_share"] = float(path.mix) if path is not None else 0.0
+    if path is not None and path.fitted:  # each path alone, so that what each adds stays visible
+        for head in ("backbone", "linear"):
+            alone = np.asarray(labels)[model._probabilities(sub, head=head).argmax(1)]
+            result[f"{head}_macro_f1"] = classification_scores(truth, alone, labels)["macro_f1"]
     fitted = np.concatenate(
         [getattr(model, "train_indices_", []), getattr(model, "validation_indices_", [])]
     ).astype(int)
@@ -411,8 +417,15 @@ def evaluate_annotation(
         result["relative_macro_f1"] = (
             result["macro_f1"] / reference["macro_f1"] if reference["macro_f1"] else np.nan
         )
+        paths = ""
+        if "backbone_macro_f1" in result:
+            paths = (
+                f" (transformer head alone {result['backbone_macro_f1']:.3f}, linear path alone "
+                f"{result['linear_macro_f1']:.3f}, share of the linear path "
+                f"{result['linear_path_share']:.1f})"
+            )
         logger.info(
-            f"Test macro-F1 {result['macro_f1']:.3f} (accuracy {result['accuracy']:.3f}) on "
+            f"Test macro-F1 {result['macro_f1']:.3f}{paths} (accuracy {result['accuracy']:.3f}) on "
             f"{len(scored)} cells; logistic regression on {reference['n_genes']} HVGs, "
             f"fitted on the same training cells: {reference['macro_f1']:.3f} "
             f"(accuracy {reference['accuracy']:.3f}); ratio "

@@ -491,7 +491,7 @@ class PretrainedMixin:
         if starting_point is not None:  # still recorded as the model's own setting
             model.init_params_["non_kwargs"]["gene_embedding_init"] = starting_point
         same_labels = pretrained.class_names == model.class_names_
-        skip = () if same_labels else ("classifier.", "regressor.")
+        skip = () if same_labels else model.module._HEAD_PREFIXES
         if not same_labels and pretrained.class_names and model.class_names_:
             logger.info(
                 f"The checkpoint's classifier was fitted for labels {pretrained.class_names}; "

@@ -37,12 +37,15 @@ from scforge_scvi.train import (
 from ._constants import SCFORGE_OUTPUT_KEYS as OUT
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
 from ._fields import RegistrationMixin
+from ._linear import features
 from ._module import ScForgeModule
 from ._training import TrainingMixin
 
 VocabLike = GeneVocab | str | dict | None
 #: starting points of the gene embeddings (``ScForge(gene_embedding_init=...)``)
 GENE_EMBEDDING_INITS = ("random", "pca")
+#: classifiers ``predict(head=...)`` reads
+PREDICTION_HEADS = ("default", "backbone", "linear")
 
 
 class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass):
@@ -441,6 +444,7 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         key_added: str = OUT.PREDICTION,
         batch_size: int | None = None,
         return_probabilities: bool = False,
+        head: str = "default",
     ) -> pd.DataFrame | None:
         """Predict labels (or regression targets) and write them into ``adata``.
 
@@ -452,6 +456,22 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         or a missing label) included. A query AnnData needs no label column; its genes may
         be in any order or a subset (mapped through the vocabulary).
 
+        Parameters
+        ----------
+        adata
+            AnnData with the same setup (``None``: the model's).
+        key_added
+            Column of ``adata.obs`` for the predictions.
+        batch_size
+            Minibatch size (default 64).
+        return_probabilities
+            Also return the class probabilities.
+        head
+            Which classifier predicts: ``"default"``, the mixture of the transformer's head
+            and the linear path with the share chosen on validation cells
+            (:mod:`~scforge_scvi.model._linear`); ``"backbone"``, the transformer's head
+            alone; ``"linear"``, the logistic regression on log-normalised genes alone.
+
         Returns
         -------
         The probabilities as a DataFrame when ``return_probabilities`` is True.
@@ -462,8 +482,9 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
                 "This model has no task head: register labels with "
                 "setup_anndata(adata, labels_key=...) and fine-tune before predicting."
             )
-        head = self.module.classifier or self.module.regressor
-        values = self._infer(adata, None, batch_size, lambda out: head(out["embedding"]))
+        if self.module.classifier is None:
+            regressor = self.module.regressor
+            values = self._infer(adata, None, batch_size, lambda out: regressor(out["embedding"]))
         base = (
             key_added.removesuffix("_prediction")
             if key_added.endswith("_prediction")
@@ -473,13 +494,15 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             adata.obs[key_added] = values.squeeze(-1).numpy()
             self._record(adata, "predict", key_added=key_added)
             return None
-        probs = torch.softmax(values, dim=-1).numpy()
+        probs = self._probabilities(adata, None, head, batch_size)
         best = probs.argmax(1)
         names = np.asarray(self.class_names_)
         adata.obs[key_added] = pd.Categorical(names[best], categories=self.class_names_)
         adata.obs[f"{base}_confidence"] = probs.max(1)
         adata.obsm[f"{base}_probabilities"] = probs
-        self._record(adata, "predict", key_added=key_added, class_names=list(self.class_names_))
+        self._record(
+            adata, "predict", key_added=key_added, class_names=list(self.class_names_), head=head
+        )
         logger.info(
             f"Added adata.obs[{key_added!r}], adata.obs['{base}_confidence'] and "
             f"adata.obsm['{base}_probabilities']."
@@ -487,6 +510,38 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         if return_probabilities:
             return pd.DataFrame(probs, index=adata.obs_names, columns=self.class_names_)
         return None
+
+    def _probabilities(self, adata, indices=None, head: str = "default", batch_size=None):
+        """Class probabilities ``(n_cells, n_classes)`` of the cells from the chosen head."""
+        if head not in PREDICTION_HEADS:
+            raise ScForgeValueError(
+                f"head={head!r} is not valid; choose one of {PREDICTION_HEADS}."
+            )
+        path = self.module.linear_path
+        mix = 0.0 if head == "backbone" else 1.0 if head == "linear" else float(path.mix)
+        if mix > 0 and not path.fitted:
+            raise ScForgeValueError(
+                "This model's linear path is not fitted (fine-tuned without it, or saved before "
+                "it existed); use head='backbone' or fine-tune again."
+            )
+        probs = 0.0
+        if mix < 1:
+            classifier = self.module.classifier
+            logits = self._infer(
+                adata, indices, batch_size, lambda out: classifier(out["embedding"])
+            )
+            probs = (1 - mix) * torch.softmax(logits, dim=-1).numpy()
+        if mix > 0:
+            x = features(
+                self._counts(adata),
+                self.gene_match(adata).vocab_ids,
+                path.weight.shape[1],
+                self.preprocessing.target_sum,
+                indices=indices,
+                rows=batch_size or 1024,
+            )
+            probs = probs + mix * path.probabilities(x)
+        return np.asarray(probs, dtype=np.float32)
 
     def evaluate(
         self,
@@ -520,7 +575,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         -------
         ``accuracy``, ``macro_f1``, ``weighted_f1``, ``per_class_f1`` (dict), ``support``
         (dict, cells per class), ``n_cells``, the ``confusion`` matrix (DataFrame, rows
-        true, columns predicted) and, with ``baseline``, ``baseline_logreg`` (the same
+        true, columns predicted), ``linear_path_share`` and, when the linear path is fitted,
+        ``backbone_macro_f1`` and ``linear_macro_f1`` (each path alone); with ``baseline``, ``baseline_logreg`` (the same
         scores of the logistic regression) and ``relative_macro_f1`` (model / baseline).
         """
         from scforge_scvi.bench import evaluate_annotation

@@ -28,6 +28,7 @@ from scforge_scvi.nn import (
 )
 
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+from ._linear import LinearPath
 
 OBJECTIVES = ("pretrain", "classify", "regress")
 
@@ -51,7 +52,9 @@ class ScForgeModule(BaseModuleClass):
         of the cell embedding predicts the value of every vocabulary gene in the cell (0 where
         not detected), masked genes included. 0 (default): no such head.
     n_classes
-        Size of the classification head (0: no classification head).
+        Size of the classification head (0: no classification head). A classifier comes
+        with its linear path (:class:`~scforge_scvi.model._linear.LinearPath`), fitted after
+        fine-tuning.
     n_regression_outputs
         Size of the regression head (0: no regression head).
     head_hidden_dim, head_dropout
@@ -105,6 +108,7 @@ class ScForgeModule(BaseModuleClass):
             if n_classes
             else None
         )
+        self.linear_path = LinearPath(backbone_config.vocab_size, n_classes) if n_classes else None
         self.regressor = (
             RegressionHead(
                 d, n_regression_outputs, hidden_dim=head_hidden_dim, dropout=head_dropout
@@ -125,7 +129,7 @@ class ScForgeModule(BaseModuleClass):
         return [m for m in heads if m is not None]
 
     # -- adapters ----------------------------------------------------------------------------
-    _HEAD_PREFIXES = ("classifier.", "regressor.")
+    _HEAD_PREFIXES = ("classifier.", "linear_path.", "regressor.")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's LoRA adapters and the task head: what fine-tuning with LoRA changed."""

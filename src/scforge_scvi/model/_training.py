@@ -29,6 +29,7 @@ from scforge_scvi.train._plans import class_weights as class_weights_of
 from scforge_scvi.train._schedules import default_max_epochs
 
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+from ._linear import fit_linear_path
 
 
 class TrainingMixin:
@@ -71,6 +72,7 @@ class TrainingMixin:
         num_nodes: int = 1,
         plan_kwargs: dict[str, Any] | None = None,
         datasplitter_kwargs: dict[str, Any] | None = None,
+        linear_path: bool = True,
         **trainer_kwargs: Any,
     ) -> None:
         """Pretrain (masked genes) or fine-tune (task head) the model.
@@ -169,6 +171,11 @@ class TrainingMixin:
             ``group_batches`` (batches per length group, default 16) with
             ``group_by_length=True``. Keys that ``train()`` sets itself (``batch_size``,
             ``num_workers``, ...) are refused; not available with ``data=``.
+        linear_path
+            After fine-tuning a classifier on the registered AnnData, fit its linear path (a
+            logistic regression on log-normalised vocabulary genes, on the training cells)
+            and choose its share of the default prediction on the validation cells
+            (:mod:`~scforge_scvi.model._linear`). ``False``: the transformer's head alone.
         **trainer_kwargs
             Passed to the Lightning trainer.
 
@@ -346,6 +353,14 @@ class TrainingMixin:
         self.train_indices_, self.validation_indices_, self.test_indices_ = splits
         self.best_epoch_ = best.best_epoch
         self.module.eval()
+        if self.module.linear_path is not None:
+            self.module.linear_path.reset()
+            if objective == "classify" and linear_path and data is None:
+                mix = fit_linear_path(self, seed, batch_size)
+                logger.info(
+                    "Linear path (logistic regression on log-normalised genes) fitted; its "
+                    f"share of the default prediction, chosen on the validation cells: {mix:.1f}."
+                )
 
     def _default_objective(self) -> str:
         if self._setup_arg("labels_key") is not None:

@@ -1,0 +1,266 @@
+"""The linear path of the annotation head: a logistic regression on log-normalised genes.
+
+A fine-tuned :class:`~scforge_scvi.ScForge` classifies with two predictors side by side: the
+transformer's head on the cell embedding, and an L2 logistic regression on the standardised,
+library-size-normalised ``log1p`` expression of the vocabulary genes (the baseline that
+``evaluate`` prints, fitted on the same cells). The default prediction is the mixture
+
+    p = mix * p_linear + (1 - mix) * p_backbone
+
+with ``mix`` chosen on the validation cells (see :func:`choose_mix`), so that on data where
+the transformer adds nothing the model falls back to the linear fit. ``mix = 0`` is the
+transformer alone: the value of a model fine-tuned before the linear path existed, or with
+``train(linear_path=False)``. Both paths stay
+readable on their own: ``predict(head="backbone")`` and ``predict(head="linear")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from scforge_scvi.data._preprocess import log_normalize
+
+#: mixing weights tried on the validation cells
+MIX_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
+#: fewer labelled validation cells than this, or than two a class: the linear path alone
+MIN_VALIDATION_CELLS = 50
+#: inverse L2 strength of the logistic regression (scikit-learn's default, as the baseline's)
+C = 1.0
+
+
+class LinearPath(nn.Module):
+    """A fitted linear path: ``logits = x @ weight.T + bias`` on log-normalised expression
+    indexed by token id, and its share ``mix`` of the default prediction.
+
+    The standardisation of the fit is folded into ``weight`` and ``bias``, so that a sparse
+    row of expression is scored without densifying it. Everything is a buffer: saved with the
+    model's weights, never trained by gradient descent. An unfitted path has ``mix == 0``.
+
+    Parameters
+    ----------
+    n_tokens
+        Size of the model's vocabulary (the columns of the expression it reads).
+    n_classes
+        Number of classes of the classification head.
+    """
+
+    def __init__(self, n_tokens: int, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(n_classes, n_tokens))
+        self.register_buffer("bias", torch.zeros(n_classes))
+        self.register_buffer("mix", torch.zeros(()))
+
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`set` has stored a fit (a zero weight matrix is an unfitted path)."""
+        return bool(self.weight.abs().sum() > 0)
+
+    def reset(self) -> None:
+        """Back to an unfitted path (the transformer's head alone)."""
+        self.weight.zero_()
+        self.bias.zero_()
+        self.mix.zero_()
+
+    def set(self, weight: np.ndarray, bias: np.ndarray, mix: float) -> None:
+        """Store a fit (``weight`` ``(n_classes, n_tokens)``) and its mixing weight."""
+        self.weight.copy_(torch.as_tensor(weight, dtype=self.weight.dtype))
+        self.bias.copy_(torch.as_tensor(bias, dtype=self.bias.dtype))
+        self.mix.fill_(float(mix))
+
+    def logits(self, x: sp.csr_matrix) -> np.ndarray:
+        """Class logits of the cells ``x`` (``(n_cells, n_tokens)``, from :func:`features`)."""
+        weight = self.weight.detach().cpu().numpy().astype(np.float64)
+        return np.asarray(x @ weight.T) + self.bias.detach().cpu().numpy()
+
+    def probabilities(self, x: sp.csr_matrix) -> np.ndarray:
+        """Softmax of :meth:`logits`."""
+        return softmax(self.logits(x))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax."""
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def features(
+    counts,
+    vocab_ids: np.ndarray,
+    n_tokens: int,
+    target_sum: float,
+    indices: Sequence[int] | None = None,
+    rows: int = 1024,
+) -> sp.csr_matrix:
+    """Log-normalised expression of the cells, one column per vocabulary token.
+
+    The library size is the sum over all of the cell's registered genes, as for the
+    tokenizers; genes outside the vocabulary are dropped after normalising. Counts are read
+    ``rows`` cells at a time, so a backed file is never read whole.
+
+    Parameters
+    ----------
+    counts
+        ``(n_cells, n_genes)`` raw counts: dense, sparse or backed.
+    vocab_ids
+        Token id of each data gene, ``-1`` where it is not in the vocabulary
+        (:attr:`~scforge_scvi.data.GeneMatch.vocab_ids`).
+    n_tokens
+        Size of the vocabulary.
+    target_sum
+        Library size every cell is scaled to before ``log1p``.
+    indices
+        Cells to read, in the order wanted (default: all).
+    rows
+        Cells read at a time.
+    """
+    vocab_ids = np.asarray(vocab_ids)
+    kept = np.flatnonzero(vocab_ids >= 0)
+    to_token = sp.csr_matrix(
+        (np.ones(len(kept), np.float32), (kept, vocab_ids[kept])), shape=(len(vocab_ids), n_tokens)
+    )
+    indices = np.arange(counts.shape[0]) if indices is None else np.asarray(indices, dtype=int)
+    blocks = []
+    for start in range(0, len(indices), rows):
+        chunk = indices[start : start + rows]
+        order = np.argsort(chunk, kind="stable")  # backed files read rows in increasing order
+        block = sp.csr_matrix(counts[chunk[order]])[np.argsort(order)]
+        blocks.append(sp.csr_matrix(log_normalize(block, target_sum=target_sum)) @ to_token)
+    if not blocks:
+        return sp.csr_matrix((0, n_tokens), dtype=np.float32)
+    return sp.vstack(blocks, format="csr")
+
+
+def fit_logreg(
+    x: sp.csr_matrix, codes: np.ndarray, n_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """L2 logistic regression on standardised columns, returned on the unstandardised scale.
+
+    Parameters
+    ----------
+    x
+        ``(n_cells, n_tokens)`` features of the training cells.
+    codes
+        Class code of each cell (``0 <= code < n_classes``).
+    n_classes
+        Classes of the model; a class without a training cell keeps a logit of ``-inf``
+        (a large negative bias), so it is never predicted by this path.
+    seed
+        Seed of the solver.
+
+    Returns
+    -------
+    ``(weight, bias)`` with ``weight`` ``(n_classes, n_tokens)``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    columns = np.flatnonzero(x.getnnz(axis=0) > 0)
+    dense = x[:, columns].toarray().astype(np.float64)
+    mean = dense.mean(0)
+    scale = dense.std(0)
+    scale[scale == 0] = 1.0
+    weight = np.zeros((n_classes, x.shape[1]))
+    bias = np.full(n_classes, -1e4)
+    present = np.unique(codes)
+    if len(present) == 1:  # one class: it is always predicted
+        bias[present[0]] = 0.0
+        return weight, bias
+    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    clf.fit((dense - mean) / scale, codes)
+    coef = clf.coef_ if len(present) > 2 else np.vstack([-clf.coef_[0], clf.coef_[0]]) / 2
+    intercept = (
+        clf.intercept_
+        if len(present) > 2
+        else np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+    )
+    weight[np.ix_(clf.classes_, columns)] = coef / scale
+    bias[clf.classes_] = intercept - (coef / scale) @ mean
+    return weight, bias
+
+
+def choose_mix(
+    linear: np.ndarray, backbone: np.ndarray, codes: np.ndarray, grid: Sequence[float] = MIX_GRID
+) -> float:
+    """The share of the linear path with the lowest validation log-loss.
+
+    Log-loss rather than macro-F1: on a few hundred validation cells macro-F1 moves in steps
+    of one cell of a small class, while the log-loss of the mixture is smooth in the share
+    (``docs/benchmarks_annotation.md`` compares both). Ties go to the larger share. With
+    fewer than :data:`MIN_VALIDATION_CELLS` labelled validation cells, or fewer than two a
+    class, the validation cells cannot tell the paths apart and the linear path alone is
+    used (share 1).
+
+    Parameters
+    ----------
+    linear, backbone
+        ``(n_cells, n_classes)`` probabilities of the validation cells from each path.
+    codes
+        True class codes of the validation cells.
+    grid
+        Shares to try.
+    """
+    _, per_class = np.unique(codes, return_counts=True)
+    if len(codes) < MIN_VALIDATION_CELLS or per_class.min() < 2:
+        return 1.0
+    rows = np.arange(len(codes))
+    losses = [
+        -np.log(np.clip((w * linear + (1 - w) * backbone)[rows, codes], 1e-12, 1.0)).mean()
+        for w in grid
+    ]
+    best = min(losses)
+    return float(max(w for w, loss in zip(grid, losses) if loss <= best + 1e-12))
+
+
+def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
+    """Fit ``model.module.linear_path`` after fine-tuning, and choose its share.
+
+    The logistic regression is fitted on the labelled training cells; its share ``mix`` is
+    chosen on the labelled validation cells against the backbone head (:func:`choose_mix`);
+    then it is refitted on training and validation cells together, as the baseline of
+    ``evaluate`` is.
+
+    Parameters
+    ----------
+    model
+        A :class:`~scforge_scvi.ScForge` just fine-tuned for classification on its registered
+        AnnData (``train_indices_`` and ``validation_indices_`` are set).
+    seed
+        Seed of the solver.
+    batch_size
+        Cells read from the counts at a time.
+
+    Returns
+    -------
+    The chosen share of the linear path.
+    """
+    from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+
+    path = model.module.linear_path
+    n_classes = len(model.class_names_)
+    codes = model.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel().astype(int)
+    train = np.asarray(model.train_indices_, dtype=int)
+    val = np.asarray(model.validation_indices_, dtype=int)
+    train, val = train[codes[train] < n_classes], val[codes[val] < n_classes]
+    cells = np.union1d(train, val)
+    x = features(
+        model._counts(model.adata),
+        model.gene_match().vocab_ids,
+        path.weight.shape[1],
+        model.preprocessing.target_sum,
+        indices=cells,
+        rows=batch_size,
+    )
+    rows_train, rows_val = np.searchsorted(cells, train), np.searchsorted(cells, val)
+    weight, bias = fit_logreg(x[rows_train], codes[train], n_classes, seed)
+    mix = 1.0
+    if len(val):
+        backbone = model._probabilities(model.adata, val, head="backbone", batch_size=batch_size)
+        path.set(weight, bias, 1.0)
+        mix = choose_mix(path.probabilities(x[rows_val]), backbone, codes[val])
+        weight, bias = fit_logreg(x, codes[cells], n_classes, seed)
+    path.set(weight, bias, mix)
+    return mix
