@@ -359,6 +359,8 @@ def evaluate_annotation(
 
     own_data = adata is None or adata is model.adata
     adata = model._validate_anndata(adata)
+    if indices is None and not own_data:
+        indices = np.arange(adata.n_obs)
     if indices is None:
         indices = getattr(model, "test_indices_", None)
         if indices is None or len(indices) == 0:

@@ -561,8 +561,9 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         adata
             AnnData with the model's setup (default: the training AnnData).
         indices
-            Cells to score (default: the test split of the last :meth:`train`, never used
-            for training or model selection).
+            Cells to score (default: on the training AnnData, the test split of the last
+            :meth:`train`, never used for training or model selection; on another AnnData,
+            all of its cells).
         baseline
             Also fit a logistic regression on log-normalised expression of ``n_top_genes``
             HVGs (chosen on its training cells) and score it on the same cells. It fits on
