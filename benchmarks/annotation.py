@@ -548,7 +548,7 @@ def main(argv=None) -> None:
                     f"  {init:10s} {strategy:16s} macro-F1 {row['macro_f1']:.3f} "
                     f"(logreg {lr:.3f}, ratio {row['ratio']:.3f}; backbone alone "
                     f"{row['backbone_macro_f1'] / lr:.3f}, linear path alone "
-                    f"{row['linear_macro_f1'] / lr:.3f}, share {row['linear_path_share']:.1f}) "
+                    f"{row['linear_macro_f1'] / lr:.3f}, share {row['linear_path_share']:.2f}) "
                     f"acc {row['accuracy']:.3f}, probe of its embedding {probe:.3f}  "
                     f"fine-tune {t_fit:.0f} s, evaluate {t_eval:.0f} s, "
                     f"best epoch {row['best_epoch']}",

@@ -72,10 +72,13 @@ def test_share_goes_to_the_better_path_and_falls_back_to_linear_on_few_cells():
     right = np.eye(3)[codes] * 0.8 + 0.2 / 3
     wrong = np.eye(3)[(codes + 1) % 3] * 0.8 + 0.2 / 3
     assert choose_mix(right, wrong, codes) == 1.0
-    assert choose_mix(wrong, right, codes) == 0.0
+    assert choose_mix(wrong, right, codes) == 0.5  # the backbone keeps half its optimal share
     assert choose_mix(right, right, codes) == 1.0  # a tie goes to the linear path
     few = MIN_VALIDATION_CELLS - 1
     assert choose_mix(wrong[:few], right[:few], codes[:few]) == 1.0
+    lone = np.append(codes, 3)  # a class with a single validation cell does not decide
+    padded = np.pad(right, ((0, 1), (0, 1)), constant_values=0.01)
+    assert choose_mix(np.pad(wrong, ((0, 1), (0, 1)), constant_values=0.01), padded, lone) == 0.5
 
 
 def test_default_prediction_mixes_the_two_paths_with_the_chosen_share(finetuned):

@@ -424,7 +424,7 @@ def evaluate_annotation(
             paths = (
                 f" (transformer head alone {result['backbone_macro_f1']:.3f}, linear path alone "
                 f"{result['linear_macro_f1']:.3f}, share of the linear path "
-                f"{result['linear_path_share']:.1f})"
+                f"{result['linear_path_share']:.2f})"
             )
         logger.info(
             f"Test macro-F1 {result['macro_f1']:.3f}{paths} (accuracy {result['accuracy']:.3f}) on "

@@ -359,7 +359,7 @@ class TrainingMixin:
                 mix = fit_linear_path(self, seed, batch_size)
                 logger.info(
                     "Linear path (logistic regression on log-normalised genes) fitted; its "
-                    f"share of the default prediction, chosen on the validation cells: {mix:.1f}."
+                    f"share of the default prediction, chosen on the validation cells: {mix:.2f}."
                 )
 
     def _default_objective(self) -> str:
