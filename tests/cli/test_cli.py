@@ -325,6 +325,35 @@ def test_finetune_streams_from_disk(in_project: Path, capsys, caplog, monkeypatc
     assert {"val_loss", "val_acc"} <= set(metrics.columns)
 
 
+def test_finetune_with_few_labels_leaves_unlabelled_cells_out(in_project: Path, capsys):
+    """A label column that is mostly the unlabelled category fine-tunes on the labelled
+    cells only; the unlabelled category never becomes a class."""
+    from scforge_scvi.io import read_pretrained
+
+    adata = ad.read_h5ad("data/pbmc3k.h5ad")
+    rng = np.random.default_rng(0)
+    labels = adata.obs["louvain"].astype(str).to_numpy()
+    keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), 3) for c in set(labels)])
+    adata.obs["louvain"] = np.where(np.isin(np.arange(adata.n_obs), keep), labels, "unlabelled")
+    adata.write_h5ad("data/few.h5ad")
+    code, _, err = _run(
+        capsys,
+        "finetune",
+        "--config",
+        "tutorial_finetune_full.yaml",
+        "--checkpoint",
+        "checkpoints/pretrain/best.ckpt",
+        "--set",
+        *TINY,
+        "training.checkpoint_dir=checkpoints/few",
+        "data.paths=[./data/few.h5ad]",
+        "finetune.unlabeled_category=unlabelled",
+    )
+    assert code == 0, err
+    classes = read_pretrained(in_project / "checkpoints/few/best").class_names
+    assert sorted(classes) == sorted(set(labels))
+
+
 def test_existing_outputs_are_refused(in_project: Path, capsys):
     Path("taken.h5ad").write_text("keep me")
     code, _, err = _run(

@@ -72,6 +72,7 @@ CHANGES: dict[str, tuple[list[str], list[str]]] = {
     "finetune.head_lr": ([], ["finetune.head_lr=1e-2"]),
     "finetune.class_weights": ([], ["finetune.class_weights=null"]),
     "finetune.label_smoothing": ([], ["finetune.label_smoothing=0.1"]),
+    "finetune.linear_path": ([], ["finetune.linear_path=false"]),
 }
 
 # keys read by a step other than the API arguments compared here, and where
@@ -87,6 +88,7 @@ READ_ELSEWHERE = {
     "training.optimizer.name": "single choice ('adamw')",
     "training.checkpoint_dir": "the run directory of pretrain/finetune",
     "finetune.label_key": "runs.setup_data",
+    "finetune.unlabeled_category": "runs.setup_data",
     "finetune.head.task": "runs.setup_data and the finetune objective",
     "finetune.head.n_classes": "runs.check_n_classes",
     "benchmarks.0.name": "scforge benchmark",

@@ -216,6 +216,7 @@ def setup_data(adata: AnnData, config: ScForgeConfig, *, labels: bool) -> None:
             kwargs["target_key"] = finetune.label_key
         else:
             kwargs["labels_key"] = finetune.label_key
+            kwargs["unlabeled_category"] = finetune.unlabeled_category
     source = "the cells sampled from " if config.data.streaming else ""
     _setup_anndata(adata, source + data_sources(config.data.paths), **kwargs)
 
@@ -319,6 +320,7 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
     kwargs["freeze_backbone_epochs"] = finetune.freeze_backbone_epochs
     kwargs["class_weights"] = finetune.class_weights  # train() decides for streamed cells
     kwargs["plan_kwargs"]["label_smoothing"] = finetune.label_smoothing
+    kwargs["linear_path"] = finetune.linear_path
     if kwargs["strategy"] != "gradual_unfreeze":
         kwargs["freeze_backbone_epochs"] = 0
     if finetune.lora.enabled:

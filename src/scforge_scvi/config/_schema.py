@@ -678,6 +678,24 @@ class FinetuneConfig(_Section):
         min_length=1,
         description="Column of obs with the label to learn per cell (e.g. 'louvain', 'cell_type').",
     )
+    unlabeled_category: str = Field(
+        "Unknown",
+        min_length=1,
+        description=(
+            "Value of label_key that marks an unlabelled cell (cells with an empty label are "
+            "unlabelled too): such cells are tokenized and split like the others but left "
+            "out of the loss and of the scores, so a few labelled cells can fine-tune a model "
+            "pretrained on many."
+        ),
+    )
+    linear_path: bool = Field(
+        True,
+        description=(
+            "With a classification head, also fit a logistic regression on the log-normalised "
+            "genes and mix it with the head, its share chosen on the validation cells "
+            "(ScForge.train(linear_path=...)); false: the transformer's head alone."
+        ),
+    )
     freeze_backbone: bool = Field(
         False,
         description=(
