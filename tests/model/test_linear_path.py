@@ -128,3 +128,29 @@ def test_without_the_linear_path_the_transformer_head_predicts_alone(_pbmc68k_co
         model.predict(head="linear")
     with pytest.raises(ScForgeValueError, match="head='both' is not valid"):
         model.predict(head="both")
+
+
+def test_few_labelled_cells_fit_the_linear_path_on_those_cells_only(_pbmc68k_counts_once):
+    """Most cells registered as the unlabelled category: the linear path is the regression
+    on the labelled training and validation cells alone (too few validation cells to mix:
+    it predicts alone), and every cell, unlabelled ones included, gets a known label."""
+    adata = _pbmc68k_counts_once.copy()
+    truth = adata.obs["bulk_labels"].astype(str).to_numpy()
+    labelled = np.random.default_rng(0).random(adata.n_obs) < 0.2
+    adata.obs["few"] = np.where(labelled, truth, "Unknown")
+    ScForge.setup_anndata(adata, layer="counts", labels_key="few", unlabeled_category="Unknown")
+    torch.manual_seed(0)
+    model = ScForge(adata, **TINY)
+    model.train(max_epochs=1, **FIT)
+    assert "Unknown" not in model.class_names_
+    assert labelled[model.validation_indices_].sum() < MIN_VALIDATION_CELLS
+    assert float(model.module.linear_path.mix) == 1.0
+    cells = np.union1d(model.train_indices_, model.validation_indices_)
+    cells = cells[labelled[cells]]
+    x = features(adata.layers["counts"], model.gene_match().vocab_ids, len(model.vocab), 1e4, cells)
+    codes = np.array([list(model.class_names_).index(c) for c in truth[cells]])
+    weight, bias = fit_logreg(x, codes, len(model.class_names_))
+    np.testing.assert_allclose(model.module.linear_path.weight.numpy(), weight, atol=1e-5)
+    np.testing.assert_allclose(model.module.linear_path.bias.numpy(), bias, atol=1e-4)
+    model.predict()
+    assert set(adata.obs["scforge_prediction"]) <= set(model.class_names_)
