@@ -283,7 +283,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_geneformer(args: argparse.Namespace) -> int:
+    from scforge_scvi import ScForge
     from scforge_scvi.io import read_geneformer, write_pretrained
+    from scforge_scvi.io._pretrained import init_defaults
 
     output = runs.check_output(args.output, args.overwrite)
     if not Path(args.model).is_dir():
@@ -294,6 +296,7 @@ def _import_geneformer(args: argparse.Namespace) -> int:
         gene_median_dictionary=args.gene_median_dictionary,
         model_input_size=args.model_input_size,
         special_tokens=args.special_tokens,
+        defaults=init_defaults(ScForge),
     )
     write_pretrained(output, pretrained.config, pretrained.vocab, pretrained.state_dict)
     params, source = pretrained.init_params, pretrained.config["imported_from"]

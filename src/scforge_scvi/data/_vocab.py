@@ -423,7 +423,7 @@ class GeneVocab:
         The file is written to a temporary file in the same directory and then moved into
         place, so a crash never leaves a half-written vocabulary behind.
         """
-        from scforge_scvi.io._atomic import atomic_file
+        from scforge_scvi._atomic import atomic_file
 
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")

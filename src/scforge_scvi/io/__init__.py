@@ -1,8 +1,9 @@
 """Pretrained directories and checkpoints (JSON + safetensors, never pickles), and the import
 of public Geneformer models (safetensors, weights-only torch files, restricted unpickling)."""
 
+from scforge_scvi._atomic import atomic_directory, atomic_file, check_writable, resolve_directory
+
 from ._adapters import read_adapter, write_adapter
-from ._atomic import atomic_directory, atomic_file, check_writable, resolve_directory
 from ._checkpoint import module_state_dict, read_lightning_checkpoint, run_differences
 from ._geneformer import (
     GeneformerImportError,

@@ -15,9 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from scforge_scvi._atomic import atomic_directory, resolve_directory
 from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeValueError, one_line
-
-from ._atomic import atomic_directory, resolve_directory
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"

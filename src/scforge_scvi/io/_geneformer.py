@@ -26,12 +26,12 @@ Geneformer's tokens is unchanged.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import math
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +526,7 @@ def read_geneformer(
     gene_median_dictionary: str | Path | None = None,
     model_input_size: int | None = None,
     special_tokens: bool | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Pretrained:
     """Read a Geneformer model directory as an scforge :class:`Pretrained` model.
 
@@ -543,13 +544,16 @@ def read_geneformer(
     special_tokens
         Prepend ``<cls>`` and append ``<eos>`` (V2 models); default: when the token
         dictionary has both.
+    defaults
+        Init arguments of the model class the directory is read for (``ScForge``'s
+        keyword defaults), stored under the imported settings so that the directory pins
+        every setting; default: the imported settings only.
 
     Returns
     -------
     The pretrained model: ``config["init_params"]`` rebuild it with
     :class:`~scforge_scvi.ScForge`, ``config["imported_from"]`` records the source.
     """
-    from scforge_scvi.model import ScForge
     from scforge_scvi.nn import BackboneConfig
 
     directory = Path(path)
@@ -621,10 +625,7 @@ def read_geneformer(
         "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
         "min_coverage": IMPORT_MIN_COVERAGE,
     }
-    signature = inspect.signature(ScForge.__init__).parameters
-    skip = {"self", "adata", "registry", "vocab", "lora", "class_names"}
-    init_params = {k: p.default for k, p in signature.items() if k not in skip}
-    init_params.update(overrides)
+    init_params = {**(defaults or {}), **overrides}
 
     weights, weights_name = _read_weights(directory)
     source = f"'{directory / weights_name}'"

@@ -29,7 +29,8 @@ from scforge_scvi.data import GeneVocab
 if TYPE_CHECKING:
     from anndata import AnnData
 
-from ._atomic import atomic_directory, resolve_directory
+from scforge_scvi._atomic import atomic_directory, resolve_directory
+
 from ._checkpoint import module_state_dict, read_lightning_checkpoint
 
 CONFIG_NAME = "config.json"
@@ -297,6 +298,20 @@ def load_weights(
     return report
 
 
+def init_defaults(model_class: type) -> dict[str, Any]:
+    """The keyword defaults of ``model_class.__init__`` that a pretrained directory records
+    (the AnnData, registry, vocabulary, adapters and classes are stored apart)."""
+    import inspect
+
+    skip = {"self", "adata", "registry", "vocab", "lora", "class_names"}
+    signature = inspect.signature(model_class.__init__).parameters
+    return {
+        k: p.default
+        for k, p in signature.items()
+        if k not in skip and p.default is not inspect.Parameter.empty
+    }
+
+
 class PretrainedMixin:
     """Pretrained directories, LoRA adapter directories and Geneformer import of a model.
 
@@ -461,6 +476,7 @@ class PretrainedMixin:
             gene_median_dictionary=gene_median_dictionary,
             model_input_size=model_input_size,
             special_tokens=special_tokens,
+            defaults=init_defaults(cls),
         )
         return cls._from_pretrained_object(pretrained, adata, kwargs)
 

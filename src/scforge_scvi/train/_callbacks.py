@@ -19,7 +19,7 @@ def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
 
     A crash mid-write leaves the previous checkpoint intact.
     """
-    from scforge_scvi.io._atomic import atomic_file
+    from scforge_scvi._atomic import atomic_file
 
     with atomic_file(path) as tmp:
         trainer.save_checkpoint(tmp, weights_only=False)  # resumable: optimizer, schedule, loops
@@ -56,7 +56,7 @@ class BestCheckpoint(Callback):
         self.mode = mode
         self.dirpath = Path(dirpath) if dirpath is not None else None
         if self.dirpath is not None:  # fail now, not after the first epoch of training
-            from scforge_scvi.io._atomic import check_writable
+            from scforge_scvi._atomic import check_writable
 
             check_writable(self.dirpath, "checkpoints")
         self.restore_best = restore_best
