@@ -47,7 +47,9 @@ import scipy.sparse as sp
 import scvi
 import torch
 
-from scforge_scvi.bench._perturbation import (
+from scforge_scvi.data._datasets import pbmc68k_counts
+from scforge_scvi.perturb._data import assign_perturbation_split
+from scforge_scvi.perturb._metrics import (
     aggregate_metrics,
     control_mean_baseline,
     evaluate_perturbation_predictions,
@@ -56,9 +58,7 @@ from scforge_scvi.bench._perturbation import (
     normalized_score,
     perturbation_mean_baseline,
 )
-from scforge_scvi.data._datasets import pbmc68k_counts
-from scforge_scvi.data._perturb_data import assign_perturbation_split
-from scforge_scvi.model._perturb_model import ScForgePerturb
+from scforge_scvi.perturb._model import ScForgePerturb
 from semisynthetic import (
     load_pbmc3k_counts,
     make_semisynthetic_perturbation_data,

@@ -19,8 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeValueError
-from scforge_scvi.data._perturb_data import _check_names, _obs_column
 from scforge_scvi.data._preprocess import check_raw_counts, library_size, log_normalize
+from scforge_scvi.perturb._data import _check_names, _obs_column
 
 
 # ----------------------------------------------------------------------- real source cells

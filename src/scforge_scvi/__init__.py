@@ -7,11 +7,12 @@ annotation or perturbation response, and write embeddings and predictions back i
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import bench, data, nn, pl, train
+from . import bench, data, nn, perturb, pl, train
 from ._allocator import tune_cpu_allocator
 from ._errors import ScForgeError, ScForgeTypeError, ScForgeValueError
 from .data import GeneVocab, StreamedCells
-from .model import ScForge, ScForgeCellEncoder, ScForgePerturb
+from .model import ScForge, ScForgeCellEncoder
+from .perturb import ScForgePerturb
 
 try:
     __version__ = version("scforge-scvi")
@@ -30,6 +31,7 @@ __all__ = [
     "bench",
     "data",
     "nn",
+    "perturb",
     "pl",
     "train",
     "tune_cpu_allocator",

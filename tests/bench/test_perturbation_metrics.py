@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scforge_scvi.bench._perturbation import (
+from scforge_scvi.perturb._metrics import (
     aggregate_metrics,
     control_mean_baseline,
     evaluate_perturbation_predictions,

@@ -16,7 +16,7 @@ if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
 from helpers import CELL_TYPE, CONTROL, PERT  # noqa: E402
-from scforge_scvi.data._perturb_data import assign_perturbation_split  # noqa: E402
+from scforge_scvi.perturb._data import assign_perturbation_split  # noqa: E402
 from semisynthetic import make_semisynthetic_perturbation_data  # noqa: E402
 
 

@@ -15,16 +15,16 @@ from lightning.pytorch.callbacks import Callback
 from helpers import CELL_TYPE, CONTROL, PERT, QUIET
 from helpers import PERTURB_TINY as TINY
 from scforge_scvi import ScForge
-from scforge_scvi.bench._perturbation import (
+from scforge_scvi.model._cell_encoder import ScForgeCellEncoder
+from scforge_scvi.perturb._data import assign_perturbation_split, read_perturbation_h5ad
+from scforge_scvi.perturb._metrics import (
     aggregate_metrics,
     control_mean_baseline,
     evaluate_perturbation_predictions,
     log1p_anndata,
 )
-from scforge_scvi.data._perturb_data import assign_perturbation_split, read_perturbation_h5ad
-from scforge_scvi.data._perturb_sets import PerturbSetDataModule
-from scforge_scvi.model._cell_encoder import ScForgeCellEncoder
-from scforge_scvi.model._perturb_model import ScForgePerturb
+from scforge_scvi.perturb._model import ScForgePerturb
+from scforge_scvi.perturb._sets import PerturbSetDataModule
 from scforge_scvi.train._schedules import cosine_with_warmup
 
 FEWSHOT = "CD14+ Monocyte"

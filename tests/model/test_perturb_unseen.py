@@ -16,7 +16,7 @@ import torch
 
 from helpers import CELL_TYPE, CONTROL, PERT, QUIET
 from helpers import PERTURB_TINY as TINY
-from scforge_scvi.bench._perturbation import (
+from scforge_scvi.perturb._metrics import (
     aggregate_metrics,
     evaluate_perturbation_predictions,
     linear_baseline,
@@ -24,7 +24,7 @@ from scforge_scvi.bench._perturbation import (
     normalized_score,
     perturbation_mean_baseline,
 )
-from scforge_scvi.model._perturb_model import ScForgePerturb
+from scforge_scvi.perturb._model import ScForgePerturb
 from semisynthetic import perturbation_feature_table
 
 CELL_TYPES = ["CD14+ Monocyte", "CD19+ B"]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
-from scforge_scvi.train._perturb_losses import (
+from scforge_scvi.perturb._losses import (
     PerturbLossWeights,
     energy_distance,
     perturbation_set_loss,
     set_mean_mse,
 )
+from scforge_scvi.perturb._module import PerturbationSetModel, PerturbConfig
 
 
 def tiny_config(**overrides) -> PerturbConfig:

@@ -1,5 +1,14 @@
 """Benchmarks: metrics and honest baselines for annotation and perturbation response."""
 
+from scforge_scvi.perturb._metrics import (
+    aggregate_metrics,
+    control_mean_baseline,
+    evaluate_perturbation_predictions,
+    linear_baseline,
+    normalized_score,
+    perturbation_mean_baseline,
+)
+
 from ._annotation import (
     baseline_logreg,
     classification_scores,
@@ -8,14 +17,6 @@ from ._annotation import (
     linear_probe,
     logreg_on_cells,
     stratified_split,
-)
-from ._perturbation import (
-    aggregate_metrics,
-    control_mean_baseline,
-    evaluate_perturbation_predictions,
-    linear_baseline,
-    normalized_score,
-    perturbation_mean_baseline,
 )
 
 __all__ = [

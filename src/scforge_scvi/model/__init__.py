@@ -4,7 +4,6 @@ from ._cell_encoder import ScForgeCellEncoder
 from ._constants import SCFORGE_OUTPUT_KEYS, SCFORGE_REGISTRY_KEYS
 from ._model import ScForge
 from ._module import ScForgeModule
-from ._perturb_model import ScForgePerturb
 
 __all__ = [
     "SCFORGE_OUTPUT_KEYS",
@@ -12,5 +11,21 @@ __all__ = [
     "ScForge",
     "ScForgeCellEncoder",
     "ScForgeModule",
-    "ScForgePerturb",
 ]
+
+
+def __getattr__(name: str):
+    # deprecated alias, kept for one release: the perturbation model lives in scforge_scvi.perturb
+    if name == "ScForgePerturb":
+        import warnings
+
+        from scforge_scvi.perturb import ScForgePerturb
+
+        warnings.warn(
+            "scforge_scvi.model.ScForgePerturb moved to scforge_scvi.perturb.ScForgePerturb "
+            "(also scforge_scvi.ScForgePerturb); the old name goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ScForgePerturb
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

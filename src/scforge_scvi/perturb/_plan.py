@@ -1,4 +1,4 @@
-"""Lightning training plan for :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`.
+"""Lightning training plan for :class:`~scforge_scvi.perturb._module.PerturbationSetModel`.
 
 A batch is a stack of cell sets: ``basal`` control cells, the observed ``target`` cells of the
 same perturbation and cell type, and the perturbation (and batch) of each set. The loss is a
@@ -25,13 +25,13 @@ import torch
 
 from scforge_scvi._logging import logger
 from scforge_scvi.io._pretrained import read_pretrained
-from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbOutput
+from scforge_scvi.train._callbacks import BestCheckpoint
+from scforge_scvi.train._freezing import GradualUnfreezing
+from scforge_scvi.train._optim import build_adamw, format_parameter_summary, parameter_group_summary
+from scforge_scvi.train._schedules import cosine_with_warmup
 
-from ._callbacks import BestCheckpoint
-from ._freezing import GradualUnfreezing
-from ._optim import build_adamw, format_parameter_summary, parameter_group_summary
-from ._perturb_losses import PerturbLossWeights, perturbation_set_loss
-from ._schedules import cosine_with_warmup
+from ._losses import PerturbLossWeights, perturbation_set_loss
+from ._module import PerturbationSetModel, PerturbOutput
 
 
 @dataclass

@@ -19,9 +19,8 @@ import pandas as pd
 
 from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeKeyError, ScForgeValueError
 from scforge_scvi._logging import logger
-
-from ._preprocess import check_raw_counts
-from ._splits import split_cells
+from scforge_scvi.data._preprocess import check_raw_counts
+from scforge_scvi.data._splits import split_cells
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}

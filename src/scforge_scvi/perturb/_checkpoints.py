@@ -17,10 +17,11 @@ from scforge_scvi.data._vocab import GeneVocab
 from scforge_scvi.io._by_name import load_by_name
 from scforge_scvi.io._pretrained import Pretrained, read_pretrained, write_pretrained
 from scforge_scvi.train._callbacks import BestCheckpoint
-from scforge_scvi.train._perturb_plan import check_same_run, kept_weights
+
+from ._plan import check_same_run, kept_weights
 
 if TYPE_CHECKING:
-    from ._perturb_model import ScForgePerturb
+    from ._model import ScForgePerturb
 
 CHECKPOINT_NAMES = ("best", "final", "last")
 #: constructor arguments that are fields of the PerturbConfig

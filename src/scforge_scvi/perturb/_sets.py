@@ -5,7 +5,7 @@ cells, and as many ``basal`` control cells of the same cell type and batch. Trai
 new sets every epoch (:class:`CellSetBatches`, :class:`PerturbSetDataModule`); prediction
 perturbs chosen control cells (:func:`prediction_sets`). Both are read through
 :class:`CellSets`, one batch of sets per item, with the keys of
-:meth:`~scforge_scvi.nn._perturb.PerturbationSetModel.forward`.
+:meth:`~scforge_scvi.perturb._module.PerturbationSetModel.forward`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from scforge_scvi._errors import ScForgeValueError
-
-from ._preprocess import log_normalize
+from scforge_scvi.data._preprocess import log_normalize
 
 
 class PerturbCells(NamedTuple):

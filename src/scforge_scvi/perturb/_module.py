@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from scforge_scvi._settings import from_known_keys
-
-from . import _mlp
-from ._backbone import BackboneConfig, TransformerBlock, init_weights
-from ._mlp import ACTIVATIONS
+from scforge_scvi.nn import _mlp
+from scforge_scvi.nn._backbone import BackboneConfig, TransformerBlock, init_weights
+from scforge_scvi.nn._mlp import ACTIVATIONS
 
 PERTURBATION_FEATURES = ("one_hot", "table")
 

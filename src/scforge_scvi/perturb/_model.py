@@ -3,8 +3,8 @@
 The model predicts how a population of control cells of a cell type changes under a
 perturbation, in the space that is evaluated: log1p-normalised expression of the registered
 genes, computed on the fly from raw counts (:func:`~scforge_scvi.data._preprocess.log_normalize`).
-The network is :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`; training is
-:class:`~scforge_scvi.train._perturb_plan.PerturbTrainingPlan` on batches of cell sets drawn by
+The network is :class:`~scforge_scvi.perturb._module.PerturbationSetModel`; training is
+:class:`~scforge_scvi.perturb._plan.PerturbTrainingPlan` on batches of cell sets drawn by
 :class:`PerturbSetDataModule` (standard per-cell loaders do not fit sets).
 
 Checkpoints: the weights with the lowest validation loss (``best``) and those at the end of
@@ -40,14 +40,26 @@ from scvi.utils import setup_anndata_dsp
 from torch import nn
 
 from scforge_scvi._logging import logger
-from scforge_scvi.data._perturb_data import (
+from scforge_scvi.model._cell_encoder import basal_width
+from scforge_scvi.train import count_parameters
+from scforge_scvi.train._callbacks import BestCheckpoint
+
+from ._checkpoints import _ARCHITECTURE, PerturbCheckpointMixin
+from ._data import (
     check_genes,
     check_perturbation_counts,
     perturbation_inputs,
     perturbation_split,
     stored_feature_table,
 )
-from scforge_scvi.data._perturb_sets import (
+from ._module import PerturbationSetModel, PerturbConfig
+from ._plan import (
+    PerturbTrainingConfig,
+    PerturbTrainingPlan,
+    backbone_freezing,
+    check_freezable,
+)
+from ._sets import (
     PerturbCells,
     PerturbSetDataModule,
     control_pools,
@@ -56,18 +68,6 @@ from scforge_scvi.data._perturb_sets import (
     prediction_sets,
     read_cells,
 )
-from scforge_scvi.nn._perturb import PerturbationSetModel, PerturbConfig
-from scforge_scvi.train import count_parameters
-from scforge_scvi.train._callbacks import BestCheckpoint
-from scforge_scvi.train._perturb_plan import (
-    PerturbTrainingConfig,
-    PerturbTrainingPlan,
-    backbone_freezing,
-    check_freezable,
-)
-
-from ._cell_encoder import basal_width
-from ._perturb_checkpoints import _ARCHITECTURE, PerturbCheckpointMixin
 
 
 class _PerturbRegistryKeys(NamedTuple):
@@ -97,7 +97,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
 
     A set of ``cell_set_len`` control cells of one cell type (and batch) and a perturbation
     go in; the same number of perturbed cells come out, as log1p-normalised expression of the
-    registered genes. See :class:`~scforge_scvi.nn._perturb.PerturbationSetModel`.
+    registered genes. See :class:`~scforge_scvi.perturb._module.PerturbationSetModel`.
 
     Parameters
     ----------
@@ -341,7 +341,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
             Cell sets per optimizer step.
         split_key
             ``adata.obs`` column with ``train`` / ``val`` / ``test`` per cell (see
-            :func:`~scforge_scvi.data._perturb_data.assign_perturbation_split`); test cells
+            :func:`~scforge_scvi.perturb._data.assign_perturbation_split`); test cells
             are never read. ``None``: a random ``validation_size`` of each perturbation's
             cells validates.
         validation_size

@@ -35,8 +35,9 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from scforge_scvi.data._perturb_data import feature_table
 from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
+
+from ._data import feature_table
 
 METRICS = ("mae", "mse", "pearson_delta", "discrimination_score_l1", "overlap_at_N")
 #: metrics whose best value is 0 (all others are best at 1)
