@@ -742,9 +742,7 @@ class FinetuneConfig(_Section):
         lt=1,
         description=(
             "Share of the target probability spread over all classes in the training loss "
-            "(0: plain cross-entropy); validation metrics use the plain cross-entropy. "
-            "Measured with the default recipe: 0.1 neither helps nor hurts beyond the seed "
-            "spread (docs/benchmarks_annotation.md)."
+            "(0: plain cross-entropy); validation metrics use the plain cross-entropy."
         ),
     )
 

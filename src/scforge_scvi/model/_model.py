@@ -87,9 +87,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
     cell_expression_weight
         Weight of a cell-level reconstruction loss in pretraining: a linear read-out of the
         cell embedding predicts every vocabulary gene's value in the cell, masked genes
-        included (0, the default: off). It makes the pretrained embedding itself informative
-        (pbmc68k_reduced, logistic probe of the pretrained embedding: macro-F1 0.13 at 0,
-        0.55 at 5) but lowered fine-tuned annotation, so it is for pretraining models whose
+        included (0, the default: off). It makes the pretrained embedding itself more
+        informative but lowered fine-tuned annotation, so it is for pretraining models whose
         embeddings are used as they are (``docs/benchmarks_annotation.md``).
     head_hidden_dim, head_dropout
         Shape of the task head used when labels (or a regression target) are registered.
@@ -116,17 +115,15 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
     scaled_gene_embedding
         Add a second gene embedding scaled by each token's expression level, so that the
         mean-pooled embedding also carries a linear projection of the expression levels (see
-        :class:`~scforge_scvi.nn.BackboneConfig`). Off by default: on pbmc68k_reduced it
-        did not change fine-tuned annotation beyond the seed spread
+        :class:`~scforge_scvi.nn.BackboneConfig`). Off by default
         (``docs/benchmarks_annotation.md``).
     gene_embedding_init
         ``"random"`` (default) or ``"pca"``: start each gene's embedding from its loadings on
         the first ``hidden_dim`` principal components of the registered cells (log-normalised,
         standardised expression of the vocabulary genes; at most 5,000 cells, a seeded
         sample), so that genes that vary together start close together. Only the starting
-        point changes: a saved model reloads its trained weights either way. Off by default:
-        on pbmc68k_reduced it gained +0.017 x logistic regression over fourteen splits
-        (inside the seed spread), on pbmc3k +0.006 x (``docs/benchmarks_annotation.md``).
+        point changes: a saved model reloads its trained weights either way. Off by default
+        (``docs/benchmarks_annotation.md``).
 
     Notes
     -----

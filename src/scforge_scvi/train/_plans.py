@@ -109,8 +109,8 @@ class ScForgeTrainingPlan(TrainingPlan):
         Share of the target probability spread over all classes in the classification loss
         of training steps (``torch.nn.functional.cross_entropy``'s ``label_smoothing``);
         validation metrics stay those of the plain cross-entropy. With class weights each
-        cell counts with its own class's weight. Off by default: 0.1 changed macro-F1 by
-        less than the seed spread (``docs/benchmarks_annotation.md``).
+        cell counts with its own class's weight. Off by default
+        (``docs/benchmarks_annotation.md``).
     checkpoint_metadata
         JSON-like description of the model (config and vocabulary) stored in every Lightning
         checkpoint under ``"scforge"``, so that a ``.ckpt`` loads with ``weights_only=True``
