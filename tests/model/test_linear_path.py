@@ -19,6 +19,7 @@ from scforge_scvi.model._linear import (
     features,
     fit_logreg,
     softmax,
+    spread_labels,
 )
 
 TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64, "head_hidden_dim": 32}
@@ -130,10 +131,11 @@ def test_without_the_linear_path_the_transformer_head_predicts_alone(_pbmc68k_co
         model.predict(head="both")
 
 
-def test_few_labelled_cells_fit_the_linear_path_on_those_cells_only(_pbmc68k_counts_once):
-    """Most cells registered as the unlabelled category: the linear path is the regression
-    on the labelled training and validation cells alone (too few validation cells to mix:
-    it predicts alone), and every cell, unlabelled ones included, gets a known label."""
+def test_few_labelled_cells_spread_their_labels_to_the_unlabelled_ones(_pbmc68k_counts_once):
+    """Most cells registered as the unlabelled category: the labels spread to the other
+    training cells mostly right, the linear path is the regression on all training and
+    validation cells with those labels (too few validation cells to mix: it predicts alone),
+    and every cell, unlabelled ones included, gets a known label."""
     adata = _pbmc68k_counts_once.copy()
     truth = adata.obs["bulk_labels"].astype(str).to_numpy()
     labelled = np.random.default_rng(0).random(adata.n_obs) < 0.2
@@ -145,11 +147,17 @@ def test_few_labelled_cells_fit_the_linear_path_on_those_cells_only(_pbmc68k_cou
     assert "Unknown" not in model.class_names_
     assert labelled[model.validation_indices_].sum() < MIN_VALIDATION_CELLS
     assert float(model.module.linear_path.mix) == 1.0
+
+    names = list(model.class_names_)
     cells = np.union1d(model.train_indices_, model.validation_indices_)
-    cells = cells[labelled[cells]]
     x = features(adata.layers["counts"], model.gene_match().vocab_ids, len(model.vocab), 1e4, cells)
-    codes = np.array([list(model.class_names_).index(c) for c in truth[cells]])
-    weight, bias = fit_logreg(x, codes, len(model.class_names_))
+    codes = np.array([names.index(c) for c in truth[cells]])
+    given = np.where(labelled[cells], codes, len(names))
+    spread = spread_labels(x, given, len(names))
+    np.testing.assert_array_equal(spread[labelled[cells]], codes[labelled[cells]])
+    # always predicting the largest class would be right for about a third of them
+    assert (spread == codes)[~labelled[cells]].mean() > 0.65
+    weight, bias = fit_logreg(x, spread, len(names))
     np.testing.assert_allclose(model.module.linear_path.weight.numpy(), weight, atol=1e-5)
     np.testing.assert_allclose(model.module.linear_path.bias.numpy(), bias, atol=1e-4)
     model.predict()

@@ -12,6 +12,11 @@ the transformer adds nothing the model falls back to the linear fit. ``mix = 0``
 transformer alone: the value of a model fine-tuned before the linear path existed, or with
 ``train(linear_path=False)``. Both paths stay
 readable on their own: ``predict(head="backbone")`` and ``predict(head="linear")``.
+
+When the registered AnnData holds unlabelled cells (``setup_anndata(...,
+unlabeled_category=...)``), the linear path is fitted on every training cell: the labelled
+cells keep their labels, and the others get labels spread from them over a nearest-neighbour
+graph of the cells' principal components (:func:`spread_labels`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ MIN_VALIDATION_CELLS = 50
 BACKBONE_SHRINK = 0.5
 #: inverse L2 strength of the logistic regression (scikit-learn's default, as the baseline's)
 C = 1.0
+#: label spreading (:func:`spread_labels`): highly variable genes, principal components,
+#: nearest neighbours and the share of its label a cell takes from its neighbours per step
+SPREAD_GENES = 2000
+SPREAD_COMPONENTS = 20
+SPREAD_NEIGHBOURS = 15
+SPREAD_ALPHA = 0.2
 
 
 class LinearPath(nn.Module):
@@ -184,6 +195,61 @@ def fit_logreg(
     return weight, bias
 
 
+def spread_labels(x: sp.csr_matrix, codes: np.ndarray, n_classes: int, seed: int = 0) -> np.ndarray:
+    """Labels for the unlabelled cells, spread from the labelled ones over a cell graph.
+
+    The cells are embedded as for a scanpy workflow: the :data:`SPREAD_GENES` most variable
+    genes (scanpy's ``seurat`` flavour, on all cells), standardised and clipped at 10,
+    reduced to :data:`SPREAD_COMPONENTS` principal components. scikit-learn's
+    ``LabelSpreading`` then propagates the labels over the :data:`SPREAD_NEIGHBOURS`-nearest
+    neighbour graph, each cell keeping ``1 - SPREAD_ALPHA`` of its own label distribution per
+    step. Labelled cells keep their label.
+
+    Parameters
+    ----------
+    x
+        ``(n_cells, n_tokens)`` log-normalised expression (from :func:`features`).
+    codes
+        Class code of each cell; ``codes >= n_classes`` marks an unlabelled cell.
+    n_classes
+        Number of classes.
+    seed
+        Seed of the principal component analysis.
+
+    Returns
+    -------
+    A class code for every cell.
+    """
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.decomposition import PCA
+    from sklearn.semi_supervised import LabelSpreading
+
+    labelled = codes < n_classes
+    if labelled.all() or not labelled.any():
+        return codes
+    x = x[:, np.flatnonzero(x.getnnz(axis=0) > 0)]
+    if x.shape[1] > SPREAD_GENES:
+        hvg = sc.pp.highly_variable_genes(
+            ad.AnnData(X=x.astype(np.float32)), n_top_genes=SPREAD_GENES, inplace=False
+        )
+        x = x[:, np.flatnonzero(hvg["highly_variable"].to_numpy())]
+    dense = x.toarray().astype(np.float32)
+    scale = dense.std(0)
+    scale[scale == 0] = 1.0
+    dense = np.clip((dense - dense.mean(0)) / scale, -10, 10)
+    n_components = min(SPREAD_COMPONENTS, *dense.shape)
+    embedding = PCA(n_components, random_state=seed).fit_transform(dense)
+    spreading = LabelSpreading(
+        kernel="knn",
+        n_neighbors=min(SPREAD_NEIGHBOURS, len(codes) - 1),
+        alpha=SPREAD_ALPHA,
+        max_iter=100,
+    )
+    spreading.fit(embedding, np.where(labelled, codes, -1))
+    return np.where(labelled, codes, spreading.transduction_).astype(int)
+
+
 def choose_mix(
     linear: np.ndarray, backbone: np.ndarray, codes: np.ndarray, grid: Sequence[float] = MIX_GRID
 ) -> float:
@@ -222,10 +288,10 @@ def choose_mix(
 def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
     """Fit ``model.module.linear_path`` after fine-tuning, and choose its share.
 
-    The logistic regression is fitted on the labelled training cells; its share ``mix`` is
-    chosen on the labelled validation cells against the backbone head (:func:`choose_mix`);
-    then it is refitted on training and validation cells together, as the baseline of
-    ``evaluate`` is.
+    The logistic regression is fitted on the labelled training cells (and on the unlabelled
+    ones, with labels from :func:`spread_labels`); its share ``mix`` is chosen on the labelled
+    validation cells against the backbone head (:func:`choose_mix`); then it is refitted on
+    training and validation cells together, as the baseline of ``evaluate`` is.
 
     Parameters
     ----------
@@ -233,7 +299,7 @@ def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
         A :class:`~scforge_scvi.ScForge` just fine-tuned for classification on its registered
         AnnData (``train_indices_`` and ``validation_indices_`` are set).
     seed
-        Seed of the solver.
+        Seed of the solver and of the label spreading.
     batch_size
         Cells read from the counts at a time.
 
@@ -248,7 +314,6 @@ def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
     codes = model.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel().astype(int)
     train = np.asarray(model.train_indices_, dtype=int)
     val = np.asarray(model.validation_indices_, dtype=int)
-    train, val = train[codes[train] < n_classes], val[codes[val] < n_classes]
     cells = np.union1d(train, val)
     x = features(
         model._counts(model.adata),
@@ -258,13 +323,19 @@ def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
         indices=cells,
         rows=batch_size,
     )
-    rows_train, rows_val = np.searchsorted(cells, train), np.searchsorted(cells, val)
-    weight, bias = fit_logreg(x[rows_train], codes[train], n_classes, seed)
+    known = codes[cells]
+    in_train = np.isin(cells, train)
+    val = val[codes[val] < n_classes]
     mix = 1.0
-    if len(val):
+    if len(val) >= MIN_VALIDATION_CELLS:
+        # validation labels hidden from the fit (and from the spreading) that scores it
+        hidden = np.where(in_train, known, n_classes)
+        spread = spread_labels(x, hidden, n_classes, seed)
+        fit_rows = np.flatnonzero(in_train & (spread < n_classes))
+        path.set(*fit_logreg(x[fit_rows], spread[fit_rows], n_classes, seed), 1.0)
         backbone = model._probabilities(model.adata, val, head="backbone", batch_size=batch_size)
-        path.set(weight, bias, 1.0)
-        mix = choose_mix(path.probabilities(x[rows_val]), backbone, codes[val])
-        weight, bias = fit_logreg(x, codes[cells], n_classes, seed)
-    path.set(weight, bias, mix)
+        mix = choose_mix(path.probabilities(x[np.searchsorted(cells, val)]), backbone, codes[val])
+    spread = spread_labels(x, known, n_classes, seed)
+    fit_rows = np.flatnonzero(spread < n_classes)
+    path.set(*fit_logreg(x[fit_rows], spread[fit_rows], n_classes, seed), mix)
     return mix
