@@ -83,13 +83,13 @@ def test_share_goes_to_the_better_path_and_falls_back_to_linear_on_few_cells():
 
 
 def test_default_prediction_mixes_the_two_paths_with_the_chosen_share(finetuned):
+    """The default probabilities are the calibrated mixture of the two paths."""
     mix = float(finetuned.module.linear_path.mix)
     assert finetuned.module.linear_path.fitted and 0.0 <= mix <= 1.0
     paths = {h: finetuned._probabilities(finetuned.adata, head=h) for h in ("backbone", "linear")}
     default = finetuned.predict(return_probabilities=True).to_numpy()
-    np.testing.assert_allclose(
-        default, mix * paths["linear"] + (1 - mix) * paths["backbone"], atol=1e-5
-    )
+    mixture = mix * paths["linear"] + (1 - mix) * paths["backbone"]
+    np.testing.assert_allclose(default, finetuned.module.calibration.calibrated(mixture), atol=1e-5)
     np.testing.assert_allclose(default.sum(1), 1.0, atol=1e-5)
 
 

@@ -22,6 +22,7 @@ graph of the cells' principal components (:func:`spread_labels`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -285,7 +286,66 @@ def choose_mix(
     return float(1.0 - BACKBONE_SHRINK * (1.0 - optimum))
 
 
-def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
+@dataclass
+class AnnotatedCells:
+    """The training and validation cells of a fine-tuned classifier, read once for the fits
+    that follow fine-tuning (the linear path, then the calibration).
+
+    Attributes
+    ----------
+    cells
+        Sorted indices of the training and validation cells in the registered AnnData.
+    x
+        Their log-normalised expression (:func:`features`), one row per entry of ``cells``.
+    codes
+        Their class codes; ``n_classes`` for an unlabelled cell.
+    n_classes
+        Number of classes.
+    train
+        Rows (into ``cells``) of the training cells, unlabelled ones included.
+    validation
+        Rows of the labelled validation cells.
+    """
+
+    cells: np.ndarray
+    x: sp.csr_matrix
+    codes: np.ndarray
+    n_classes: int
+    train: np.ndarray
+    validation: np.ndarray
+
+    @classmethod
+    def of(cls, model, batch_size: int = 1024) -> AnnotatedCells:
+        """Read the cells of the last :meth:`~scforge_scvi.ScForge.train` of ``model``."""
+        from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+
+        n_classes = len(model.class_names_)
+        codes = model.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel().astype(int)
+        train = np.asarray(model.train_indices_, dtype=int)
+        val = np.asarray(model.validation_indices_, dtype=int)
+        cells = np.union1d(train, val)
+        x = features(
+            model._counts(model.adata),
+            model.gene_match().vocab_ids,
+            len(model.vocab),
+            model.preprocessing.target_sum,
+            indices=cells,
+            rows=batch_size,
+        )
+        val = val[codes[val] < n_classes]
+        return cls(
+            cells=cells,
+            x=x,
+            codes=np.minimum(codes[cells], n_classes),
+            n_classes=n_classes,
+            train=np.searchsorted(cells, train),
+            validation=np.searchsorted(cells, val),
+        )
+
+
+def fit_linear_path(
+    model, cells: AnnotatedCells, seed: int = 0, batch_size: int = 1024
+) -> tuple[float, np.ndarray | None]:
     """Fit ``model.module.linear_path`` after fine-tuning, and choose its share.
 
     The logistic regression is fitted on the labelled training cells (and on the unlabelled
@@ -296,46 +356,33 @@ def fit_linear_path(model, seed: int = 0, batch_size: int = 1024) -> float:
     Parameters
     ----------
     model
-        A :class:`~scforge_scvi.ScForge` just fine-tuned for classification on its registered
-        AnnData (``train_indices_`` and ``validation_indices_`` are set).
+        A :class:`~scforge_scvi.ScForge` just fine-tuned for classification.
+    cells
+        Its training and validation cells.
     seed
         Seed of the solver and of the label spreading.
     batch_size
-        Cells read from the counts at a time.
+        Cells the backbone reads at a time.
 
     Returns
     -------
-    The chosen share of the linear path.
+    The chosen share of the linear path, and the default probabilities of the validation
+    cells before the refit (``None`` with fewer than :data:`MIN_VALIDATION_CELLS` of them).
     """
-    from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
-
-    path = model.module.linear_path
-    n_classes = len(model.class_names_)
-    codes = model.adata_manager.get_from_registry(KEYS.LABELS_KEY).ravel().astype(int)
-    train = np.asarray(model.train_indices_, dtype=int)
-    val = np.asarray(model.validation_indices_, dtype=int)
-    cells = np.union1d(train, val)
-    x = features(
-        model._counts(model.adata),
-        model.gene_match().vocab_ids,
-        path.weight.shape[1],
-        model.preprocessing.target_sum,
-        indices=cells,
-        rows=batch_size,
-    )
-    known = codes[cells]
-    in_train = np.isin(cells, train)
-    val = val[codes[val] < n_classes]
-    mix = 1.0
-    if len(val) >= MIN_VALIDATION_CELLS:
+    path, n_classes, x = model.module.linear_path, cells.n_classes, cells.x
+    mix, held_out = 1.0, None
+    if len(cells.validation) >= MIN_VALIDATION_CELLS:
         # validation labels hidden from the fit (and from the spreading) that scores it
-        hidden = np.where(in_train, known, n_classes)
-        spread = spread_labels(x, hidden, n_classes, seed)
+        in_train = np.isin(np.arange(len(cells.cells)), cells.train)
+        spread = spread_labels(x, np.where(in_train, cells.codes, n_classes), n_classes, seed)
         fit_rows = np.flatnonzero(in_train & (spread < n_classes))
         path.set(*fit_logreg(x[fit_rows], spread[fit_rows], n_classes, seed), 1.0)
+        val, truth = cells.cells[cells.validation], cells.codes[cells.validation]
         backbone = model._probabilities(model.adata, val, head="backbone", batch_size=batch_size)
-        mix = choose_mix(path.probabilities(x[np.searchsorted(cells, val)]), backbone, codes[val])
-    spread = spread_labels(x, known, n_classes, seed)
+        linear = path.probabilities(x[cells.validation])
+        mix = choose_mix(linear, backbone, truth)
+        held_out = mix * linear + (1 - mix) * backbone
+    spread = spread_labels(x, cells.codes, n_classes, seed)
     fit_rows = np.flatnonzero(spread < n_classes)
     path.set(*fit_logreg(x[fit_rows], spread[fit_rows], n_classes, seed), mix)
-    return mix
+    return mix, held_out

@@ -34,6 +34,8 @@ from scforge_scvi.train import (
     apply_lora,
 )
 
+from ._calibration import MIN_CELLS as CALIBRATION_CELLS
+from ._calibration import check_fraction
 from ._constants import SCFORGE_OUTPUT_KEYS as OUT
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
 from ._fields import RegistrationMixin
@@ -46,6 +48,8 @@ VocabLike = GeneVocab | str | dict | None
 GENE_EMBEDDING_INITS = ("random", "pca")
 #: classifiers ``predict(head=...)`` reads
 PREDICTION_HEADS = ("default", "backbone", "linear")
+#: the label of cells no known type is credible for (``predict(unknown_threshold=...)``)
+UNKNOWN = "unknown"
 
 
 class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass):
@@ -442,6 +446,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         batch_size: int | None = None,
         return_probabilities: bool = False,
         head: str = "default",
+        coverage: float | None = None,
+        unknown_threshold: float | None = None,
     ) -> pd.DataFrame | None:
         """Predict labels (or regression targets) and write them into ``adata``.
 
@@ -452,6 +458,12 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         the predicted value. Every cell is predicted, unlabelled ones (``unlabeled_category``
         or a missing label) included. A query AnnData needs no label column; its genes may
         be in any order or a subset (mapped through the vocabulary).
+
+        A classifier fine-tuned with at least 50 labelled validation cells is calibrated
+        (:mod:`~scforge_scvi.model._calibration`): the default head's probabilities are
+        temperature-scaled, and ``adata.obs["scforge_unknown_score"]`` holds the share of
+        validation cells closer to a known type than the cell (near 1: unlike every type
+        the model was trained on).
 
         Parameters
         ----------
@@ -468,12 +480,30 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             and the linear path with the share chosen on validation cells
             (:mod:`~scforge_scvi.model._linear`); ``"backbone"``, the transformer's head
             alone; ``"linear"``, the logistic regression on log-normalised genes alone.
+            Only the default head's probabilities are calibrated.
+        coverage
+            In (0, 1): also write split-conformal prediction sets that hold the true class
+            of a cell with this probability: ``adata.obs["scforge_prediction_set"]`` (the
+            classes, joined by ``", "``) and ``adata.obs["scforge_prediction_set_size"]``
+            (0: no class is credible). Needs a calibrated model.
+        unknown_threshold
+            In [0, 1]: label ``"unknown"`` the cells whose unknown score exceeds it (``0.99``:
+            further from every known type than 99% of validation cells are from theirs).
+            Needs a calibrated model.
 
         Returns
         -------
         The probabilities as a DataFrame when ``return_probabilities`` is True.
         """
         adata = self._validate_anndata(adata)
+        calibration = self.module.calibration
+        for name, value in (("coverage", coverage), ("unknown_threshold", unknown_threshold)):
+            check_fraction(name, value, closed=name == "unknown_threshold")
+            if value is not None and (calibration is None or not calibration.fitted):
+                raise ScForgeValueError(
+                    f"{name}={value!r} needs a calibrated classifier: fine-tune with at least "
+                    f"{CALIBRATION_CELLS} labelled validation cells (validation_size > 0)."
+                )
         if self.module.classifier is None and self.module.regressor is None:
             raise ValueError(
                 "This model has no task head: register labels with "
@@ -492,18 +522,36 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             self._record(adata, "predict", key_added=key_added)
             return None
         probs = self._probabilities(adata, None, head, batch_size)
-        best = probs.argmax(1)
+        if head == "default" and calibration.fitted:
+            probs = calibration.calibrated(probs)
         names = np.asarray(self.class_names_)
-        adata.obs[key_added] = pd.Categorical(names[best], categories=self.class_names_)
+        predicted = pd.Categorical(names[probs.argmax(1)], categories=self.class_names_)
+        written = [key_added, f"{base}_confidence"]
+        if calibration.fitted:
+            unknown = calibration.unknown_scores(self._expression(adata, None, batch_size))
+            adata.obs[f"{base}_unknown_score"] = unknown
+            written.append(f"{base}_unknown_score")
+            if unknown_threshold is not None:
+                predicted = predicted.add_categories([UNKNOWN])
+                predicted[unknown > unknown_threshold] = UNKNOWN
+        adata.obs[key_added] = predicted
         adata.obs[f"{base}_confidence"] = probs.max(1)
         adata.obsm[f"{base}_probabilities"] = probs
+        if coverage is not None:
+            members = calibration.prediction_sets(probs, coverage)
+            adata.obs[f"{base}_prediction_set"] = [", ".join(names[row]) for row in members]
+            adata.obs[f"{base}_prediction_set_size"] = members.sum(1)
+            written += [f"{base}_prediction_set", f"{base}_prediction_set_size"]
         self._record(
-            adata, "predict", key_added=key_added, class_names=list(self.class_names_), head=head
+            adata,
+            "predict",
+            key_added=key_added,
+            class_names=list(self.class_names_),
+            head=head,
+            coverage=coverage,
+            unknown_threshold=unknown_threshold,
         )
-        logger.info(
-            f"Added adata.obs[{key_added!r}], adata.obs['{base}_confidence'] and "
-            f"adata.obsm['{base}_probabilities']."
-        )
+        logger.info(f"Added adata.obs{written} and adata.obsm['{base}_probabilities'].")
         if return_probabilities:
             return pd.DataFrame(probs, index=adata.obs_names, columns=self.class_names_)
         return None
@@ -529,16 +577,20 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             )
             probs = (1 - mix) * torch.softmax(logits, dim=-1).numpy()
         if mix > 0:
-            x = features(
-                self._counts(adata),
-                self.gene_match(adata).vocab_ids,
-                path.weight.shape[1],
-                self.preprocessing.target_sum,
-                indices=indices,
-                rows=batch_size or 1024,
-            )
-            probs = probs + mix * path.probabilities(x)
+            probs = probs + mix * path.probabilities(self._expression(adata, indices, batch_size))
         return np.asarray(probs, dtype=np.float32)
+
+    def _expression(self, adata, indices=None, batch_size=None):
+        """Log-normalised expression of the cells in vocabulary columns (the linear path's and
+        the unknown score's input)."""
+        return features(
+            self._counts(adata),
+            self.gene_match(adata).vocab_ids,
+            len(self.vocab),
+            self.preprocessing.target_sum,
+            indices=indices,
+            rows=batch_size or 1024,
+        )
 
     def evaluate(
         self,

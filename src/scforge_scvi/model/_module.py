@@ -27,6 +27,7 @@ from scforge_scvi.nn import (
     ScForgeBackbone,
 )
 
+from ._calibration import Calibration
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
 from ._linear import LinearPath
 
@@ -53,7 +54,8 @@ class ScForgeModule(BaseModuleClass):
         not detected), masked genes included. 0 (default): no such head.
     n_classes
         Size of the classification head (0: no classification head). A classifier comes
-        with its linear path (:class:`~scforge_scvi.model._linear.LinearPath`), fitted after
+        with its linear path (:class:`~scforge_scvi.model._linear.LinearPath`) and its
+        calibration (:class:`~scforge_scvi.model._calibration.Calibration`), both fitted after
         fine-tuning.
     n_regression_outputs
         Size of the regression head (0: no regression head).
@@ -109,6 +111,7 @@ class ScForgeModule(BaseModuleClass):
             else None
         )
         self.linear_path = LinearPath(backbone_config.vocab_size, n_classes) if n_classes else None
+        self.calibration = Calibration(backbone_config.vocab_size, n_classes) if n_classes else None
         self.regressor = (
             RegressionHead(
                 d, n_regression_outputs, hidden_dim=head_hidden_dim, dropout=head_dropout
@@ -129,7 +132,7 @@ class ScForgeModule(BaseModuleClass):
         return [m for m in heads if m is not None]
 
     # -- adapters ----------------------------------------------------------------------------
-    _HEAD_PREFIXES = ("classifier.", "linear_path.", "regressor.")
+    _HEAD_PREFIXES = ("classifier.", "linear_path.", "calibration.", "regressor.")
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's LoRA adapters and the task head: what fine-tuning with LoRA changed."""
@@ -161,6 +164,10 @@ class ScForgeModule(BaseModuleClass):
         )
         heads = {k: v for k, v in state.items() if not k.startswith(prefix)}
         expected = {k for k in self.state_dict() if k.startswith(self._HEAD_PREFIXES)}
+        if self.calibration is not None and not any(k.startswith("calibration.") for k in heads):
+            # adapters saved before calibration existed: the model is left uncalibrated
+            self.calibration.reset()
+            expected = {k for k in expected if not k.startswith("calibration.")}
         if set(heads) != expected:
             raise KeyError(
                 f"Adapter head weights do not match the model: missing "

@@ -28,8 +28,9 @@ from scforge_scvi.train import (
 from scforge_scvi.train._plans import class_weights as class_weights_of
 from scforge_scvi.train._schedules import default_max_epochs
 
+from ._calibration import MIN_CELLS, fit_calibration
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
-from ._linear import fit_linear_path
+from ._linear import AnnotatedCells, fit_linear_path
 
 
 class TrainingMixin:
@@ -355,12 +356,43 @@ class TrainingMixin:
         self.module.eval()
         if self.module.linear_path is not None:
             self.module.linear_path.reset()
-            if objective == "classify" and linear_path and data is None:
-                mix = fit_linear_path(self, seed, batch_size)
-                logger.info(
-                    "Linear path (logistic regression on log-normalised genes) fitted; its "
-                    f"share of the default prediction, chosen on the validation cells: {mix:.2f}."
-                )
+            self.module.calibration.reset()
+            if objective == "classify" and data is None:
+                self._fit_after_training(linear_path, seed, batch_size)
+
+    def _fit_after_training(self, linear_path: bool, seed: int, batch_size: int) -> None:
+        """The closed-form parts of a classifier: its linear path, then its calibration."""
+        cells = AnnotatedCells.of(self, batch_size)
+        held_out = None
+        if linear_path:
+            mix, held_out = fit_linear_path(self, cells, seed, batch_size)
+            logger.info(
+                "Linear path (logistic regression on log-normalised genes) fitted; its "
+                f"share of the default prediction, chosen on the validation cells: {mix:.2f}."
+            )
+        val = cells.cells[cells.validation]
+        if held_out is None and len(val) >= MIN_CELLS:
+            held_out = self._probabilities(self.adata, val, head="backbone", batch_size=batch_size)
+        if held_out is None:
+            logger.info(
+                f"Not calibrated: {len(val)} labelled validation cells, {MIN_CELLS} needed "
+                "(confidence is the uncalibrated probability; no prediction sets)."
+            )
+            return
+        labelled_train = cells.train[cells.codes[cells.train] < cells.n_classes]
+        fit_calibration(
+            self.module.calibration,
+            held_out,
+            cells.codes[cells.validation],
+            cells.x[labelled_train],
+            cells.codes[labelled_train],
+            cells.x[cells.validation],
+            seed,
+        )
+        logger.info(
+            f"Calibrated on {len(val)} validation cells: temperature "
+            f"{float(self.module.calibration.temperature):.2f}."
+        )
 
     def _default_objective(self) -> str:
         if self._setup_arg("labels_key") is not None:
