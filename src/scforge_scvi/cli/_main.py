@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import _runs as runs
+import scforge_scvi.cli._runs as runs
 
 EXIT_USAGE = 2
 
