@@ -58,9 +58,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scforge_scvi.bench import classification_scores, logreg_on_cells, stratified_split
 from scforge_scvi.data._splits import split_cells
-from scforge_scvi.model._model import ScForge
+from scforge_scvi.model import ScForge, classification_scores, logreg_on_cells, probe_split
 from scforge_scvi.train._lora import count_parameters
 from scforge_scvi.train._schedules import default_max_epochs
 
@@ -183,8 +182,6 @@ class TestTrace:
 
     def __init__(self, model, test: np.ndarray, key: str) -> None:
         from lightning.pytorch import Callback
-
-        from scforge_scvi.bench import classification_scores
 
         cells = model.adata[test].copy()
         truth = cells.obs[key].astype(str).to_numpy()
@@ -399,7 +396,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         cells = adata
         if args.n_cells is not None:
-            kept, _ = stratified_split(adata.obs[key], args.n_cells / adata.n_obs, seed)
+            kept, _ = probe_split(adata.obs[key], args.n_cells / adata.n_obs, seed)
             cells = adata[kept].copy()
             print(f"seed {seed}: {cells.n_obs} of {adata.n_obs} cells kept", flush=True)
         labelled = cells.copy()

@@ -7,7 +7,7 @@ annotation or perturbation response, and write embeddings and predictions back i
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import bench, data, nn, perturb, pl, train
+from . import data, nn, perturb, pl, train
 from ._allocator import tune_cpu_allocator
 from ._errors import ScForgeError, ScForgeTypeError, ScForgeValueError
 from .data import GeneVocab, StreamedCells
@@ -28,7 +28,6 @@ __all__ = [
     "ScForgeTypeError",
     "ScForgeValueError",
     "StreamedCells",
-    "bench",
     "data",
     "nn",
     "perturb",
@@ -36,3 +35,12 @@ __all__ = [
     "train",
     "tune_cpu_allocator",
 ]
+
+
+def __getattr__(name: str):
+    # ``sf.bench`` without an import statement: the deprecated alias module warns when loaded
+    if name == "bench":
+        import scforge_scvi.bench as bench
+
+        return bench
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,8 +3,8 @@
 glibc's ``malloc`` serves every block above 32 MiB with a fresh ``mmap`` and returns it to the
 kernel on ``free``. A training step of a transformer allocates and frees many activations of
 that size (a 32 x 1,025 x 1,024 feed-forward activation is 134 MB), so every step faults
-in and zeroes gigabytes of new pages: on a 2-core machine this was a third of the step
-(measured in ``benchmarks/pretraining.py``). :func:`tune_cpu_allocator` tells glibc to serve
+in and zeroes gigabytes of new pages (the cost is measured in
+``docs/benchmarks_throughput.md``). :func:`tune_cpu_allocator` tells glibc to serve
 large blocks from its heap and to keep up to 2 GiB of freed heap memory, so later steps
 reuse the same pages. The process keeps its peak memory reserved while it runs.
 """

@@ -184,6 +184,7 @@ def test_overrides_parse_yaml_values_and_leave_input_alone(full):
             "finetune.freeze_backbone_epochs=0",
             "benchmarks=[{name: linear_probe, label_key: louvain}]",
         ],
+        ScForgeConfig,
     )
     assert full["model"]["hidden_dim"] == 512  # the input is not modified
     assert updated["model"]["hidden_dim"] == 64
@@ -214,6 +215,7 @@ def test_bad_overrides_are_all_reported(full):
         apply_overrides(
             full,
             ["model.hiden_dim=64", "max_epochs", "model.pooling.kind=x", "benchmarks.3.name=x"],
+            ScForgeConfig,
         )
     messages = info.value.problems
     assert len(messages) == 4

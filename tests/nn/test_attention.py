@@ -3,13 +3,12 @@ import math
 import pytest
 import torch
 
-from scforge_scvi.nn import BackboneConfig, MultiHeadSelfAttention, key_padding_attention_mask
+from scforge_scvi.nn import MultiHeadSelfAttention, key_padding_attention_mask
 
 
 def _attention(dropout: float = 0.0) -> MultiHeadSelfAttention:
     torch.manual_seed(0)
-    config = BackboneConfig(vocab_size=10, hidden_dim=16, num_heads=4, attention_dropout=dropout)
-    return MultiHeadSelfAttention(config)
+    return MultiHeadSelfAttention(16, 4, dropout)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +108,7 @@ def test_attention_dropout_only_in_training():
 
 @pytest.mark.parametrize("num_heads", [1, 2, 8])
 def test_head_counts(num_heads):
-    config = BackboneConfig(vocab_size=10, hidden_dim=16, num_heads=num_heads, dropout=0.0)
-    attn = MultiHeadSelfAttention(config).eval()
+    attn = MultiHeadSelfAttention(16, num_heads).eval()
     x, padding_mask = _batch()
     with torch.no_grad():
         torch.testing.assert_close(

@@ -1,8 +1,8 @@
 """Entry point of the ``scforge`` command line: one thin sub-command per task.
 
-Every command is a short function over the public Python API (:class:`~scforge_scvi.ScForge`,
-:mod:`scforge_scvi.bench`, :mod:`scforge_scvi.io`); the translation of config keys into API
-arguments lives in :mod:`._runs`. Problems with the user's input (a missing file, a label
+Every command is a short function over the public Python API (:class:`~scforge_scvi.ScForge`
+and the annotation scores of :mod:`scforge_scvi.model`, :mod:`scforge_scvi.io`); the
+translation of config keys into API arguments lives in :mod:`._runs`. Problems with the user's input (a missing file, a label
 column that is not there, a checkpoint of another architecture, an output that exists) end
 the command with a one-line message on stderr and exit code 2.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import _runs as runs
+import scforge_scvi.cli._runs as runs
 
 EXIT_USAGE = 2
 
@@ -181,7 +181,14 @@ def _query(args: argparse.Namespace):
 def _benchmark(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from scforge_scvi import ScForge, bench
+    from scforge_scvi import ScForge
+    from scforge_scvi.model import (
+        baseline_logreg,
+        classification_scores,
+        embedding_quality,
+        linear_probe,
+        probe_split,
+    )
 
     config = _load_config(args, used={"data", "tokenizer", "model", "training", "benchmarks"})
     runs.check_supported(config)
@@ -219,18 +226,18 @@ def _benchmark(args: argparse.Namespace) -> int:
                 )
             probs = model.predict(adata, return_probabilities=True).to_numpy()
             predicted = np.asarray(model.class_names_)[probs.argmax(1)]
-            entry["scforge"] = bench.classification_scores(labels, predicted)
-            _, test = bench.stratified_split(labels, split, seed)
-            entry["scforge_on_baseline_test_cells"] = bench.classification_scores(
+            entry["scforge"] = classification_scores(labels, predicted)
+            _, test = probe_split(labels, split, seed)
+            entry["scforge_on_baseline_test_cells"] = classification_scores(
                 labels[test], predicted[test]
             )
         elif spec.name == "linear_probe":
-            entry["scforge"] = bench.linear_probe(embedding, labels, train_split=split, seed=seed)
+            entry["scforge"] = linear_probe(embedding, labels, train_split=split, seed=seed)
         elif spec.name == "embedding_quality":
             batch = None if spec.batch_key is None else adata.obs[spec.batch_key].to_numpy()
-            entry["scforge"] = bench.embedding_quality(embedding, labels, batch=batch, seed=seed)
+            entry["scforge"] = embedding_quality(embedding, labels, batch=batch, seed=seed)
         if spec.name != "embedding_quality":
-            entry["baseline_logreg"] = bench.baseline_logreg(
+            entry["baseline_logreg"] = baseline_logreg(
                 counts, labels, train_split=split, seed=seed, target_sum=target_sum
             )
         results.append(entry)

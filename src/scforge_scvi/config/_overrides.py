@@ -18,7 +18,6 @@ import yaml
 from pydantic import BaseModel
 
 from ._errors import SECTION_LIST, ConfigError, field_kind, format_path, unknown_key_message
-from ._schema import ScForgeConfig
 from ._yaml import load_yaml
 
 __all__ = ["apply_overrides"]
@@ -26,7 +25,9 @@ __all__ = ["apply_overrides"]
 _SEGMENT = re.compile(r"^(?P<name>[^.\[\]]+)(?P<index>(\[\d+\])*)$")
 
 
-def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+def apply_overrides(
+    config: Mapping[str, Any], overrides: Iterable[str], schema: type[BaseModel]
+) -> dict[str, Any]:
     """Return a copy of ``config`` with each ``"dotted.key=value"`` override applied.
 
     Parameters
@@ -37,6 +38,9 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
         Strings such as ``"model.hidden_dim=64"``, ``"training.max_epochs=1"`` or
         ``"data.paths=[a.h5ad]"``. Values are parsed like YAML values. Missing sections
         on the way are created.
+    schema
+        The model the keys are checked against, e.g.
+        :class:`~scforge_scvi.config.ScForgeConfig`.
 
     Returns
     -------
@@ -56,7 +60,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
     for override in overrides:
         try:
             keys, value = _parse(override)
-            _assign(result, keys, value)
+            _assign(result, keys, value, schema)
         except _OverrideProblem as problem:
             problems.append(f"In override '{override}': {problem}")
     if problems:
@@ -90,9 +94,11 @@ def _parse(override: str) -> tuple[list[str | int], Any]:
     return keys, value
 
 
-def _assign(root: dict[str, Any], keys: list[str | int], value: Any) -> None:
-    """Set ``value`` at ``keys`` in ``root``, checking every key against the schema."""
-    schema: type[BaseModel] = ScForgeConfig
+def _assign(
+    root: dict[str, Any], keys: list[str | int], value: Any, root_schema: type[BaseModel]
+) -> None:
+    """Set ``value`` at ``keys`` in ``root``, checking every key against ``root_schema``."""
+    schema = root_schema
     in_list = False  # True while ``node`` is a list of sections waiting for an index
     node: Any = root
     for depth, key in enumerate(keys):
@@ -108,9 +114,7 @@ def _assign(root: dict[str, Any], keys: list[str | int], value: Any) -> None:
             in_list = False
         else:
             if not isinstance(key, str) or key not in schema.model_fields:
-                raise _OverrideProblem(
-                    unknown_key_message(keys[: depth + 1], schema, ScForgeConfig)
-                )
+                raise _OverrideProblem(unknown_key_message(keys[: depth + 1], schema, root_schema))
             kind, child = field_kind(schema.model_fields[key].annotation)
             if child is None and not last:
                 raise _OverrideProblem(

@@ -58,6 +58,7 @@ from scforge_scvi.train import STRATEGIES
 from scforge_scvi.train._lora import DEFAULT_TARGET_MODULES
 
 from ._errors import ConfigError, describe_errors, is_required_section, show
+from ._overrides import apply_overrides
 from ._yaml import describe_yaml_error, load_yaml
 
 NAMED_GENE_VOCABS = ("human_protein_coding", "data")
@@ -946,8 +947,6 @@ class ScForgeConfig(_Section):
         ConfigError
             Listing every problem found, each with its dotted key path.
         """
-        from ._overrides import apply_overrides
-
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -956,7 +955,7 @@ class ScForgeConfig(_Section):
                 f"({', '.join(cls.model_fields)}); got {show(data)}",
                 source,
             )
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, overrides, cls)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

@@ -1,7 +1,7 @@
 """Matching a dataset's genes onto a :class:`~scforge_scvi.data.GeneVocab`.
 
-:func:`match_genes` (called as ``vocab.match(adata)``) finds which of the data's identifiers to
-compare (``var_names`` or a ``var`` column, Ensembl ids or symbols, whichever matches more),
+:meth:`VocabMatchingMixin.match` (``vocab.match(adata)``) finds which of the data's identifiers
+to compare (``var_names`` or a ``var`` column, Ensembl ids or symbols, whichever matches more),
 maps each data gene to its token id, and refuses a match that covers too little of the data
 with a message saying what to change.
 """
@@ -18,11 +18,9 @@ import pandas as pd
 
 from scforge_scvi._errors import ScForgeTypeError, ScForgeValueError
 
-from ._vocab import (
+from ._gene_ids import (
     _ID_COLUMNS,
     _SYMBOL_COLUMNS,
-    N_SPECIAL,
-    MatchBy,
     _as_str_index,
     _examples,
     _first_column,
@@ -34,9 +32,9 @@ from ._vocab import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ._vocab import GeneVocab
+__all__ = ["GeneMatch", "MatchBy", "VocabCoverageError", "VocabMatchingMixin"]
 
-__all__ = ["GeneMatch", "VocabCoverageError", "match_genes"]
+MatchBy = Literal["auto", "ensembl", "symbol"]
 
 
 class VocabCoverageError(ScForgeValueError):
@@ -114,112 +112,152 @@ class GeneMatch:
         return text
 
 
-def match_genes(
-    vocab: GeneVocab,
-    data: AnnData | Sequence[str],
-    *,
-    gene_key: str | None = None,
-    by: MatchBy = "auto",
-    min_coverage: float = 0.5,
-    coverage_of: Literal["data", "vocab"] = "data",
-) -> GeneMatch:
-    """Map the genes of ``data`` onto token ids of ``vocab``: see :meth:`GeneVocab.match`."""
-    if by not in ("auto", "ensembl", "symbol"):
-        raise ScForgeValueError(f"by must be 'auto', 'ensembl' or 'symbol'; got {by!r}.")
-    if not 0.0 <= min_coverage <= 1.0:
-        raise ScForgeValueError(f"min_coverage must lie in [0, 1]; got {min_coverage}.")
+class VocabMatchingMixin:
+    """The :meth:`match` method of :class:`~scforge_scvi.data.GeneVocab`.
 
-    best: GeneMatch | None = None
-    for kind, key, names in _candidates(data, gene_key=gene_key, by=by):
-        result = _match_names(vocab, names, kind=kind, key=key)
-        if best is None or result.n_matched > best.n_matched:
-            best = result
-    assert best is not None
+    It reads the vocabulary's lookup tables: ``n_genes``, ``n_special``, ``_label``,
+    ``_gene_index``, ``_symbol_table``, ``_ambiguous_symbols``, ``_ensembl_mask`` and
+    ``_symbols``.
+    """
 
-    if coverage_of not in ("data", "vocab"):
-        raise ScForgeValueError(f"coverage_of must be 'data' or 'vocab'; got {coverage_of!r}.")
-    if coverage_of == "vocab" and best.vocab_coverage < min_coverage:
-        raise VocabCoverageError(
-            f"Only {best.vocab_coverage:.1%} of the {best.n_vocab_genes} genes of the "
-            f"vocabulary {vocab._label} are in the data (matched by {best.matched_by} using "
-            f"{best.data_key}); at least {min_coverage:.1%} required. Lower `min_coverage` "
-            "to accept the match anyway."
+    def match(
+        self,
+        data: AnnData | Sequence[str],
+        *,
+        gene_key: str | None = None,
+        by: MatchBy = "auto",
+        min_coverage: float = 0.5,
+        coverage_of: Literal["data", "vocab"] = "data",
+    ) -> GeneMatch:
+        """Map the genes of a dataset onto token ids of this vocabulary.
+
+        Parameters
+        ----------
+        data
+            An AnnData (its ``var`` is read) or a sequence of gene names.
+        gene_key
+            Column of ``adata.var`` holding the identifiers to match; ``None`` uses
+            ``var_names`` (or, with ``by="auto"``, whichever of ``var_names`` and the common
+            columns ``gene_ids``, ``gene_id``, ``ensembl_id`` / ``gene_symbols``, ... matches
+            better).
+        by
+            ``"ensembl"`` compares Ensembl gene ids (version suffixes such as ``.16`` are
+            ignored); ``"symbol"`` compares gene symbols exactly (case-sensitive; a symbol shared
+            by several vocabulary genes goes to the first of them); ``"auto"`` tries Ensembl ids
+            where the data has them and symbols where it has them, and keeps whichever matches
+            more of the data's genes (Ensembl ids on a tie).
+        min_coverage
+            Smallest accepted fraction of the data's genes found in the vocabulary.
+        coverage_of
+            Which fraction ``min_coverage`` applies to: ``"data"`` (of the data's genes in the
+            vocabulary) or ``"vocab"`` (of the vocabulary's genes in the data; for a
+            vocabulary selected from a dataset's genes, e.g. highly variable ones).
+
+        Returns
+        -------
+        The :class:`GeneMatch`; ``vocab_ids[j]`` is the token id of data gene ``j`` or ``-1``.
+        A data gene naming a vocabulary gene already matched by an earlier data gene is left
+        unmatched, listed in :attr:`GeneMatch.duplicates` and warned about.
+
+        Raises
+        ------
+        VocabCoverageError
+            If less than ``min_coverage`` of the data's genes are in the vocabulary.
+        """
+        if by not in ("auto", "ensembl", "symbol"):
+            raise ScForgeValueError(f"by must be 'auto', 'ensembl' or 'symbol'; got {by!r}.")
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ScForgeValueError(f"min_coverage must lie in [0, 1]; got {min_coverage}.")
+
+        best: GeneMatch | None = None
+        for kind, key, names in _candidates(data, gene_key=gene_key, by=by):
+            result = self._match_names(names, kind=kind, key=key)
+            if best is None or result.n_matched > best.n_matched:
+                best = result
+        assert best is not None
+
+        if coverage_of not in ("data", "vocab"):
+            raise ScForgeValueError(f"coverage_of must be 'data' or 'vocab'; got {coverage_of!r}.")
+        if coverage_of == "vocab" and best.vocab_coverage < min_coverage:
+            raise VocabCoverageError(
+                f"Only {best.vocab_coverage:.1%} of the {best.n_vocab_genes} genes of the "
+                f"vocabulary {self._label} are in the data (matched by {best.matched_by} using "
+                f"{best.data_key}); at least {min_coverage:.1%} required. Lower `min_coverage` "
+                "to accept the match anyway."
+            )
+        if coverage_of == "data" and best.coverage < min_coverage:
+            raise VocabCoverageError(self._coverage_message(best, data, min_coverage))
+        if best.duplicates:
+            warnings.warn(
+                f"{len(best.duplicates)} data gene(s) name a vocabulary gene already matched by "
+                f"an earlier gene of the data and were left unmatched: "
+                f"{_examples(best.duplicates)}. Make the data's gene identifiers unique to "
+                "choose which copy is used.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return best
+
+    def _match_names(self, names: pd.Index, *, kind: str, key: str) -> GeneMatch:
+        """Token ids of ``names``, compared as ``kind`` (``"ensembl"`` or ``"symbol"``)."""
+        if kind == "ensembl":
+            positions = self._gene_index.get_indexer(_strip_versions(names))
+            ambiguous = np.zeros(len(names), dtype=bool)
+        else:
+            symbols, first_positions = self._symbol_table
+            hit = symbols.get_indexer(names)
+            positions = np.full(len(names), -1, dtype=np.int64)
+            positions[hit >= 0] = first_positions[hit[hit >= 0]]
+            ambiguous = np.asarray(names.isin(self._ambiguous_symbols), dtype=bool)
+
+        # A vocabulary gene matched twice keeps its first data gene; later ones become -1.
+        matched = np.flatnonzero(positions >= 0)
+        _, first_seen = np.unique(positions[matched], return_index=True)
+        repeated = np.setdiff1d(matched, matched[first_seen])
+        positions[repeated] = -1
+
+        vocab_ids = np.where(positions >= 0, positions + self.n_special, -1).astype(np.int64)
+        n_matched = int((positions >= 0).sum())
+        return GeneMatch(
+            vocab_ids=vocab_ids,
+            n_genes=len(names),
+            n_matched=n_matched,
+            coverage=n_matched / len(names) if len(names) else 0.0,
+            vocab_coverage=n_matched / self.n_genes,
+            matched_by=kind,
+            duplicates=list(names[repeated]),
+            ambiguous=list(names[ambiguous & (positions >= 0)]),
+            data_key=key,
+            vocab_name=self._label,
+            n_vocab_genes=self.n_genes,
         )
-    if coverage_of == "data" and best.coverage < min_coverage:
-        raise VocabCoverageError(_coverage_message(vocab, best, data, min_coverage))
-    if best.duplicates:
-        warnings.warn(
-            f"{len(best.duplicates)} data gene(s) name a vocabulary gene already matched by "
-            f"an earlier gene of the data and were left unmatched: "
-            f"{_examples(best.duplicates)}. Make the data's gene identifiers unique to "
-            "choose which copy is used.",
-            UserWarning,
-            stacklevel=3,  # the caller of GeneVocab.match
+
+    def _coverage_message(self, best: GeneMatch, data: Any, min_coverage: float) -> str:
+        if _is_anndata(data):
+            var_names = _as_str_index(data.var_names)
+            looks = "Ensembl ids" if _looks_ensembl(var_names) else "gene symbols"
+            hint = (
+                "Check that the same kind of identifier is compared on both sides: pass "
+                "`gene_key` naming the var column with the identifiers (e.g. 'gene_ids' for "
+                "Ensembl ids), set `by` to 'ensembl' or 'symbol' to match what it holds (here "
+                f"var_names look like {looks}: {_examples(list(var_names[:3]), 3)}; var "
+                f"columns: {list(map(str, data.var.columns))})"
+            )
+        else:
+            hint = (
+                "Check that the names are the kind of identifier the vocabulary holds and set "
+                "`by` to 'ensembl' or 'symbol' accordingly"
+            )
+        kinds = "Ensembl ids" if self._ensembl_mask.mean() > 0.5 else "gene symbols"
+        if self._symbols is not None:
+            kinds += " with symbols"
+        return (
+            f"Only {best.coverage:.1%} ({best.n_matched} of {best.n_genes}) of the data's genes "
+            f"are in the vocabulary {self._label} (matched by {best.matched_by} using "
+            f"{best.data_key}); at least {min_coverage:.1%} required. {hint}, and that the "
+            f"vocabulary ({kinds}) is for the data's species. Lower `min_coverage` to accept "
+            "the match anyway."
         )
-    return best
-
-
-def _match_names(vocab: GeneVocab, names: pd.Index, *, kind: str, key: str) -> GeneMatch:
-    """Token ids of ``names``, compared as ``kind`` (``"ensembl"`` or ``"symbol"``)."""
-    if kind == "ensembl":
-        positions = vocab._gene_index.get_indexer(_strip_versions(names))
-        ambiguous = np.zeros(len(names), dtype=bool)
-    else:
-        symbols, first_positions = vocab._symbol_table
-        hit = symbols.get_indexer(names)
-        positions = np.full(len(names), -1, dtype=np.int64)
-        positions[hit >= 0] = first_positions[hit[hit >= 0]]
-        ambiguous = np.asarray(names.isin(vocab._ambiguous_symbols), dtype=bool)
-
-    # A vocabulary gene matched twice keeps its first data gene; later ones become -1.
-    matched = np.flatnonzero(positions >= 0)
-    _, first_seen = np.unique(positions[matched], return_index=True)
-    repeated = np.setdiff1d(matched, matched[first_seen])
-    positions[repeated] = -1
-
-    vocab_ids = np.where(positions >= 0, positions + N_SPECIAL, -1).astype(np.int64)
-    n_matched = int((positions >= 0).sum())
-    return GeneMatch(
-        vocab_ids=vocab_ids,
-        n_genes=len(names),
-        n_matched=n_matched,
-        coverage=n_matched / len(names) if len(names) else 0.0,
-        vocab_coverage=n_matched / vocab.n_genes,
-        matched_by=kind,
-        duplicates=list(names[repeated]),
-        ambiguous=list(names[ambiguous & (positions >= 0)]),
-        data_key=key,
-        vocab_name=vocab._label,
-        n_vocab_genes=vocab.n_genes,
-    )
-
-
-def _coverage_message(vocab: GeneVocab, best: GeneMatch, data: Any, min_coverage: float) -> str:
-    if _is_anndata(data):
-        var_names = _as_str_index(data.var_names)
-        looks = "Ensembl ids" if _looks_ensembl(var_names) else "gene symbols"
-        hint = (
-            "Check that the same kind of identifier is compared on both sides: pass "
-            "`gene_key` naming the var column with the identifiers (e.g. 'gene_ids' for "
-            "Ensembl ids), set `by` to 'ensembl' or 'symbol' to match what it holds (here "
-            f"var_names look like {looks}: {_examples(list(var_names[:3]), 3)}; var "
-            f"columns: {list(map(str, data.var.columns))})"
-        )
-    else:
-        hint = (
-            "Check that the names are the kind of identifier the vocabulary holds and set "
-            "`by` to 'ensembl' or 'symbol' accordingly"
-        )
-    kinds = "Ensembl ids" if vocab._ensembl_mask.mean() > 0.5 else "gene symbols"
-    if vocab._symbols is not None:
-        kinds += " with symbols"
-    return (
-        f"Only {best.coverage:.1%} ({best.n_matched} of {best.n_genes}) of the data's genes "
-        f"are in the vocabulary {vocab._label} (matched by {best.matched_by} using "
-        f"{best.data_key}); at least {min_coverage:.1%} required. {hint}, and that the "
-        f"vocabulary ({kinds}) is for the data's species. Lower `min_coverage` to accept "
-        "the match anyway."
-    )
 
 
 def _is_anndata(data: Any) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -29,10 +28,21 @@ from scforge_scvi._errors import (
     ScForgeValueError,
 )
 
+from ._gene_ids import (
+    _SYMBOL_COLUMNS,
+    _VERSION_RE,
+    _as_str_index,
+    _examples,
+    _first_column,
+    _is_ensembl,
+    _looks_ensembl,
+    _strip_versions,
+    _var_column,
+)
+from ._matching import VocabMatchingMixin
+
 if TYPE_CHECKING:
     from anndata import AnnData
-
-    from ._matching import GeneMatch
 
 __all__ = [
     "CLS_ID",
@@ -59,49 +69,11 @@ _NAMED_VOCABS: dict[str, tuple[str, str]] = {
     ),
 }
 
-# Ensembl gene ids: ENSG00000141510, ENSMUSG00000059552, ENSGR0000182378 (a PAR copy on chrY),
-# optionally followed by a version (".16") and GENCODE's "_PAR_Y" tag.
-_ENSEMBL_PATTERN = r"ENS[A-Z]*\d{10,}"
-_ENSEMBL_RE = re.compile(rf"^{_ENSEMBL_PATTERN}(?:\.\d+)?(?:_PAR_Y)?$")
-_VERSION_RE = re.compile(rf"^({_ENSEMBL_PATTERN})\.\d+")
-
-# var columns searched (in this order) when ``by="auto"`` looks for the other kind of identifier.
-_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids")
-_SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "symbol", "symbols", "gene_name", "feature_name")
 # A first line of a text vocabulary whose first field is one of these is a header, not a gene.
 _HEADER_FIELDS = frozenset(("ensembl_id", "gene_id", "gene_ids", "gene", "genes", "symbol", "id"))
 
-MatchBy = Literal["auto", "ensembl", "symbol"]
 
-
-def _as_str_index(values: Any) -> pd.Index:
-    """Return ``values`` as a pandas Index of strings (missing values become ``""``)."""
-    index = pd.Index(values)
-    if index.dtype != object or not all(isinstance(v, str) for v in index):
-        index = pd.Index(["" if pd.isna(v) else str(v) for v in index], dtype=object)
-    return index
-
-
-def _strip_versions(names: pd.Index) -> pd.Index:
-    """Drop Ensembl version suffixes: ``ENSG00000141510.16`` -> ``ENSG00000141510``."""
-    return pd.Index(names.str.replace(_VERSION_RE, r"\1", regex=True), dtype=object)
-
-
-def _is_ensembl(names: pd.Index) -> np.ndarray:
-    return np.asarray(names.str.match(_ENSEMBL_RE), dtype=bool)
-
-
-def _looks_ensembl(names: pd.Index) -> bool:
-    """Whether most identifiers in ``names`` are Ensembl gene ids."""
-    return len(names) > 0 and bool(_is_ensembl(names).mean() > 0.5)
-
-
-def _examples(names: Sequence[str], k: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in list(names)[:k])
-    return shown + (", ..." if len(names) > k else "")
-
-
-class GeneVocab:
+class GeneVocab(VocabMatchingMixin):
     """An ordered, immutable gene vocabulary with special tokens.
 
     Token ids ``0..3`` are ``<pad>``, ``<cls>``, ``<mask>`` and ``<unk>``; gene ``j`` of
@@ -658,57 +630,6 @@ class GeneVocab:
         medians.setflags(write=False)
         return medians
 
-    # ------------------------------------------------------------------ matching
-    def match(
-        self,
-        data: AnnData | Sequence[str],
-        *,
-        gene_key: str | None = None,
-        by: MatchBy = "auto",
-        min_coverage: float = 0.5,
-        coverage_of: Literal["data", "vocab"] = "data",
-    ) -> GeneMatch:
-        """Map the genes of a dataset onto token ids of this vocabulary.
-
-        Parameters
-        ----------
-        data
-            An AnnData (its ``var`` is read) or a sequence of gene names.
-        gene_key
-            Column of ``adata.var`` holding the identifiers to match; ``None`` uses
-            ``var_names`` (or, with ``by="auto"``, whichever of ``var_names`` and the common
-            columns ``gene_ids``, ``gene_id``, ``ensembl_id`` / ``gene_symbols``, ... matches
-            better).
-        by
-            ``"ensembl"`` compares Ensembl gene ids (version suffixes such as ``.16`` are
-            ignored); ``"symbol"`` compares gene symbols exactly (case-sensitive; a symbol shared
-            by several vocabulary genes goes to the first of them); ``"auto"`` tries Ensembl ids
-            where the data has them and symbols where it has them, and keeps whichever matches
-            more of the data's genes (Ensembl ids on a tie).
-        min_coverage
-            Smallest accepted fraction of the data's genes found in the vocabulary.
-        coverage_of
-            Which fraction ``min_coverage`` applies to: ``"data"`` (of the data's genes in the
-            vocabulary) or ``"vocab"`` (of the vocabulary's genes in the data; for a
-            vocabulary selected from a dataset's genes, e.g. highly variable ones).
-
-        Returns
-        -------
-        The :class:`GeneMatch`; ``vocab_ids[j]`` is the token id of data gene ``j`` or ``-1``.
-        A data gene naming a vocabulary gene already matched by an earlier data gene is left
-        unmatched, listed in :attr:`GeneMatch.duplicates` and warned about.
-
-        Raises
-        ------
-        VocabCoverageError
-            If less than ``min_coverage`` of the data's genes are in the vocabulary.
-        """
-        from ._matching import match_genes
-
-        return match_genes(
-            self, data, gene_key=gene_key, by=by, min_coverage=min_coverage, coverage_of=coverage_of
-        )
-
 
 # ---------------------------------------------------------------------- helpers
 def _check_unique(genes: pd.Index, *, where: str) -> None:
@@ -721,23 +642,6 @@ def _check_unique(genes: pd.Index, *, where: str) -> None:
         f"{_examples(duplicated)}. For an AnnData, call `adata.var_names_make_unique()` or pass "
         "`gene_key` naming a var column with unique ids (e.g. Ensembl ids in 'gene_ids')."
     )
-
-
-def _var_column(adata: AnnData, key: str) -> pd.Index:
-    if key not in adata.var.columns:
-        raise ScForgeValueError(
-            f"gene_key {key!r} is not a column of adata.var; available columns: "
-            f"{list(map(str, adata.var.columns))}. Use gene_key=None for adata.var_names."
-        )
-    return _as_str_index(adata.var[key])
-
-
-def _first_column(var: pd.DataFrame, columns: Sequence[str], *, ensembl: bool) -> str | None:
-    """The first of ``columns`` present in ``var`` whose values are (not) Ensembl ids."""
-    for column in columns:
-        if column in var.columns and _looks_ensembl(_as_str_index(var[column])) == ensembl:
-            return column
-    return None
 
 
 def _read_text(path: Path) -> str:

@@ -1,7 +1,16 @@
-"""scvi-tools model classes: the public face of scforge_scvi."""
+"""scvi-tools model classes, the public face of scforge_scvi, and the annotation scores that
+evaluate them."""
 
 from ._cell_encoder import ScForgeCellEncoder
 from ._constants import SCFORGE_OUTPUT_KEYS, SCFORGE_REGISTRY_KEYS
+from ._evaluate import (
+    baseline_logreg,
+    classification_scores,
+    embedding_quality,
+    linear_probe,
+    logreg_on_cells,
+    probe_split,
+)
 from ._model import ScForge
 from ._module import ScForgeModule
 
@@ -11,6 +20,12 @@ __all__ = [
     "ScForge",
     "ScForgeCellEncoder",
     "ScForgeModule",
+    "baseline_logreg",
+    "classification_scores",
+    "embedding_quality",
+    "linear_probe",
+    "logreg_on_cells",
+    "probe_split",
 ]
 
 

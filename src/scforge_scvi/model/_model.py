@@ -38,6 +38,7 @@ from ._calibration import MIN_CELLS as CALIBRATION_CELLS
 from ._calibration import check_fraction
 from ._constants import SCFORGE_OUTPUT_KEYS as OUT
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
+from ._evaluate import evaluate_annotation
 from ._fields import RegistrationMixin
 from ._linear import features
 from ._module import ScForgeModule
@@ -629,6 +630,4 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         ``backbone_macro_f1`` and ``linear_macro_f1`` (each path alone); with ``baseline``, ``baseline_logreg`` (the same
         scores of the logistic regression) and ``relative_macro_f1`` (model / baseline).
         """
-        from scforge_scvi.bench import evaluate_annotation
-
         return evaluate_annotation(self, adata, indices, baseline=baseline, n_top_genes=n_top_genes)

@@ -8,14 +8,9 @@ reads ``out_proj.weight`` directly, which bypasses such wrappers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from ._backbone import BackboneConfig
 
 
 def key_padding_attention_mask(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -44,9 +39,14 @@ class MultiHeadSelfAttention(nn.Module):
 
     Parameters
     ----------
-    config
-        A :class:`~scforge_scvi.nn.BackboneConfig`; uses ``hidden_dim``, ``num_heads`` and
-        ``attention_dropout`` (attention-probability dropout, applied only in training mode).
+    hidden_dim
+        Width of the hidden states (``BackboneConfig.hidden_dim``); a multiple of
+        ``num_heads``.
+    num_heads
+        Number of attention heads.
+    dropout
+        Attention-probability dropout, applied only in training mode
+        (``BackboneConfig.attention_dropout``).
 
     Notes
     -----
@@ -55,15 +55,15 @@ class MultiHeadSelfAttention(nn.Module):
     rows still attend to the real keys and therefore stay finite.
     """
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.head_dim = config.hidden_dim // config.num_heads
-        self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_dim, config.hidden_dim)
-        self.k_proj = nn.Linear(config.hidden_dim, config.hidden_dim)
-        self.v_proj = nn.Linear(config.hidden_dim, config.hidden_dim)
-        self.out_proj = nn.Linear(config.hidden_dim, config.hidden_dim)
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.k_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.v_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape

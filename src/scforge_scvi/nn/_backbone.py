@@ -210,7 +210,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
-        self.attn = MultiHeadSelfAttention(config)
+        self.attn = MultiHeadSelfAttention(
+            config.hidden_dim, config.num_heads, config.attention_dropout
+        )
         self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
         self.dropout = Dropout(config.dropout)

@@ -1,27 +1,35 @@
-"""Cell-type annotation benchmarks: linear probes, embedding quality and the honest baseline.
+"""Annotation scores of a model: its classifier on held-out cells, probes of its embedding,
+and the logistic-regression baseline beside them.
 
-Every function takes plain arrays (an embedding or a count matrix and one label per cell)
-and returns a flat ``dict`` of metric name to value, ready for JSON.
+Every function but :func:`evaluate_annotation` takes plain arrays (an embedding or a count
+matrix and one label per cell) and returns a flat ``dict`` of metric name to value, ready for
+JSON.
 
-:func:`linear_probe`
-    Logistic regression trained on a stratified ``train_split`` of the cells' embeddings and
-    scored on the rest (accuracy, macro F1).
-:func:`baseline_logreg`
-    The same classifier on log-normalised gene expression: the reference published studies
-    found hard to beat. With the same ``seed`` and labels it uses exactly the cells of
-    :func:`linear_probe`, so the two numbers compare like for like.
+:func:`evaluate_annotation`
+    The implementation of :meth:`~scforge_scvi.ScForge.evaluate`.
 :func:`classification_scores`
     Accuracy, macro and weighted F1 (and per-class F1) of given predictions (a fine-tuned
     model's own classifier head).
 :func:`logreg_on_cells`
     The logistic-regression baseline fitted on given training cells (HVGs chosen on them)
-    and scored on given test cells: what :meth:`ScForge.evaluate` prints beside the model.
+    and scored on given test cells: what :meth:`~scforge_scvi.ScForge.evaluate` prints
+    beside the model.
+:func:`linear_probe`
+    Logistic regression trained on the :func:`probe_split` training cells' embeddings and
+    scored on the rest (accuracy, macro F1).
+:func:`baseline_logreg`
+    The same classifier on log-normalised gene expression. With the same ``seed`` and labels
+    it uses exactly the cells of :func:`linear_probe`, so the two numbers compare like for
+    like.
 :func:`embedding_quality`
     Agreement of unsupervised clusters (KMeans with one cluster per label, and Leiden on a
     kNN graph) with the labels (NMI, ARI), and the silhouette of the labels on the embedding.
     The silhouettes come from ``scib-metrics`` when it is installed (rescaled to [0, 1] as
     there), otherwise from scikit-learn with the same rescaling ``(s + 1) / 2``; the result
     names the backend used.
+
+The probes and the ``scforge benchmark`` command split cells with :func:`probe_split`, which
+is :func:`~scforge_scvi.data._splits.split_cells` stratified by label.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from sklearn.metrics import (
     normalized_mutual_info_score,
 )
 
+from scforge_scvi._logging import logger
 from scforge_scvi.data import log_normalize
+from scforge_scvi.data._splits import split_cells
 
 __all__ = [
     "baseline_logreg",
@@ -46,16 +56,17 @@ __all__ = [
     "evaluate_annotation",
     "linear_probe",
     "logreg_on_cells",
-    "stratified_split",
+    "probe_split",
 ]
 
 
-def stratified_split(
+def probe_split(
     labels: Sequence, train_split: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/test cell indices, stratified by label.
+    """Seeded training and held-out cells of a probe, stratified by label.
 
-    Labels with a single cell cannot be stratified; they go to the training side.
+    :func:`~scforge_scvi.data._splits.split_cells` with ``train_size=train_split`` and every
+    other cell held out (its validation split; there is no test split).
 
     Parameters
     ----------
@@ -68,20 +79,12 @@ def stratified_split(
 
     Returns
     -------
-    Sorted training and test indices.
+    Sorted training and held-out indices.
     """
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < train_split < 1.0:
-        raise ValueError(f"train_split must be in (0, 1) to split cells, got {train_split}.")
-    labels = np.asarray(labels).astype(str)
-    idx = np.arange(len(labels))
-    values, counts = np.unique(labels, return_counts=True)
-    single = np.isin(labels, values[counts < 2])
-    train, test = train_test_split(
-        idx[~single], train_size=train_split, random_state=seed, stratify=labels[~single]
+    train, held_out, _ = split_cells(
+        len(labels), train_split, seed=seed, strata=np.asarray(labels).astype(str)
     )
-    return np.sort(np.concatenate([train, idx[single]])), np.sort(test)
+    return train, held_out
 
 
 def classification_scores(
@@ -203,7 +206,7 @@ def _fit_and_score(x, labels: np.ndarray, train_split: float, seed: int) -> dict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    train, test = stratified_split(labels, train_split, seed)
+    train, test = probe_split(labels, train_split, seed)
     classifier = make_pipeline(
         StandardScaler(with_mean=not sp.issparse(x)), LogisticRegression(max_iter=1000)
     )
@@ -354,8 +357,6 @@ def evaluate_annotation(
     """
     import pandas as pd
     from sklearn.metrics import confusion_matrix
-
-    from scforge_scvi._logging import logger
 
     own_data = adata is None or adata is model.adata
     adata = model._validate_anndata(adata)
