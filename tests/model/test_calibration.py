@@ -135,3 +135,12 @@ def test_a_model_without_enough_validation_cells_refuses_prediction_sets(_pbmc68
     assert "scforge_unknown_score" not in adata.obs
     with pytest.raises(ScForgeValueError, match=r"coverage=0\.9 needs a calibrated classifier"):
         model.predict(coverage=0.9)
+
+
+def test_evaluate_reports_calibration_error_coverage_and_unknown_rate(calibrated):
+    model, _ = calibrated
+    scores = model.evaluate(baseline=False, coverage=0.9)
+    assert 0 <= scores["ece"] <= 1 and 0 <= scores["ece_uncalibrated"] <= 1
+    assert scores["coverage"] >= 0.8
+    assert 1 <= scores["mean_set_size"] < len(model.class_names_)
+    assert scores["unknown_rate"] < 0.1  # known types only; the threshold flags about 1%

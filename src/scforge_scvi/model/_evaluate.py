@@ -49,6 +49,8 @@ from scforge_scvi._logging import logger
 from scforge_scvi.data import log_normalize
 from scforge_scvi.data._splits import split_cells
 
+from ._calibration import expected_calibration_error
+
 __all__ = [
     "baseline_logreg",
     "classification_scores",
@@ -348,7 +350,14 @@ def embedding_quality(
 
 
 def evaluate_annotation(
-    model, adata, indices=None, *, baseline: bool = True, n_top_genes: int = 2000
+    model,
+    adata,
+    indices=None,
+    *,
+    baseline: bool = True,
+    n_top_genes: int = 2000,
+    coverage: float = 0.9,
+    unknown_threshold: float = 0.99,
 ) -> dict:
     """Classification metrics of a fine-tuned :class:`~scforge_scvi.ScForge` on held-out cells.
 
@@ -384,10 +393,29 @@ def evaluate_annotation(
     scored = indices[labelled[indices]]
     sub = adata[scored]
     sub = sub.to_memory() if sub.isbacked else sub.copy()
-    probs = model.predict(sub, return_probabilities=True)
-    pred = np.asarray(labels)[probs.to_numpy().argmax(1)]
+    calibration = model.module.calibration
+    trust = {"coverage": coverage, "unknown_threshold": unknown_threshold}
+    trust = trust if calibration is not None and calibration.fitted else {}
+    probs = model.predict(sub, return_probabilities=True, **trust).to_numpy()
+    pred = np.asarray(labels)[probs.argmax(1)]
     truth = all_truth[scored]
     result = classification_scores(truth, pred, labels, per_class=True)
+    if trust:
+        codes = pd.Series(range(len(labels)), index=labels)[truth].to_numpy()
+        sets = sub.obs["scforge_prediction_set"].astype(str).str.split(", ")
+        result.update(
+            ece=expected_calibration_error(probs, codes),
+            ece_uncalibrated=expected_calibration_error(model._probabilities(sub), codes),
+            coverage=float(np.mean([t in s for t, s in zip(truth, sets)])),
+            mean_set_size=float(sub.obs["scforge_prediction_set_size"].mean()),
+            unknown_rate=float((sub.obs["scforge_unknown_score"] > unknown_threshold).mean()),
+        )
+        logger.info(
+            f"Calibration on {len(scored)} cells: ECE {result['ece']:.3f} (uncalibrated "
+            f"{result['ece_uncalibrated']:.3f}); prediction sets at coverage {coverage}: "
+            f"{result['coverage']:.3f} covered, {result['mean_set_size']:.2f} classes a cell; "
+            f"unknown score above {unknown_threshold}: {result['unknown_rate']:.3f} of cells."
+        )
     result["confusion"] = pd.DataFrame(
         confusion_matrix(truth, pred, labels=labels), index=labels, columns=labels
     )

@@ -600,6 +600,8 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         *,
         baseline: bool = True,
         n_top_genes: int = 2000,
+        coverage: float = 0.9,
+        unknown_threshold: float = 0.99,
     ) -> dict:
         """Classification metrics on held-out cells, beside a logistic-regression baseline.
 
@@ -621,6 +623,9 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
             a model trained in this session.
         n_top_genes
             HVGs of the baseline.
+        coverage, unknown_threshold
+            Of a calibrated model: the prediction sets and the unknown rate scored (see
+            :meth:`predict`).
 
         Returns
         -------
@@ -628,6 +633,16 @@ class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass)
         (dict, cells per class), ``n_cells``, the ``confusion`` matrix (DataFrame, rows
         true, columns predicted), ``linear_path_share`` and, when the linear path is fitted,
         ``backbone_macro_f1`` and ``linear_macro_f1`` (each path alone); with ``baseline``, ``baseline_logreg`` (the same
-        scores of the logistic regression) and ``relative_macro_f1`` (model / baseline).
+        scores of the logistic regression) and ``relative_macro_f1`` (model / baseline); of a calibrated model, ``ece`` and
+        ``ece_uncalibrated`` (expected calibration error, 15 bins), ``coverage`` and
+        ``mean_set_size`` of the prediction sets, and ``unknown_rate``.
         """
-        return evaluate_annotation(self, adata, indices, baseline=baseline, n_top_genes=n_top_genes)
+        return evaluate_annotation(
+            self,
+            adata,
+            indices,
+            baseline=baseline,
+            n_top_genes=n_top_genes,
+            coverage=coverage,
+            unknown_threshold=unknown_threshold,
+        )
