@@ -27,6 +27,7 @@ LAYERS = {
     "_logging": 0,
     "_atomic": 0,
     "_allocator": 0,
+    "_version": 0,
     "nn": 1,
     "data": 1,
     "io": 2,

@@ -5,19 +5,13 @@ annotation or perturbation response, and write embeddings and predictions back i
 ``AnnData``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import data, nn, perturb, pl, train
 from ._allocator import tune_cpu_allocator
 from ._errors import ScForgeError, ScForgeTypeError, ScForgeValueError
+from ._version import __version__ as __version__
 from .data import GeneVocab, StreamedCells
 from .model import ScForge, ScForgeCellEncoder
 from .perturb import ScForgePerturb
-
-try:
-    __version__ = version("scforge-scvi")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
 
 __all__ = [
     "GeneVocab",

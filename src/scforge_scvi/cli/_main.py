@@ -112,9 +112,7 @@ def _train_run(args: argparse.Namespace, config, *, objective: str) -> int:
         kwargs["ckpt_path"] = str(resume_ckpt)  # optimizer, schedule, step and callbacks
     if stream is not None:
         kwargs["data"] = stream
-    model.train(checkpoint_dir=str(run_dir), **kwargs)
-    if resume_ckpt is not None:
-        runs.restore_best(model, run_dir)
+    model.train(checkpoint_dir=str(run_dir), **kwargs)  # ends on the best weights
     metrics = runs.write_metrics(model, run_dir / runs.RUN_METRICS)
     model.save_pretrained(str(run_dir / runs.RUN_BEST))
     if "val_loss" in metrics:
@@ -292,7 +290,7 @@ def _export(args: argparse.Namespace) -> int:
 def _import_geneformer(args: argparse.Namespace) -> int:
     from scforge_scvi import ScForge
     from scforge_scvi.io import read_geneformer, write_pretrained
-    from scforge_scvi.io._pretrained import init_defaults
+    from scforge_scvi.model._pretrained import init_defaults
 
     output = runs.check_output(args.output, args.overwrite)
     if not Path(args.model).is_dir():

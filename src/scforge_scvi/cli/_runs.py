@@ -374,14 +374,3 @@ def write_metrics(model, path: Path) -> pd.DataFrame:
     table.index.name = "epoch"
     table.to_csv(path)
     return table
-
-
-def restore_best(model, run_dir: Path) -> None:
-    """Load the weights of ``best.ckpt`` (after a resumed run that found no new best)."""
-    from scforge_scvi.io import load_weights, read_pretrained
-
-    best = run_dir / "best.ckpt"
-    if best.exists():
-        state = read_pretrained(best).state_dict
-        own = model.module.state_dict()
-        load_weights(model.module, {k: v for k, v in state.items() if k in own})

@@ -1,7 +1,8 @@
 """LoRA adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Only the adapters and the task head are stored (a small fraction of the model); the base
-model is a pretrained directory of its own (:mod:`scforge_scvi.io._pretrained`).
+model is a pretrained directory of its own (:mod:`scforge_scvi.io._pretrained`). Adapter
+weights are the state-dict keys that contain :data:`LORA_KEY` (peft's ``lora_A`` / ``lora_B``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from scforge_scvi._atomic import atomic_directory, resolve_directory
-from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeValueError, one_line
+from scforge_scvi._errors import ScForgeFileNotFoundError
+
+from ._checkpoint import read_json, read_tensors, write_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_KEY = "lora_"
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key names a LoRA adapter weight."""
+    return LORA_KEY in key
 
 
 def write_adapter(
@@ -33,8 +40,7 @@ def write_adapter(
     path = Path(path)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME))
+        write_tensors(tmp / ADAPTER_WEIGHTS_NAME, state_dict)
     return (path / ADAPTER_WEIGHTS_NAME).stat().st_size
 
 
@@ -55,18 +61,5 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             f"'{path}' is not an adapter directory: it needs {ADAPTER_CONFIG_NAME} and "
             f"{ADAPTER_WEIGHTS_NAME} (written by save_adapter)."
         )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ScForgeValueError(
-            f"{config_file} is not valid JSON ({one_line(err)}); the directory is "
-            "truncated or was not written by save_adapter."
-        ) from None
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ScForgeValueError(
-            f"{weights_file} is truncated or corrupt and cannot be read "
-            f"({one_line(err)}); nothing was loaded."
-        ) from None
-    return config, state
+    config = read_json(config_file, "save_adapter")
+    return config, read_tensors(weights_file, "nothing was loaded.")

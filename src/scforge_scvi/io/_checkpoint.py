@@ -1,4 +1,5 @@
-"""Lightning checkpoints written by scforge training: read safely, compare runs.
+"""Files written by scforge, read safely: JSON, safetensors and Lightning checkpoints;
+comparing runs.
 
 A ``.ckpt`` is read with ``torch.load(weights_only=True)``: tensors and plain data only, no
 pickled object is ever run. The training plans store their model description under one
@@ -8,14 +9,44 @@ be resumed.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from scforge_scvi._errors import ScForgeValueError, one_line
+
+
+def read_json(file: Path, writer: str) -> Any:
+    """The JSON in ``file``, written by ``writer`` (named in the error when it is not JSON)."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScForgeValueError(
+            f"{file} is not valid JSON ({one_line(err)}); the directory is truncated or was "
+            f"not written by {writer}."
+        ) from None
+
+
+def read_tensors(file: Path, consequence: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors ``file``; ``consequence`` ends the error of a bad file."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ScForgeValueError(
+            f"{file} is truncated or corrupt and cannot be read ({one_line(err)}); {consequence}"
+        ) from None
+
+
+def write_tensors(file: Path, state_dict: dict[str, torch.Tensor], **metadata: str) -> None:
+    """Write ``state_dict`` (CPU, contiguous copies) to the safetensors ``file``."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(file), metadata=metadata or None)
 
 
 def read_lightning_checkpoint(
@@ -65,24 +96,26 @@ def module_state_dict(ckpt: dict[str, Any], prefix: str = "module.") -> dict[str
     return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
-def run_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
+def run_differences(
+    saved: Any, current: Any, *, ignore: tuple[str, ...] = ()
+) -> dict[str, tuple[Any, Any]]:
     """Dotted keys at which two run descriptions (nested dicts) differ: the same-run check.
 
     A run may be resumed only when this is empty. ``ignore`` lists dotted keys allowed to
-    differ (e.g. ``"training.max_epochs"``).
+    differ (e.g. ``"training.max_epochs"``). Each key maps to its saved and current value.
 
     Examples
     --------
     >>> run_differences({"training": {"lr": 1e-3}}, {"training": {"lr": 1e-4}})
-    ['training.lr']
+    {'training.lr': (0.001, 0.0001)}
     """
-    return [key for key in _differences(saved, current, "") if key not in ignore]
+    return {key: pair for key, pair in _differences(saved, current, "") if key not in ignore}
 
 
-def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, tuple[Any, Any]]]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
             out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
         return out
-    return [] if a == b else [prefix]
+    return [] if a == b else [(prefix, (a, b))]

@@ -12,26 +12,24 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from scforge_scvi._errors import (
-    ScForgeFileNotFoundError,
-    ScForgeValueError,
-    one_line,
-)
-from scforge_scvi._logging import logger
-from scforge_scvi.data import GeneVocab
-
-if TYPE_CHECKING:
-    from anndata import AnnData
 
 from scforge_scvi._atomic import atomic_directory, resolve_directory
+from scforge_scvi._errors import ScForgeFileNotFoundError, ScForgeValueError
+from scforge_scvi._logging import logger
+from scforge_scvi._version import __version__
+from scforge_scvi.data import GeneVocab
 
-from ._checkpoint import module_state_dict, read_lightning_checkpoint
+from ._adapters import is_lora_key
+from ._checkpoint import (
+    module_state_dict,
+    read_json,
+    read_lightning_checkpoint,
+    read_tensors,
+    write_tensors,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -91,8 +89,6 @@ class Pretrained:
     @property
     def has_unmerged_adapters(self) -> bool:
         """Whether the weights hold LoRA adapters not merged into the base weights."""
-        from scforge_scvi.train import is_lora_key
-
         return any(is_lora_key(key) for key in self.state_dict)
 
 
@@ -162,8 +158,6 @@ def write_pretrained(
     overwrite
         Replace a directory at ``path``.
     """
-    from scforge_scvi import __version__
-
     path = Path(path)
     header = {
         "format": FORMAT_NAME,
@@ -176,8 +170,7 @@ def write_pretrained(
         )
         if vocab is not None:
             vocab.save(tmp / VOCAB_NAME)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
+        write_tensors(tmp / WEIGHTS_NAME, state_dict, format=FORMAT_NAME)
     return path
 
 
@@ -213,13 +206,7 @@ def read_pretrained(path: str | os.PathLike, *, vocab: bool = True) -> Pretraine
             f"'{path}' is not a pretrained scforge directory: missing {missing} "
             f"(expected {CONFIG_NAME}, {WEIGHTS_NAME} and {VOCAB_NAME})."
         )
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ScForgeValueError(
-            f"{path / CONFIG_NAME} is not valid JSON ({one_line(err)}); the directory is "
-            "truncated or was not written by save_pretrained."
-        ) from None
+    config = read_json(path / CONFIG_NAME, "save_pretrained")
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
         raise ScForgeValueError(
             f"{path / CONFIG_NAME} is not an scforge config (no format {FORMAT_NAME!r}); "
@@ -231,13 +218,9 @@ def read_pretrained(path: str | os.PathLike, *, vocab: bool = True) -> Pretraine
             f"{config['format_version']}; this scforge reads versions up to {FORMAT_VERSION}: "
             "upgrade scforge_scvi."
         )
-    try:
-        state_dict = load_file(str(path / WEIGHTS_NAME))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ScForgeValueError(
-            f"{path / WEIGHTS_NAME} is truncated or corrupt and cannot be read ({one_line(err)}); "
-            "no model was built. Re-export it from the training run."
-        ) from None
+    state_dict = read_tensors(
+        path / WEIGHTS_NAME, "no model was built. Re-export it from the training run."
+    )
     genes = GeneVocab.load(path / VOCAB_NAME) if vocab else None
     config = _upgrade(config, config.get("format_version", FORMAT_VERSION))
     return Pretrained(config, genes, state_dict, str(path))
@@ -296,223 +279,3 @@ def load_weights(
     module.load_state_dict(to_load, strict=False)  # missing keys: reported as initialised
     logger.info(f"Loaded pretrained weights: {report.summary()}.")
     return report
-
-
-def init_defaults(model_class: type) -> dict[str, Any]:
-    """The keyword defaults of ``model_class.__init__`` that a pretrained directory records
-    (the AnnData, registry, vocabulary, adapters and classes are stored apart)."""
-    import inspect
-
-    skip = {"self", "adata", "registry", "vocab", "lora", "class_names"}
-    signature = inspect.signature(model_class.__init__).parameters
-    return {
-        k: p.default
-        for k, p in signature.items()
-        if k not in skip and p.default is not inspect.Parameter.empty
-    }
-
-
-class PretrainedMixin:
-    """Pretrained directories, LoRA adapter directories and Geneformer import of a model.
-
-    For :class:`~scforge_scvi.ScForge`: the model has ``module`` (with
-    ``merged_state_dict``, ``adapter_state_dict`` and ``load_adapter_state_dict``),
-    ``vocab``, ``backbone_config``, ``class_names_``, ``lora_`` and ``init_params_``.
-    """
-
-    def pretrained_config(self) -> dict[str, Any]:
-        """The JSON-serialisable description of this model (``config.json``)."""
-        params = dict(self.init_params_["non_kwargs"])
-        for key in ("vocab", "lora", "class_names"):  # stored on their own
-            params.pop(key, None)
-        return {
-            "model_class": type(self).__name__,
-            "format_version": FORMAT_VERSION,  # also in a Lightning checkpoint's metadata
-            "init_params": params,
-            "backbone": self.backbone_config.to_dict(),
-            "class_names": list(self.class_names_),
-        }
-
-    def save_pretrained(self, path: str, *, overwrite: bool = True) -> None:
-        """Save ``config.json``, ``model.safetensors`` and ``gene_vocab.json`` to ``path``.
-
-        LoRA adapters, if any, are merged into the saved weights, so the directory loads as
-        a plain model. The write is atomic: an interrupted save leaves a previous model at
-        ``path`` intact.
-        """
-        write_pretrained(
-            path,
-            self.pretrained_config(),
-            self.vocab,
-            self.module.merged_state_dict(),
-            overwrite=overwrite,
-        )
-        logger.info(f"Saved pretrained model to {path}.")
-
-    def save_adapter(self, path: str, *, overwrite: bool = True) -> int:
-        """Save the LoRA adapters and the task head to the directory ``path``.
-
-        Writes ``adapter_config.json`` (LoRA settings and class names) and
-        ``adapter_model.safetensors`` (adapter and head weights only: a small fraction of
-        the full model). The base model is not saved; load it with :meth:`from_pretrained`,
-        then call :meth:`load_adapter`. The write is atomic.
-
-        Returns
-        -------
-        Size of ``adapter_model.safetensors`` in bytes.
-        """
-        from ._adapters import write_adapter
-
-        if self.lora_ is None:
-            raise ScForgeValueError(
-                "This model has no LoRA adapters; train with strategy='lora' first "
-                "(or use save_pretrained for the full model)."
-            )
-        config = {"lora": dict(self.lora_), "class_names": list(self.class_names_)}
-        size = write_adapter(path, config, self.module.adapter_state_dict(), overwrite=overwrite)
-        logger.info(f"Saved LoRA adapters and task head to {path} ({size / 1e6:.2f} MB).")
-        return size
-
-    def load_adapter(self, path: str) -> None:
-        """Load adapters and task head saved by :meth:`save_adapter` onto this (base) model.
-
-        The model must have been built on the same base weights (e.g. with
-        :meth:`from_pretrained` of the base directory) and for the same class names.
-        """
-        from scforge_scvi.train import LoraSettings
-
-        from ._adapters import read_adapter
-
-        config, state = read_adapter(path)
-        if config["class_names"] != list(self.class_names_):
-            raise ScForgeValueError(
-                f"The adapter's head was fitted for labels {config['class_names']}; this model "
-                f"has {list(self.class_names_)}."
-            )
-        settings = LoraSettings.from_dict(config["lora"])
-        if self.lora_ is None:
-            self._apply_lora(settings)
-        elif self.lora_ != settings.to_dict():
-            raise ValueError(
-                f"This model already carries LoRA adapters {self.lora_}, not {settings.to_dict()}."
-            )
-        self.module.load_adapter_state_dict(state)
-        self.module.eval()
-        logger.info(f"Loaded LoRA adapters and task head from {path}.")
-
-    @classmethod
-    def from_pretrained(cls, path: str, adata: AnnData, **kwargs: Any) -> PretrainedMixin:
-        """Build a model on ``adata`` from a pretrained directory or scforge ``.ckpt``.
-
-        Loads weights only (a later :meth:`train` starts a fresh optimizer and schedule).
-        The saved vocabulary and per-gene statistics are used, never refitted, so genes of
-        ``adata`` in another order or a subset map correctly. A classification head fitted
-        for the same labels is kept; otherwise a new head is initialised for the labels
-        registered on ``adata``.
-
-        Parameters
-        ----------
-        path
-            Pretrained directory (``config.json`` + ``model.safetensors`` +
-            ``gene_vocab.json``) or a Lightning ``.ckpt`` written during scforge training.
-        adata
-            AnnData registered with :meth:`setup_anndata`.
-        **kwargs
-            Init arguments to override (e.g. ``dropout``). Architecture arguments that differ
-            from the checkpoint raise an error starting "Checkpoint dimension mismatch".
-        """
-        return cls._from_pretrained_object(read_pretrained(path), adata, kwargs)
-
-    @classmethod
-    def from_geneformer(
-        cls,
-        path: str,
-        adata: AnnData,
-        *,
-        token_dictionary: str | None = None,
-        gene_median_dictionary: str | None = None,
-        model_input_size: int | None = None,
-        special_tokens: bool | None = None,
-        **kwargs: Any,
-    ) -> PretrainedMixin:
-        """Build a model on ``adata`` from a Geneformer model directory (public weights).
-
-        The backbone, gene head, vocabulary, per-gene medians and tokenizer reproduce
-        Geneformer: BERT post-LayerNorm blocks with its embedding LayerNorm, absolute positions
-        (the token-type embedding folded in), its activation and masked-LM head; genes ranked
-        by ``counts / n_counts * 10,000 / median`` in float64, truncated to the model's input
-        size, with ``<cls>`` and ``<eos>`` for V2 models. Nothing is executed while loading
-        (see :func:`scforge_scvi.io.read_geneformer`). Fine-tune it like any model:
-        :meth:`train` with any strategy, then :meth:`save_pretrained`.
-
-        Parameters
-        ----------
-        path
-            Geneformer model directory: ``config.json`` (``BertForMaskedLM``) and
-            ``model.safetensors`` or ``pytorch_model.bin``.
-        adata
-            AnnData registered with :meth:`setup_anndata`: raw counts of all genes (no
-            feature selection), Ensembl ids in ``var_names`` or in a ``var`` column such as
-            ``gene_ids``.
-        token_dictionary, gene_median_dictionary
-            Geneformer's token dictionary (Ensembl id -> token id) and gene median dictionary
-            (``.pkl`` or ``.json``); default: the one file in ``path`` whose name contains
-            ``token_dictionary`` / ``gene_median``.
-        model_input_size
-            Longest input in tokens (special tokens included); default the model's
-            ``max_position_embeddings`` (2048 for V1, 4096 for V2 models).
-        special_tokens
-            Prepend ``<cls>`` and append ``<eos>``; default: when the token dictionary has them.
-        **kwargs
-            Init arguments to override, e.g. ``dropout`` or ``min_coverage`` (default 0.25
-            for imported models: Geneformer's vocabulary holds protein-coding and miRNA genes
-            only, a minority of a full 10x gene list on some annotations).
-        """
-        from ._geneformer import read_geneformer
-
-        pretrained = read_geneformer(
-            path,
-            token_dictionary=token_dictionary,
-            gene_median_dictionary=gene_median_dictionary,
-            model_input_size=model_input_size,
-            special_tokens=special_tokens,
-            defaults=init_defaults(cls),
-        )
-        return cls._from_pretrained_object(pretrained, adata, kwargs)
-
-    @classmethod
-    def _from_pretrained_object(cls, pretrained, adata: AnnData, kwargs: dict) -> PretrainedMixin:
-        model_class = pretrained.config.get("model_class", cls.__name__)
-        if model_class != cls.__name__:
-            raise ScForgeValueError(
-                f"{pretrained.source} holds a {model_class} model, not a {cls.__name__}; load "
-                f"it with {model_class}.from_pretrained."
-            )
-        params = pretrained.init_params
-        saved = dict(params)  # a None that was saved stands for the value it implied
-        backbone = pretrained.config.get("backbone", {})
-        if saved.get("max_seq_len") is None:
-            saved["max_seq_len"] = saved.get("max_genes")  # None meant "as many as max_genes"
-        if saved.get("ffn_dim") is None and backbone.get("hidden_dim"):
-            saved["ffn_dim"] = backbone.get("ffn_dim") or 4 * backbone["hidden_dim"]
-        check_architecture(saved, kwargs, source=f"the requested {cls.__name__} arguments")
-        params.update(kwargs)
-        manager = cls._get_most_recent_anndata_manager(adata, required=True)
-        if manager.registry["setup_args"].get("labels_key") is None and pretrained.class_names:
-            # a query without labels keeps the fine-tuned classifier and its classes
-            params["class_names"] = pretrained.class_names
-        # the checkpoint's weights replace any computed starting point: skip computing one
-        starting_point = params.pop("gene_embedding_init", None)
-        model = cls(adata, vocab=pretrained.vocab, **params)
-        if starting_point is not None:  # still recorded as the model's own setting
-            model.init_params_["non_kwargs"]["gene_embedding_init"] = starting_point
-        same_labels = pretrained.class_names == model.class_names_
-        skip = () if same_labels else model.module._HEAD_PREFIXES
-        if not same_labels and pretrained.class_names and model.class_names_:
-            logger.info(
-                f"The checkpoint's classifier was fitted for labels {pretrained.class_names}; "
-                f"this data has {model.class_names_}: a new classification head is initialised."
-            )
-        model.load_report_ = load_weights(model.module, pretrained.state_dict, skip_prefixes=skip)
-        model.module.eval()
-        return model

@@ -26,7 +26,6 @@ from scforge_scvi.data._bucketing import token_lengths
 from scforge_scvi.data._collate import TokenCollator
 from scforge_scvi.data._genes import gene_pca_loadings, match_kwargs, resolve_vocab
 from scforge_scvi.data._streaming import CellStream
-from scforge_scvi.io import PretrainedMixin
 from scforge_scvi.nn import BackboneConfig
 from scforge_scvi.train import (
     LoraSettings,
@@ -42,6 +41,7 @@ from ._evaluate import evaluate_annotation
 from ._fields import RegistrationMixin
 from ._linear import features
 from ._module import ScForgeModule
+from ._pretrained import ScForgePretrainedMixin
 from ._training import TrainingMixin
 
 VocabLike = GeneVocab | str | dict | None
@@ -53,7 +53,7 @@ PREDICTION_HEADS = ("default", "backbone", "linear")
 UNKNOWN = "unknown"
 
 
-class ScForge(TrainingMixin, PretrainedMixin, RegistrationMixin, BaseModelClass):
+class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseModelClass):
     """Transformer foundation model over gene tokens, trained on raw counts.
 
     Pretrains with masked-gene modelling, fine-tunes a classification or regression head on

@@ -322,7 +322,7 @@ class TrainingMixin:
             seed=seed,
             class_weights=weights,
             token_dropout=token_dropout,
-            checkpoint_metadata={"config": self.pretrained_config(), "vocab": self.vocab.to_dict()},
+            checkpoint_metadata=self.checkpoint_metadata(),
         )
         plan_settings = _merged(plan_settings, plan_kwargs, "plan_kwargs")
         plan = self._training_plan_cls(self.module, **plan_settings)

@@ -1,27 +1,23 @@
 """Checkpoints of :class:`~scforge_scvi.ScForgePerturb`: the weights kept after training,
-pretrained directories and ``.ckpt`` files (io's versioned, atomic layout), initialising from
-them by name and the same-run check of resuming."""
+its description in pretrained directories and ``.ckpt`` files (the models' one path,
+:class:`~scforge_scvi.model._pretrained.PretrainedMixin`), initialising from them by name
+and the same-run check of resuming."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import anndata as ad
 import pandas as pd
 import torch
 
-from scforge_scvi._errors import ScForgeValueError
 from scforge_scvi._logging import logger
 from scforge_scvi.data._vocab import GeneVocab
+from scforge_scvi.io import Pretrained, read_pretrained, run_differences
 from scforge_scvi.io._by_name import load_by_name
-from scforge_scvi.io._pretrained import Pretrained, read_pretrained, write_pretrained
+from scforge_scvi.model._pretrained import PretrainedMixin
 from scforge_scvi.train._callbacks import BestCheckpoint
-
-from ._plan import check_same_run, kept_weights
-
-if TYPE_CHECKING:
-    from ._model import ScForgePerturb
 
 CHECKPOINT_NAMES = ("best", "final", "last")
 #: constructor arguments that are fields of the PerturbConfig
@@ -37,15 +33,25 @@ _ARCHITECTURE = (
 )
 
 
-class PerturbCheckpointMixin:
+class PerturbCheckpointMixin(PretrainedMixin):
     """Checkpoint methods of :class:`~scforge_scvi.ScForgePerturb`: what ``train()`` keeps,
-    :meth:`use_checkpoint`, :meth:`save_pretrained`, :meth:`load` and
-    :meth:`from_pretrained`."""
+    :meth:`use_checkpoint`, :meth:`save_pretrained`, :meth:`load` and what
+    :meth:`from_pretrained` builds."""
 
     def _after_training(
         self, best: BestCheckpoint, checkpoint_dir: Path | None, has_val: bool
     ) -> None:
-        self._weights = kept_weights(best, self.module, checkpoint_dir, has_val)
+        final = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        state = best.best_state  # from best.ckpt after a resume that found no better epoch
+        if state is None:
+            logger.warning(
+                "No validation loss was recorded; 'best' is the final weights."
+                if has_val
+                else "No validation cells (no 'val' split): 'best' is the final weights. "
+                "Declare held-out perturbations to select the checkpoint by validation loss."
+            )
+            state = final
+        self._weights = {"best": state, "final": final}
         self.best_epoch_ = best.best_epoch
         self.best_validation_loss_ = best.best_score
         self._fresh_parameters = set()
@@ -79,20 +85,20 @@ class PerturbCheckpointMixin:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No checkpoint to resume at {path}.")
-        saved = self._read(path, ".train; it cannot be resumed").config
+        saved = self._read_pretrained(path).config
         saved = {"model": saved, **saved.pop("run", {})}
-        expected = {"model": self._config_dict(), **run}
-        check_same_run(saved, expected)
+        differences = run_differences(saved, {"model": self.pretrained_config(), **run})
+        if differences:  # resuming restores optimizer and scheduler state: the same run only
+            raise ValueError(
+                "Cannot resume: the configuration differs from the checkpoint's ("
+                + "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
+                + "). Resuming restores optimizer and scheduler state and is only valid for the "
+                "same run; to fine-tune with new settings, start a new run with "
+                "ScForgePerturb.from_pretrained(checkpoint, adata) (weights only, fresh optimizer "
+                "and schedule)."
+            )
 
     # -- checkpoints -------------------------------------------------------------------------
-    @staticmethod
-    def _read(path: str | Path, written_by: str = "") -> Pretrained:
-        """A pretrained directory or ``.ckpt`` of this model class."""
-        pretrained = read_pretrained(path)
-        if pretrained.config.get("model_class") != "ScForgePerturb":
-            raise ScForgeValueError(f"{path} was not written by ScForgePerturb{written_by}.")
-        return pretrained
-
     def use_checkpoint(self, checkpoint: str) -> None:
         """Load the ``best``, ``final`` or ``last`` weights into the module.
 
@@ -113,7 +119,8 @@ class PerturbCheckpointMixin:
         self.module.load_state_dict(state)
         self.active_checkpoint_ = checkpoint
 
-    def _config_dict(self) -> dict[str, Any]:
+    def pretrained_config(self) -> dict[str, Any]:
+        """The JSON-serialisable description of this model (``config.json``)."""
         setup = self._setup
         return {
             "model_class": type(self).__name__,
@@ -129,7 +136,7 @@ class PerturbCheckpointMixin:
             },
         }
 
-    def _vocab(self) -> GeneVocab:
+    def _pretrained_vocab(self) -> GeneVocab:
         """The model's genes, in order, as the ``gene_vocab.json`` of its pretrained layout."""
         return GeneVocab.from_genes(self.genes_, source="ScForgePerturb genes")
 
@@ -168,12 +175,10 @@ class PerturbCheckpointMixin:
                 "save_pretrained does not yet write a pluggable basal encoder's definition; "
                 "use model.save() for such models."
             )
-        return write_pretrained(
-            path, self._config_dict(), self._vocab(), state, overwrite=overwrite
-        )
+        return self._write_pretrained(path, state, overwrite)
 
     @classmethod
-    def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> ScForgePerturb:
+    def load(cls, dir_path: str, adata: ad.AnnData | None = None, **kwargs: Any) -> Self:
         """Load a model written by :meth:`save` (scvi-tools' format; see its caveats on pickle).
 
         Takes the arguments of :meth:`scvi.model.base.BaseModelClass.load`.
@@ -183,33 +188,9 @@ class PerturbCheckpointMixin:
         return model
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | Path,
-        adata: ad.AnnData,
-        **overrides: Any,
-    ) -> ScForgePerturb:
-        """Initialise a new model from trained weights: weights only, never training state.
-
-        The optimizer, schedule and step of the next :meth:`train` start fresh. Tensors indexed
-        by genes, perturbations or batches are matched by name (a new gene or perturbation gets
-        a fresh row); tensors whose shape does not fit are skipped. Everything is reported in
-        ``model.init_report_`` and the log; freezing a newly initialised backbone parameter
-        later is an error. The new model counts as untrained (``is_trained_`` is ``False``)
-        until :meth:`train` runs; :meth:`predict` uses the loaded weights.
-
-        Parameters
-        ----------
-        pretrained
-            A pretrained directory written by :meth:`save_pretrained`, e.g.
-            ``checkpoint_dir/best``, or a Lightning ``.ckpt`` written by :meth:`train` (only
-            its weights are read).
-        adata
-            AnnData registered with :meth:`setup_anndata`.
-        **overrides
-            Constructor arguments that replace the saved ones (e.g. ``dropout``).
-        """
-        loaded = cls._read(pretrained)
+    def _from_pretrained_object(
+        cls, loaded: Pretrained, adata: ad.AnnData, overrides: dict[str, Any]
+    ) -> Self:
         saved, state = loaded.config, loaded.state_dict
         arch = saved["perturb_config"]
         kwargs = {**{k: arch[k] for k in _ARCHITECTURE}, **overrides}

@@ -396,7 +396,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
             with_counts=self.basal_input_ == "counts",
             names={"cell_type": self.cell_types_, "batch": self.batches_},
         )
-        metadata = {"config": {**self._config_dict(), "run": run}, "vocab": self._vocab().to_dict()}
+        metadata = self.checkpoint_metadata(run=run)
         plan = self._training_plan_cls(self.module, config, checkpoint_metadata=metadata)
         checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         # minimum validation loss (gene space): weights kept in memory; with a directory,

@@ -5,10 +5,10 @@ same perturbation and cell type, and the perturbation (and batch) of each set. T
 weighted sum of the per-set energy distance and the MSE of the set means, both in the gene
 space that is evaluated; each term is logged on its own.
 
-Optimisation: AdamW with two parameter sets, ``heads`` (encoders, decoder) and ``backbone``
-(the set transformer, and a pluggable basal encoder), both in the optimizer from the first
-step. The learning rate of each follows :func:`~scforge_scvi.train._schedules.cosine_with_warmup`.
-With ``freeze_backbone`` the backbone is frozen (``requires_grad=False`` and a zero learning
+Optimisation (:func:`~scforge_scvi.train._optim.configure_adamw`, as for ScForge): AdamW
+with two parameter sets, ``heads`` (encoders, decoder) and ``backbone`` (the set transformer,
+and a pluggable basal encoder), both in the optimizer from the first step. The learning rate
+of each follows :func:`~scforge_scvi.train._schedules.cosine_with_warmup`. With ``freeze_backbone`` the backbone is frozen (``requires_grad=False`` and a zero learning
 rate) for ``freeze_backbone_epochs`` epochs, or for good when that is ``None``; when it
 unfreezes, its learning rate starts a warmup + cosine of its own from that step.
 """
@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from scforge_scvi._logging import logger
-from scforge_scvi.io._pretrained import read_pretrained
-from scforge_scvi.train._callbacks import BestCheckpoint
 from scforge_scvi.train._freezing import GradualUnfreezing
-from scforge_scvi.train._optim import build_adamw, format_parameter_summary, parameter_group_summary
-from scforge_scvi.train._schedules import cosine_with_warmup
+from scforge_scvi.train._optim import configure_adamw
 
 from ._losses import PerturbLossWeights, perturbation_set_loss
 from ._module import PerturbationSetModel, PerturbOutput
@@ -104,34 +99,6 @@ class PerturbTrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of all fields."""
         return asdict(self)
-
-
-class GroupSchedule:
-    """Learning-rate multiplier of one parameter set: zero until ``start_step``, then a
-    warmup + cosine (:func:`cosine_with_warmup`) counted from ``start_step``.
-
-    A callable object rather than a closure so that ``LambdaLR.state_dict`` saves its fields
-    and a resumed run continues the same schedule. ``start_step=None`` means never (a backbone
-    frozen for the whole run).
-    """
-
-    def __init__(
-        self, start_step: int | None, warmup_steps: int, total_steps: int, min_lr_ratio: float
-    ) -> None:
-        self.start_step = start_step
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        if self.start_step is None or step < self.start_step:
-            return 0.0
-        return cosine_with_warmup(
-            step - self.start_step,
-            warmup_steps=self.warmup_steps,
-            total_steps=max(self.total_steps - self.start_step, 0),
-            min_lr_ratio=self.min_lr_ratio,
-        )
 
 
 class PerturbTrainingPlan(pl.LightningModule):
@@ -211,37 +178,27 @@ class PerturbTrainingPlan(pl.LightningModule):
         cfg = self.config
         backbone = torch.nn.ModuleList(self.module.backbone_modules())
         heads = torch.nn.ModuleList(self.module.head_modules())
-        optimizer = build_adamw(
+        starts = None
+        if cfg.freeze_backbone:  # the backbone's schedule starts when it unfreezes
+            epochs = cfg.freeze_backbone_epochs
+            warmup = cfg.unfreeze_warmup_steps
+            starts = {
+                "backbone": (
+                    None if epochs is None else epochs * self.steps_per_epoch(),
+                    cfg.warmup_steps if warmup is None else warmup,
+                )
+            }
+        return configure_adamw(
             {
                 "heads": (heads, cfg.lr),
                 "backbone": (backbone, cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr),
             },
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            warmup_steps=cfg.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
             weight_decay=cfg.weight_decay,
+            starts=starts,
         )
-        logger.info(
-            "Optimizer groups:\n%s", format_parameter_summary(parameter_group_summary(optimizer))
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        heads_schedule = GroupSchedule(0, cfg.warmup_steps, total, cfg.min_lr_ratio)
-        if not cfg.freeze_backbone:
-            backbone_schedule = heads_schedule
-        elif cfg.freeze_backbone_epochs is None:
-            backbone_schedule = GroupSchedule(None, 0, total, cfg.min_lr_ratio)
-        else:
-            warmup = (
-                cfg.warmup_steps if cfg.unfreeze_warmup_steps is None else cfg.unfreeze_warmup_steps
-            )
-            start = cfg.freeze_backbone_epochs * self.steps_per_epoch()
-            backbone_schedule = GroupSchedule(start, warmup, total, cfg.min_lr_ratio)
-        lambdas = [
-            backbone_schedule if group["param_set"] == "backbone" else heads_schedule
-            for group in optimizer.param_groups
-        ]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambdas)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
 
 def backbone_freezing(config: PerturbTrainingConfig) -> GradualUnfreezing:
@@ -259,27 +216,6 @@ def _set_model_backbone(pl_module: PerturbTrainingPlan) -> list[torch.nn.Paramet
     return [p for m in pl_module.module.backbone_modules() for p in m.parameters()]
 
 
-def check_same_run(saved: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Raise unless a checkpoint's run (``training``, ``model``, ``data``) is ``expected``.
-
-    Resuming restores optimizer and scheduler state, which is only valid for the same run.
-    """
-    differences = []
-    for section in ("training", "model", "data"):
-        old, new = saved.get(section, {}), expected.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                differences.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    if differences:
-        raise ValueError(
-            "Cannot resume: the configuration differs from the checkpoint's "
-            f"({'; '.join(differences)}). Resuming restores optimizer and scheduler state and "
-            "is only valid for the same run; to fine-tune with new settings, start a new run "
-            "with ScForgePerturb.from_pretrained(checkpoint, adata) (weights only, fresh "
-            "optimizer and schedule)."
-        )
-
-
 def check_freezable(module: PerturbationSetModel, fresh: set[str]) -> None:
     """Raise if freezing the backbone would freeze parameters in ``fresh``.
 
@@ -294,27 +230,3 @@ def check_freezable(module: PerturbationSetModel, fresh: set[str]) -> None:
             "Initialise the backbone with ScForgePerturb.from_pretrained (checking the load "
             "report), or train without freezing."
         )
-
-
-def kept_weights(
-    best: BestCheckpoint, module: torch.nn.Module, checkpoint_dir: Path | None, has_val: bool
-) -> dict[str, dict[str, torch.Tensor]]:
-    """The ``best`` and ``final`` weights of a finished run (CPU copies).
-
-    ``best`` comes from the callback, from ``best.ckpt`` after a resumed run whose best epoch
-    came before the resume, or, without any validation loss, is the final weights.
-    """
-    final = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    state = best.best_state
-    if state is None and best.best_score is not None and checkpoint_dir is not None:
-        state = read_pretrained(checkpoint_dir / "best.ckpt").state_dict
-    if state is None:
-        if has_val:
-            logger.warning("No validation loss was recorded; 'best' is the final weights.")
-        else:
-            logger.warning(
-                "No validation cells (no 'val' split): 'best' is the final weights. Declare "
-                "held-out perturbations to select the checkpoint by validation loss."
-            )
-        state = final
-    return {"best": state, "final": final}

@@ -1,5 +1,7 @@
 """Training: the Lightning plan, schedules, optimizer groups, callbacks and LoRA."""
 
+from scforge_scvi.io._adapters import is_lora_key
+
 from ._callbacks import (
     BestCheckpoint,
     EpochSeed,
@@ -11,7 +13,6 @@ from ._lora import (
     LoraSettings,
     apply_lora,
     count_parameters,
-    is_lora_key,
     load_lora_state_dict,
     lora_layer_names,
     lora_state_dict,

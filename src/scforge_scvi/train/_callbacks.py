@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from scforge_scvi._logging import logger
+from scforge_scvi.io._checkpoint import module_state_dict
 
 
 def atomic_save_checkpoint(trainer: Trainer, path: Path) -> None:
@@ -66,12 +67,16 @@ class BestCheckpoint(Callback):
 
     @property
     def best_state(self) -> dict[str, torch.Tensor] | None:
-        """CPU copy of the module's state dict at the best epoch seen in this process.
+        """CPU copy of the module's state dict at the best epoch.
 
-        ``None`` until a validation improved on ``best_score``; also ``None`` after resuming
-        until then, because only the score and epoch are saved in checkpoints (the weights
-        are in ``best.ckpt``).
+        ``None`` until a validation improved on ``best_score``. After resuming, until one does,
+        the weights are read from ``best.ckpt`` (checkpoints save only the score and epoch);
+        ``None`` without one.
         """
+        best = None if self.dirpath is None else self.dirpath / "best.ckpt"
+        if self._best_state is None and self.best_score is not None and best and best.is_file():
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            self._best_state = module_state_dict(ckpt)
         return self._best_state
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -100,8 +105,8 @@ class BestCheckpoint(Callback):
             atomic_save_checkpoint(trainer, self.dirpath / name)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.restore_best and self._best_state is not None:
-            pl_module.module.load_state_dict(self._best_state)
+        if self.restore_best and self.best_state is not None:
+            pl_module.module.load_state_dict(self.best_state)
             logger.info(
                 f"Restored the best weights (epoch {self.best_epoch}, "
                 f"{self.monitor}={self.best_score:.4f})."

@@ -20,11 +20,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from scforge_scvi._settings import from_known_keys
+from scforge_scvi.io._adapters import LORA_KEY as _LORA_KEY
 from scforge_scvi.nn._dropout import Dropout
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
 _ADAPTER_NAME = "default"
-_LORA_KEY = "lora_"
 
 
 @dataclass
@@ -145,11 +145,6 @@ def apply_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     for name, param in module.named_parameters():
         param.requires_grad_(_LORA_KEY in name)
     return module
-
-
-def is_lora_key(key: str) -> bool:
-    """Whether a state-dict key names a LoRA adapter weight."""
-    return _LORA_KEY in key
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups by a stated rule, and AdamW built from named parameter sets.
+"""Optimizer parameter groups by a stated rule, AdamW built from named parameter sets, and
+the optimizer and schedule that both training plans configure (:func:`configure_adamw`).
 
 The rule: a tensor with two or more dimensions is decayed, unless it is an embedding table
 (its name contains ``"embedding"``). Biases, LayerNorm weights and every other tensor with
@@ -12,6 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from scforge_scvi._logging import logger
+
+from ._schedules import make_lr_scheduler
 
 NamedParameters = nn.Module | Iterable[tuple[str, nn.Parameter]]
 NoDecayRule = Callable[[str, torch.Tensor], bool]
@@ -204,3 +209,42 @@ def format_parameter_summary(summary: Mapping[str, Mapping[str, int]]) -> str:
         f"trainable {c['trainable_params']:,} params"
         for set_name, c in summary.items()
     )
+
+
+def configure_adamw(
+    param_sets: Mapping[str, tuple[NamedParameters, float]],
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr_ratio: float = 0.0,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    starts: Mapping[str, tuple[int | None, int]] | None = None,
+) -> dict[str, Any]:
+    """AdamW over named parameter sets and its warmup + cosine schedule, stepped per step.
+
+    What ``configure_optimizers`` of both training plans returns; the groups are logged.
+
+    Parameters
+    ----------
+    param_sets, weight_decay, betas
+        See :func:`build_adamw`.
+    total_steps, warmup_steps, min_lr_ratio, starts
+        See :func:`~scforge_scvi.train._schedules.make_lr_scheduler`.
+
+    Returns
+    -------
+    ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
+    """
+    optimizer = build_adamw(param_sets, weight_decay=weight_decay, betas=betas)
+    logger.info(
+        "Optimizer groups:\n%s", format_parameter_summary(parameter_group_summary(optimizer))
+    )
+    scheduler = make_lr_scheduler(
+        optimizer,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=min_lr_ratio,
+        starts=starts,
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -28,8 +28,8 @@ from scvi.train import TrainingPlan
 
 from scforge_scvi._settings import MaskingConfig
 
-from ._optim import build_adamw
-from ._schedules import default_warmup_steps, make_lr_scheduler
+from ._optim import configure_adamw
+from ._schedules import default_warmup_steps
 
 
 def class_weights(how: str | Sequence[float], codes: np.ndarray | None, n_classes: int):
@@ -243,17 +243,14 @@ class ScForgeTrainingPlan(TrainingPlan):
             sets["pretraining_heads"] = (torch.nn.ModuleList(module.pretraining_heads), self.lr)
         else:
             sets["heads"] = (torch.nn.ModuleList(module.heads), self.head_lr)
-        optimizer = build_adamw(sets, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = make_lr_scheduler(
-            optimizer,
+        return configure_adamw(
+            sets,
+            total_steps=total,
             warmup_steps=(
                 default_warmup_steps(total) if self.warmup_steps is None else self.warmup_steps
             ),
-            total_steps=total,
             min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

@@ -5,12 +5,18 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Mapping
 
 import torch
 
 
 def cosine_with_warmup(
-    step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    step: int,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    start_step: int | None = 0,
 ) -> float:
     """Learning-rate multiplier: linear warmup, cosine decay, then a constant floor.
 
@@ -30,6 +36,10 @@ def cosine_with_warmup(
         floor follows.
     min_lr_ratio
         Floor of the multiplier, in ``[0, 1]``.
+    start_step
+        Step at which the schedule starts, e.g. when a frozen backbone unfreezes: the
+        multiplier is 0 before it (always, with ``None``), and the warmup and the cosine count
+        from it; ``total_steps`` still counts from step 0.
 
     Returns
     -------
@@ -37,6 +47,9 @@ def cosine_with_warmup(
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
+    if start_step is None or step < start_step:
+        return 0.0
+    step, total_steps = step - start_step, max(total_steps - start_step, 0)
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
     if not 0.0 <= min_lr_ratio <= 1.0:
@@ -57,6 +70,7 @@ def make_lr_scheduler(
     warmup_steps: int,
     total_steps: int,
     min_lr_ratio: float = 0.0,
+    starts: Mapping[str, tuple[int | None, int]] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Wrap :func:`cosine_with_warmup` in a ``LambdaLR`` stepped once per optimizer step.
 
@@ -68,6 +82,10 @@ def make_lr_scheduler(
         The optimizer whose groups' ``lr`` are the peak learning rates.
     warmup_steps, total_steps, min_lr_ratio
         See :func:`cosine_with_warmup`.
+    starts
+        ``{param_set: (start_step, warmup_steps)}`` for the groups of a parameter set (their
+        ``"param_set"`` key, see :func:`~scforge_scvi.train._optim.build_adamw`) whose
+        schedule starts later, with a warmup of its own (see :func:`cosine_with_warmup`).
 
     Returns
     -------
@@ -85,13 +103,19 @@ def make_lr_scheduler(
     cosine_with_warmup(
         0, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
     )
-    schedule = functools.partial(
-        cosine_with_warmup,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        min_lr_ratio=min_lr_ratio,
-    )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+    schedules = []
+    for group in optimizer.param_groups:
+        start, warmup = (starts or {}).get(group.get("param_set"), (0, warmup_steps))
+        schedules.append(
+            functools.partial(
+                cosine_with_warmup,
+                warmup_steps=warmup,
+                total_steps=total_steps,
+                min_lr_ratio=min_lr_ratio,
+                start_step=start,
+            )
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedules)
 
 
 WARMUP_STEPS = 50
