@@ -194,6 +194,23 @@ def test_embed_and_predict_write_anndata(in_project: Path, capsys):
     assert set(predicted.obs["scforge_prediction"].astype(str)) <= classes
     assert predicted.obsm["scforge_probabilities"].shape == (700, len(classes))
     assert "_scforge_query_labels" not in predicted.obs
+    assert predicted.obs["scforge_unknown_score"].between(0, 1).all()
+
+
+def test_predict_writes_prediction_sets_and_unknown_cells(in_project: Path, capsys):
+    args = ["predict", "--model", "checkpoints/cell_type/best", "--input", "data/pbmc3k.h5ad"]
+    code, _, err = _run(
+        capsys, *args, "--output", "sets.h5ad", "--coverage", "0.9", "--unknown-threshold", "0.99"
+    )
+    assert code == 0, err
+    predicted = ad.read_h5ad("sets.h5ad")
+    sizes = predicted.obs["scforge_prediction_set_size"]
+    assert (sizes >= 0).all() and sizes.mean() >= 1
+    unknown = predicted.obs["scforge_prediction"].astype(str) == "unknown"
+    assert unknown.mean() < 0.1  # the cells of fine-tuning: known types
+    code, _, err = _run(capsys, *args, "--output", "bad.h5ad", "--coverage", "1.5")
+    assert code != 0 and "coverage=1.5 is not valid" in _error_line(err)
+    assert not Path("bad.h5ad").exists()
 
 
 def test_interrupted_write_keeps_the_previous_output(in_project: Path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback
+from safetensors.torch import load_file
 
 from scforge_scvi import ScForge
 from scforge_scvi._logging import logger
@@ -498,7 +499,10 @@ def test_lora_adapter_round_trip(lora_model, pretrained_dir, tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     full_size = (pretrained_dir / "model.safetensors").stat().st_size
     assert size == (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
-    assert size < full_size / 2
+    # the adapters themselves; the task head (classifier, linear path, calibration) comes too
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    adapters = [v for k, v in saved.items() if k.startswith("backbone.")]
+    assert sum(v.numel() * v.element_size() for v in adapters) < full_size / 2
 
     base = ScForge.from_pretrained(str(pretrained_dir), adata)
     before = base.predict(adata, return_probabilities=True).to_numpy()
@@ -520,7 +524,8 @@ def test_adapter_of_a_512_wide_6_layer_model_is_a_few_megabytes(subset, tmp_path
 
     Per block: 4 x 8 x (512 + 512) for q/k/v/out and 2 x 8 x (512 + 2048) for the feed-forward
     pair, 73,728 parameters; 6 blocks hold 442,368 (1.77 MB in float32). The saved file adds
-    the classification head (512 -> 256 -> classes), about 0.5 MB.
+    the classification head (512 -> 256 -> classes), about 0.5 MB, and the buffers of the
+    linear path and the calibration (a few floats per vocabulary gene).
     """
     adata = subset[:40].copy()  # few cells and genes: the adapter size depends on neither
     with warnings.catch_warnings():
@@ -537,9 +542,11 @@ def test_adapter_of_a_512_wide_6_layer_model_is_a_few_megabytes(subset, tmp_path
         )
     adapter = sum(p.numel() for n, p in model.module.backbone.named_parameters() if "lora_" in n)
     assert adapter == 6 * (4 * 8 * (512 + 512) + 2 * 8 * (512 + 2048)) == 442_368
-    head = sum(p.numel() for p in model.module.classifier.parameters())
+    head = 4 * sum(p.numel() for p in model.module.classifier.parameters())
+    for part in (model.module.linear_path, model.module.calibration):
+        head += sum(b.numel() * b.element_size() for b in part.buffers())
     size = model.save_adapter(str(tmp_path / "adapter"))
-    assert 4 * (adapter + head) <= size < 4 * (adapter + head) + 64_000  # float32 + header
+    assert 4 * adapter + head <= size < 4 * adapter + head + 64_000  # float32 + header
     assert size < 3e6
 
 

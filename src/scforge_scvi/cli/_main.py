@@ -147,7 +147,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace, method: str) -> int:
     """``scforge embed`` / ``predict``: run ``model.<method>`` on the cells, write them out."""
     adata, model, output = _query(args)
-    getattr(model, method)(adata, key_added=args.key_added, batch_size=args.batch_size)
+    trust = {}
+    if method == "predict":
+        trust = {"coverage": args.coverage, "unknown_threshold": args.unknown_threshold}
+    getattr(model, method)(adata, key_added=args.key_added, batch_size=args.batch_size, **trust)
     runs.drop_query_labels(adata)
     runs.write_h5ad(adata, output)
     key = args.key_added
@@ -470,9 +473,21 @@ def build_parser() -> argparse.ArgumentParser:
         _predict,
         "write predicted labels into an .h5ad (obs['scforge_prediction'])",
         "Predict a label per cell with a fine-tuned model; writes obs[KEY_ADDED], "
-        "obs['scforge_confidence'] and obsm['scforge_probabilities'].",
+        "obs['scforge_confidence'] and obsm['scforge_probabilities'] (calibrated on the "
+        "validation cells of fine-tuning), and obs['scforge_unknown_score'].",
     )
     _add_query(p, "scforge_prediction", "obs[KEY_ADDED] (predicted labels)")
+    p.add_argument(
+        "--coverage",
+        type=float,
+        help="in (0, 1): also write prediction sets that hold the true label with this "
+        "probability (obs['scforge_prediction_set'] and obs['scforge_prediction_set_size'])",
+    )
+    p.add_argument(
+        "--unknown-threshold",
+        type=float,
+        help="in [0, 1]: label 'unknown' the cells whose unknown score exceeds it (e.g. 0.99)",
+    )
 
     p = command(
         "benchmark",
