@@ -263,7 +263,7 @@ def test_preprocess_keeps_counts_and_selects_genes(in_project: Path, capsys):
         "--output",
         "pre.h5ad",
         "--set",
-        "data.preprocessing.hvg=200",
+        "data.preprocessing.n_top_genes=200",
     )
     assert code == 0, err
     pre = ad.read_h5ad("pre.h5ad")

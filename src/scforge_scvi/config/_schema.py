@@ -11,11 +11,19 @@ Relative paths
     command that uses them, not relative to the config file. Run ``scforge`` from your project
     directory, as in the tutorial (``./data/pbmc3k.h5ad``). A leading ``~`` is expanded.
 
+Defaults
+    A key left out takes the default of the argument of ``ScForge(...)``, ``ScForge.train(...)``
+    or the settings class it is handed to (:class:`~scforge_scvi.data.Preprocessing`,
+    :class:`~scforge_scvi.train.LoraSettings`, :class:`~scforge_scvi._settings.MaskingConfig`),
+    read from there: a config that names only ``data.paths`` builds the model and recipe of
+    ``ScForge(adata)`` and ``model.train()``. A key renamed in the schema keeps its old name
+    for one release, with a ``FutureWarning``.
+
 Sequence length
     ``tokenizer.max_genes`` and ``model.max_seq_len`` count genes, as ``ScForge(max_genes=...,
     max_seq_len=...)`` does: the ``[CLS]`` token of ``tokenizer.prepend_cls`` is not counted (the
-    model adds its position). With the tutorial's 2048, 2048 and true, a cell keeps its 2,048
-    most highly expressed genes. ``tokenizer.max_genes`` may not exceed ``model.max_seq_len``.
+    model adds its position). ``model.max_seq_len`` null means ``tokenizer.max_genes``, which it
+    may not be below.
 
 Fine-tuning strategy (:attr:`FinetuneConfig.strategy`)
     ================================================  ====================
@@ -33,11 +41,12 @@ Fine-tuning strategy (:attr:`FinetuneConfig.strategy`)
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -51,10 +60,12 @@ from pydantic import (
     model_validator,
 )
 
+from scforge_scvi import _settings
+from scforge_scvi._atomic import atomic_file
 from scforge_scvi.data import TOKENIZERS
-from scforge_scvi.io import atomic_file
+from scforge_scvi.model import ScForge
 from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
-from scforge_scvi.train import STRATEGIES
+from scforge_scvi.train import STRATEGIES, LoraSettings
 from scforge_scvi.train._lora import DEFAULT_TARGET_MODULES
 
 from ._errors import ConfigError, describe_errors, is_required_section, show
@@ -88,6 +99,20 @@ PRECISIONS = (
 FinetuneStrategy = Literal[STRATEGIES]  # type: ignore[valid-type]
 
 
+def _keyword_defaults(function: Callable) -> dict[str, Any]:
+    """The default of every keyword argument of ``function``."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+# the one home of every default: the Python API the sections are translated into
+_MODEL = _keyword_defaults(ScForge.__init__)
+_FIT = _keyword_defaults(ScForge.train)
+_PLAN = _keyword_defaults(ScForge._training_plan_cls.__init__)
+_MASKING = _settings.MaskingConfig()
+_LORA = LoraSettings()
+
+
 # --------------------------------------------------------------------------------------------
 # Shared field types
 # --------------------------------------------------------------------------------------------
@@ -112,9 +137,14 @@ _PathValue = Annotated[Path, BeforeValidator(_expand_user)]
 
 
 class _Section(BaseModel):
-    """Base of every section: unknown keys are errors; an empty sub-section means defaults."""
+    """Base of every section: unknown keys are errors; an empty sub-section means defaults.
+
+    ``renamed`` maps an old key of the section to the dotted path of its new name; the old
+    key is still read, with a ``FutureWarning``.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    renamed: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -122,11 +152,24 @@ class _Section(BaseModel):
         # `masking:` with every line below it commented out reads as null in YAML.
         if not isinstance(data, Mapping):
             return data
-        return {
+        data = {
             key: value
             for key, value in data.items()
             if not (value is None and is_required_section(cls, key))
         }
+        for old, path in cls.renamed.items():
+            if old in data:
+                new = path.rpartition(".")[2]
+                if new in data:
+                    raise ValueError(f"give {new} only; {old} is its deprecated name")
+                warnings.warn(
+                    f"The config key '{old}' is renamed '{path}'; the old name is read until "
+                    "the next release.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                data[new] = data.pop(old)
+        return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +180,10 @@ class _Section(BaseModel):
 class PreprocessingConfig(_Section):
     """``data.preprocessing``: how raw counts are transformed before tokenization."""
 
+    renamed: ClassVar[dict[str, str]] = {"hvg": "data.preprocessing.n_top_genes"}
+
     normalize: Literal["library_size", "none"] = Field(
-        "library_size",
+        _MODEL["normalize"],
         description=(
             "How cells are made comparable. 'library_size' scales every cell's counts to the "
             "same total (target_sum), removing differences in sequencing depth; 'none' uses "
@@ -146,7 +191,7 @@ class PreprocessingConfig(_Section):
         ),
     )
     target_sum: _Float = Field(
-        1e4,
+        _MODEL["target_sum"],
         gt=0,
         description=(
             "Total count every cell is scaled to when normalize is 'library_size' "
@@ -154,15 +199,16 @@ class PreprocessingConfig(_Section):
         ),
     )
     log1p: bool = Field(
-        True,
+        _MODEL["log1p"],
         description="Apply log(1 + x) after normalising, compressing very highly expressed genes.",
     )
-    hvg: _Int | None = Field(
-        None,
+    n_top_genes: _Int | None = Field(
+        _MODEL["n_top_genes"],
         ge=1,
         description=(
-            "Keep only this many highly variable genes, selected on the training cells. "
-            "null keeps every gene of the vocabulary."
+            "When the vocabulary is built from the data (data.gene_vocab null or 'data'), keep "
+            "only this many highly variable genes, selected on the training cells; null keeps "
+            "every gene. Formerly 'hvg'."
         ),
     )
 
@@ -184,10 +230,10 @@ class DataConfig(_Section):
         None,
         description=(
             "The genes the model knows, in a fixed order. 'human_protein_coding' (19,814 "
-            "GENCODE v22 genes), 'data' (the genes of the training files; pretraining only), "
-            "or a path to a .json/.tsv vocabulary. null means: the pretrained model's own "
-            "vocabulary, or 'human_protein_coding' when training from scratch. When starting "
-            "from a pretrained model its vocabulary is always used and must match this value."
+            "GENCODE v22 genes), 'data' (the genes of the training files, as ScForge(vocab="
+            "None)), or a path to a .json/.tsv vocabulary. null means: the pretrained model's "
+            "own vocabulary, or 'data' when training from scratch. When starting from a "
+            "pretrained model its vocabulary is always used and must match this value."
         ),
     )
     preprocessing: PreprocessingConfig = Field(
@@ -203,7 +249,7 @@ class DataConfig(_Section):
         ),
     )
     num_workers: _Int = Field(
-        0,
+        _FIT["num_workers"],
         ge=0,
         description="Background processes that prepare batches of cells (0 = in the main process).",
     )
@@ -262,18 +308,18 @@ class MaskingConfig(_Section):
     """``tokenizer.masking``: masked-gene pretraining. Ignored when fine-tuning."""
 
     mask_ratio: _Ratio = Field(
-        0.15,
+        _MASKING.mask_ratio,
         description=(
             "Fraction of each cell's genes selected for the model to predict during pretraining "
             "(their expression is hidden). Not used for fine-tuning or embedding."
         ),
     )
     random_replace_ratio: _Ratio = Field(
-        0.1,
+        _MASKING.random_replace_ratio,
         description="Of the selected genes, the fraction shown as a random other gene.",
     )
     keep_ratio: _Ratio = Field(
-        0.1,
+        _MASKING.keep_ratio,
         description=(
             "Of the selected genes, the fraction left visible (but still predicted); the rest "
             "are replaced by the [MASK] token."
@@ -282,20 +328,19 @@ class MaskingConfig(_Section):
 
     @model_validator(mode="after")
     def _check_split(self) -> MaskingConfig:
-        if self.random_replace_ratio + self.keep_ratio > 1.0:
-            raise ValueError(
-                f"random_replace_ratio ({self.random_replace_ratio}) + keep_ratio "
-                f"({self.keep_ratio}) is more than 1; together they are fractions of the "
-                "selected genes"
-            )
+        self.to_settings()
         return self
+
+    def to_settings(self) -> _settings.MaskingConfig:
+        """The settings ``ScForge.train(masking=...)`` takes (their checks raise here)."""
+        return _settings.MaskingConfig(**self.model_dump())
 
 
 class TokenizerConfig(_Section):
     """``tokenizer``: how a cell's expression profile becomes a sequence of tokens."""
 
     strategy: Literal[tuple(TOKENIZERS)] = Field(  # type: ignore[valid-type]
-        "rank_value",
+        _MODEL["tokenizer"],
         description=(
             "'rank_value' orders a cell's genes from highest to lowest expression "
             "(Geneformer); 'binned_expression' pairs each gene with its expression level cut "
@@ -303,7 +348,7 @@ class TokenizerConfig(_Section):
         ),
     )
     max_genes: _Int = Field(
-        2048,
+        _MODEL["max_genes"],
         ge=1,
         description=(
             "Genes kept per cell, its most highly expressed (the [CLS] token of prepend_cls "
@@ -311,14 +356,14 @@ class TokenizerConfig(_Section):
         ),
     )
     prepend_cls: bool = Field(
-        True,
+        _MODEL["prepend_cls"],
         description=(
             "Start every sequence with a [CLS] token that summarises the cell; needed for "
             "model.pooling 'cls'."
         ),
     )
     n_bins: _Int = Field(
-        51,
+        _MODEL["n_bins"],
         ge=2,
         description="'binned_expression' only: number of expression-level bins per cell.",
     )
@@ -340,42 +385,47 @@ class ModelConfig(_Section):
         "transformer_encoder", description="Model family; 'transformer_encoder' (BERT-like)."
     )
     hidden_dim: _Int = Field(
-        512,
+        _MODEL["hidden_dim"],
         ge=1,
         description=(
             "Width of the model: length of the vector representing each gene token and each "
             "cell embedding. Must be divisible by num_heads."
         ),
     )
-    num_layers: _Int = Field(6, ge=1, description="Number of stacked transformer blocks.")
+    num_layers: _Int = Field(
+        _MODEL["num_layers"], ge=1, description="Number of stacked transformer blocks."
+    )
     num_heads: _Int = Field(
-        8, ge=1, description="Attention heads per block (each looks at hidden_dim / num_heads)."
+        _MODEL["num_heads"],
+        ge=1,
+        description="Attention heads per block (each looks at hidden_dim / num_heads).",
     )
     ffn_dim: _Int | None = Field(
-        None,
+        _MODEL["ffn_dim"],
         ge=1,
         description="Width of the feed-forward layer in each block; null means 4 x hidden_dim.",
     )
     dropout: _Dropout = Field(
-        0.1, description="Fraction of activations randomly zeroed while training (regularisation)."
+        _MODEL["dropout"],
+        description="Fraction of activations randomly zeroed while training (regularisation).",
     )
-    max_seq_len: _Int = Field(
-        2048,
+    max_seq_len: _Int | None = Field(
+        _MODEL["max_seq_len"],
         ge=1,
         description=(
             "Most genes of a cell the model can read ([CLS] not counted); at least "
-            "tokenizer.max_genes."
+            "tokenizer.max_genes. null means tokenizer.max_genes."
         ),
     )
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
-        "cls",
+        _MODEL["pooling"],
         description=(
             "How the cell embedding is made from the tokens: 'cls' takes the [CLS] token "
             "(needs tokenizer.prepend_cls), 'mean' averages the gene tokens."
         ),
     )
     activation: Literal[ACTIVATIONS] = Field(  # type: ignore[valid-type]
-        "gelu", description="Non-linearity in the feed-forward layers."
+        _MODEL["activation"], description="Non-linearity in the feed-forward layers."
     )
 
     @model_validator(mode="after")
@@ -390,24 +440,8 @@ class ModelConfig(_Section):
         return self
 
     def to_backbone_kwargs(self) -> dict[str, Any]:
-        """Plain keyword arguments for the backbone (``ffn_dim`` resolved to an int).
-
-        Returns
-        -------
-        dict
-            ``hidden_dim``, ``num_layers``, ``num_heads``, ``ffn_dim``, ``dropout``,
-            ``activation``, ``max_seq_len`` and ``pooling``.
-        """
-        return {
-            "hidden_dim": self.hidden_dim,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "ffn_dim": self.ffn_dim or 4 * self.hidden_dim,
-            "dropout": self.dropout,
-            "activation": self.activation,
-            "max_seq_len": self.max_seq_len,
-            "pooling": self.pooling,
-        }
+        """The ``ScForge`` arguments of this section (every key but ``architecture``)."""
+        return self.model_dump(exclude={"architecture"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,18 +456,20 @@ class OptimizerConfig(_Section):
         "adamw", description="Optimizer; 'adamw' (Adam with weight decay)."
     )
     lr: _Float = Field(
-        1e-4,
+        _FIT["lr"],
         gt=0,
         description=(
-            "Peak learning rate: how large each update step is. Typical: 1e-4 to 5e-4 for "
-            "pretraining, 1e-5 to 5e-5 for fine-tuning."
+            "Peak learning rate: how large each update step is (of the backbone and the head, "
+            "unless finetune.backbone_lr / head_lr are given)."
         ),
     )
     weight_decay: _Float = Field(
-        0.01, ge=0, description="Pull of weights towards zero (regularisation); 0 disables it."
+        _FIT["weight_decay"],
+        ge=0,
+        description="Pull of weights towards zero (regularisation); 0 disables it.",
     )
     betas: tuple[_Float, _Float] = Field(
-        (0.9, 0.999),
+        _PLAN["betas"],
         description="AdamW's two momentum coefficients, each in [0, 1).",
     )
 
@@ -456,11 +492,16 @@ class SchedulerConfig(_Section):
             "warmup."
         ),
     )
-    warmup_steps: _Int = Field(
-        0, ge=0, description="Optimizer steps over which the learning rate rises from 0 to lr."
+    warmup_steps: _Int | None = Field(
+        _FIT["warmup_steps"],
+        ge=0,
+        description=(
+            "Optimizer steps over which the learning rate rises from 0 to lr; null: as "
+            "ScForge.train, a share of the run's steps."
+        ),
     )
     min_lr_ratio: _Ratio = Field(
-        0.0,
+        _FIT["min_lr_ratio"],
         description="'cosine_warmup' only: final learning rate as a fraction of lr.",
     )
 
@@ -468,17 +509,26 @@ class SchedulerConfig(_Section):
 class TrainingConfig(_Section):
     """``training``: the training loop, hardware and outputs."""
 
-    batch_size: _Int = Field(32, ge=1, description="Cells per optimizer step (per device).")
-    max_epochs: _Int = Field(10, ge=1, description="Passes over the training cells.")
+    batch_size: _Int = Field(
+        _FIT["batch_size"], ge=1, description="Cells per optimizer step (per device)."
+    )
+    max_epochs: _Int | None = Field(
+        _FIT["max_epochs"],
+        ge=1,
+        description=(
+            "Passes over the training cells; null: as ScForge.train (10 for pretraining, "
+            "about 1,000 optimizer steps for a task head)."
+        ),
+    )
     seed: _Int = Field(
-        42,
+        _FIT["seed"],
         description=(
             "Random seed for weight initialisation, train/validation/test splits, masks and "
             "benchmark splits; the same seed reproduces a run."
         ),
     )
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
-        "32-true",
+        str(_FIT["precision"]),
         description=(
             "Number format of the computations: '32-true' (full precision), 'bf16-mixed' "
             "(faster, less memory on recent GPUs), '16-mixed', ..."
@@ -491,7 +541,7 @@ class TrainingConfig(_Section):
         default_factory=SchedulerConfig, description="Learning-rate schedule."
     )
     gradient_clip: _Float | None = Field(
-        1.0,
+        _FIT["gradient_clip"],
         ge=0,
         description=(
             "Largest allowed gradient norm; bigger updates are scaled down (stabilises "
@@ -505,7 +555,7 @@ class TrainingConfig(_Section):
         ),
     )
     val_split: _Float = Field(
-        0.1,
+        round(1.0 - _FIT["train_size"], 6),
         ge=0,
         lt=1,
         description="Fraction of cells held out to measure validation loss and pick the best model.",
@@ -525,14 +575,15 @@ class TrainingConfig(_Section):
         ),
     )
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
-        "auto", description="Hardware: 'auto' picks a GPU when there is one, else the CPU."
+        _FIT["accelerator"],
+        description="Hardware: 'auto' picks a GPU when there is one, else the CPU.",
     )
     devices: _Int | list[_Int] | Literal["auto"] = Field(
-        "auto",
+        _FIT["devices"],
         description=("How many devices (e.g. 2), which ones (e.g. [0, 1]), -1 for all, or 'auto'."),
     )
     strategy: str = Field(
-        "auto",
+        _FIT["distributed"],
         min_length=1,
         description=(
             "How training is spread over several devices (a Lightning strategy name such as "
@@ -540,7 +591,7 @@ class TrainingConfig(_Section):
             "cells, data.streaming: true); 'auto' chooses."
         ),
     )
-    num_nodes: _Int = Field(1, ge=1, description="Number of machines taking part.")
+    num_nodes: _Int = Field(_FIT["num_nodes"], ge=1, description="Number of machines taking part.")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -608,8 +659,12 @@ class HeadConfig(_Section):
             "Number of categories; null counts them in the label column. Classification only."
         ),
     )
-    hidden_dim: _Int = Field(256, ge=1, description="Width of the head's hidden layer.")
-    dropout: _Dropout = Field(0.1, description="Dropout in the head (regularisation).")
+    hidden_dim: _Int = Field(
+        _MODEL["head_hidden_dim"], ge=1, description="Width of the head's hidden layer."
+    )
+    dropout: _Dropout = Field(
+        _MODEL["head_dropout"], description="Dropout in the head (regularisation)."
+    )
 
     @model_validator(mode="after")
     def _check_task(self) -> HeadConfig:
@@ -628,14 +683,16 @@ class LoraConfig(_Section):
         ),
     )
     rank: _Int = Field(
-        8, ge=1, description="Adapter rank: higher means more capacity and more parameters."
+        _LORA.rank,
+        ge=1,
+        description="Adapter rank: higher means more capacity and more parameters.",
     )
     alpha: _Float = Field(
-        16.0,
+        _LORA.alpha,
         gt=0,
         description="Adapter scaling; updates are scaled by alpha / rank (often 2 x rank).",
     )
-    dropout: _Dropout = Field(0.05, description="Dropout on the adapters' input.")
+    dropout: _Dropout = Field(_LORA.dropout, description="Dropout on the adapters' input.")
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -667,6 +724,12 @@ class LoraConfig(_Section):
         """``target_modules``, or the default modules when it is null."""
         return list(self.target_modules or DEFAULT_LORA_TARGET_MODULES)
 
+    def to_settings(self) -> LoraSettings:
+        """The settings ``ScForge.train(lora=...)`` takes."""
+        return LoraSettings(
+            self.rank, self.alpha, self.dropout, tuple(self.resolved_target_modules)
+        )
+
 
 class FinetuneConfig(_Section):
     """``finetune``: adapt a pretrained model to predict a label per cell.
@@ -689,7 +752,7 @@ class FinetuneConfig(_Section):
         ),
     )
     linear_path: bool = Field(
-        True,
+        _FIT["linear_path"],
         description=(
             "With a classification head, also fit a logistic regression on the log-normalised "
             "genes and mix it with the head, its share chosen on the validation cells "
@@ -729,7 +792,7 @@ class FinetuneConfig(_Section):
         description="Learning rate of the new head; null uses training.optimizer.lr.",
     )
     class_weights: Literal["balanced", "sqrt"] | None = Field(
-        "balanced",
+        _FIT["class_weights"],
         description=(
             "Weights of the classification loss: 'balanced' (inverse class frequency of the "
             "training cells, which lifts macro-F1 on small classes), 'sqrt' (its square root) "
@@ -737,7 +800,7 @@ class FinetuneConfig(_Section):
         ),
     )
     label_smoothing: _Float = Field(
-        0.0,
+        _PLAN["label_smoothing"],
         ge=0,
         lt=1,
         description=(
@@ -896,7 +959,7 @@ class ScForgeConfig(_Section):
     def _cross_check(self) -> ScForgeConfig:
         tokenizer, model = self.tokenizer, self.model
         problems = []
-        if tokenizer.max_genes > model.max_seq_len:
+        if model.max_seq_len is not None and tokenizer.max_genes > model.max_seq_len:
             problems.append(
                 f"tokenizer.max_genes ({tokenizer.max_genes}) is larger than model.max_seq_len "
                 f"({model.max_seq_len}): the model cannot read sequences that long. Lower "
