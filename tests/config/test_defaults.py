@@ -18,6 +18,11 @@ from scforge_scvi.data import pbmc68k_counts
 MINIMAL = {"data": {"paths": ["cells.h5ad"]}, "finetune": {"label_key": "bulk_labels"}}
 
 
+def _defaults(function) -> dict:
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 @pytest.fixture(scope="module")
 def adata():
     cells = pbmc68k_counts()
@@ -38,11 +43,7 @@ def test_minimal_config_builds_the_default_model(adata):
 
 def test_minimal_config_trains_with_the_default_recipe():
     fit = train_kwargs(ScForgeConfig.from_dict(MINIMAL), objective="classify")
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(ScForge.train).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    defaults = _defaults(ScForge.train)
     for name in (
         "max_epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "min_lr_ratio",
         "class_weights", "train_size", "gradient_clip", "seed", "accelerator", "devices",
@@ -52,10 +53,7 @@ def test_minimal_config_trains_with_the_default_recipe():
     assert str(fit["precision"]) == str(defaults["precision"])
     assert fit["backbone_lr"] == fit["head_lr"] == defaults["lr"]
     assert not fit["early_stopping"]
-    plan = {
-        name: p.default
-        for name, p in inspect.signature(ScForge._training_plan_cls.__init__).parameters.items()
-    }
+    plan = _defaults(ScForge._training_plan_cls.__init__)
     assert fit["plan_kwargs"] == {
         "betas": plan["betas"],
         "label_smoothing": plan["label_smoothing"],
