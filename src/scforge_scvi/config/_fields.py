@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from scforge_scvi import _settings
+from scforge_scvi._settings import MaskingConfig as MaskingSettings
 from scforge_scvi.model import ScForge
 from scforge_scvi.train import LoraSettings
 
@@ -28,7 +28,7 @@ def _keyword_defaults(function: Callable) -> dict[str, Any]:
 MODEL_DEFAULTS = _keyword_defaults(ScForge.__init__)
 TRAIN_DEFAULTS = _keyword_defaults(ScForge.train)
 PLAN_DEFAULTS = _keyword_defaults(ScForge._training_plan_cls.__init__)
-MASKING_DEFAULTS = _settings.MaskingConfig()
+MASKING_DEFAULTS = MaskingSettings()
 LORA_DEFAULTS = LoraSettings()
 
 

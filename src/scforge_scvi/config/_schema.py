@@ -13,9 +13,8 @@ Relative paths
 
 Defaults
     A key left out takes the default of the argument of ``ScForge(...)``, ``ScForge.train(...)``
-    or the settings class it is handed to (:class:`~scforge_scvi.data.Preprocessing`,
-    :class:`~scforge_scvi.train.LoraSettings`, :class:`~scforge_scvi._settings.MaskingConfig`),
-    read from there: a config that names only ``data.paths`` builds the model and recipe of
+    or the settings class it is handed to (:class:`~scforge_scvi.train.LoraSettings`,
+    :class:`~scforge_scvi._settings.MaskingConfig`), read from there: a config that names only ``data.paths`` builds the model and recipe of
     ``ScForge(adata)`` and ``model.train()``. A key renamed in the schema keeps its old name
     for one release, with a ``FutureWarning``.
 
@@ -49,8 +48,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from scforge_scvi import _settings
 from scforge_scvi._atomic import atomic_file
+from scforge_scvi._settings import MaskingConfig as MaskingSettings
 from scforge_scvi.data import TOKENIZERS
 from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
 
@@ -235,9 +234,9 @@ class MaskingConfig(Section):
         self.to_settings()
         return self
 
-    def to_settings(self) -> _settings.MaskingConfig:
+    def to_settings(self) -> MaskingSettings:
         """The settings ``ScForge.train(masking=...)`` takes (their checks raise here)."""
-        return _settings.MaskingConfig(**self.model_dump())
+        return MaskingSettings(**self.model_dump())
 
 
 class TokenizerConfig(Section):
