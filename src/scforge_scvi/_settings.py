@@ -75,8 +75,9 @@ class MaskingConfig:
                 raise ValueError(f"masking.{name} must be in [0, 1], got {value}.")
         if self.random_replace_ratio + self.keep_ratio > 1.0:
             raise ValueError(
-                "masking.random_replace_ratio + masking.keep_ratio must be <= 1, got "
-                f"{self.random_replace_ratio} + {self.keep_ratio}."
+                f"random_replace_ratio ({self.random_replace_ratio}) + keep_ratio "
+                f"({self.keep_ratio}) is more than 1; together they are fractions of the "
+                "selected genes"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from scforge_scvi.config import (
     ConfigError,
     FinetuneConfig,
     ScForgeConfig,
+    TokenizerConfig,
     apply_overrides,
 )
 
@@ -164,7 +165,7 @@ def test_a_key_written_twice_is_an_error(tmp_path):
 
 def test_empty_sections_take_defaults():
     config = ScForgeConfig.from_dict({"data": {"paths": ["a.h5ad"]}, "tokenizer": None})
-    assert config.tokenizer.max_genes == 2048
+    assert config.tokenizer == TokenizerConfig()
     assert config.benchmarks == [] and config.finetune is None
 
 
@@ -228,7 +229,7 @@ def test_bad_overrides_are_all_reported(full):
 def test_from_yaml_applies_overrides_before_validation():
     # hidden_dim 100 alone is invalid with 8 heads; the override of num_heads fixes it.
     config = ScForgeConfig.from_yaml(FULL, overrides=["model.hidden_dim=100", "model.num_heads=4"])
-    assert config.model.to_backbone_kwargs()["ffn_dim"] == 400
+    assert (config.model.hidden_dim, config.model.num_heads) == (100, 4)
 
 
 # ---- writing --------------------------------------------------------------------------------

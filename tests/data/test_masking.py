@@ -111,5 +111,5 @@ def test_every_non_empty_cell_has_a_target(pbmc68k_counts, vocab):
 def test_masking_config_validation():
     with pytest.raises(ValueError, match="mask_ratio"):
         MaskingConfig(mask_ratio=1.5)
-    with pytest.raises(ValueError, match=r"random_replace_ratio \+ masking\.keep_ratio"):
+    with pytest.raises(ValueError, match=r"random_replace_ratio \(0.6\) \+ keep_ratio \(0.6\)"):
         MaskingConfig(random_replace_ratio=0.6, keep_ratio=0.6)

@@ -61,8 +61,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     else:  # values as stored, optionally log1p
         x = counts.astype(np.float32, copy=True)
         adata.X = (x.log1p() if sp.issparse(x) else np.log1p(x)) if prep.log1p else x
-    if prep.hvg is not None and prep.hvg < adata.n_vars:
-        sc.pp.highly_variable_genes(adata, n_top_genes=prep.hvg, subset=True)
+    if prep.n_top_genes is not None and prep.n_top_genes < adata.n_vars:
+        sc.pp.highly_variable_genes(adata, n_top_genes=prep.n_top_genes, subset=True)
     adata.uns["scforge_preprocess"] = {"params": config.data.preprocessing.model_dump()}
     runs.write_h5ad(adata, output)
     print(
@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         "normalise, log-transform and select highly variable genes",
         "Write a copy of the data (data.paths of --config, or --input) with X library-size "
         "normalised and log1p-transformed as in data.preprocessing, only the data."
-        "preprocessing.hvg most variable genes kept when set, and the raw counts kept in "
+        "preprocessing.n_top_genes most variable genes kept (null: all), and the raw counts "
+        "kept in "
         "layers['counts'] (which the models read).",
     )
     _add_config_options(p, required=False)

@@ -37,20 +37,15 @@ class CliError(Exception):
 # -- config checks ---------------------------------------------------------------------------
 def check_supported(config: ScForgeConfig) -> None:
     """Reject valid schema settings that the Python API cannot honour (never ignore them)."""
-    data, training = config.data, config.training
+    scheduler = config.training.scheduler
     problems = []
-    if data.preprocessing.hvg is not None and data.gene_vocab != "data":
-        problems.append(
-            "data.preprocessing.hvg selects genes into the model's own vocabulary, which needs "
-            f"data.gene_vocab: data (got {data.gene_vocab!r}); preselect genes with "
-            "'scforge preprocess' instead"
-        )
-    if training.scheduler.name == "constant" and training.scheduler.min_lr_ratio != 0.0:
+    default_ratio = type(scheduler).model_fields["min_lr_ratio"].default
+    if scheduler.name == "constant" and scheduler.min_lr_ratio != default_ratio:
         problems.append(
             "training.scheduler.min_lr_ratio is only used by 'cosine_warmup'; remove it for "
             "the 'constant' schedule"
         )
-    if training.val_split == 0.0:
+    if config.training.val_split == 0.0:
         problems.append(
             "training.val_split: 0 leaves no validation cells, but the best model is chosen by "
             "validation loss; use e.g. 0.1"
@@ -190,7 +185,7 @@ def model_kwargs(config: ScForgeConfig) -> dict[str, Any]:
         "normalize": prep.normalize,
         "target_sum": prep.target_sum,
         "log1p": prep.log1p,
-        "n_top_genes": prep.hvg,
+        "n_top_genes": prep.n_top_genes,
         **config.model.to_backbone_kwargs(),
     }
     if config.finetune is not None:
@@ -261,8 +256,7 @@ def build_model(adata: AnnData, config: ScForgeConfig, checkpoint: str | Path | 
     kwargs = model_kwargs(config)
     vocab = config.data.gene_vocab
     if checkpoint is None:
-        resolved = None if vocab == "data" else (vocab or "human_protein_coding")
-        return ScForge(adata, vocab=resolved, **kwargs)
+        return ScForge(adata, vocab=None if vocab == "data" else vocab, **kwargs)
     check_checkpoint_path(checkpoint)
     model = ScForge.from_pretrained(str(checkpoint), adata, **kwargs)
     own = model.vocab.name or "data"
@@ -312,7 +306,7 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
         "callbacks": [TQDMProgressBar()],
     }
     if objective == "pretrain":
-        kwargs["masking"] = config.tokenizer.masking.model_dump()
+        kwargs["masking"] = config.tokenizer.masking.to_settings()
         return kwargs
     finetune = config.finetune
     kwargs["strategy"] = finetune.strategy_for(training.max_epochs)
@@ -324,13 +318,7 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
     if kwargs["strategy"] != "gradual_unfreeze":
         kwargs["freeze_backbone_epochs"] = 0
     if finetune.lora.enabled:
-        lora = finetune.lora
-        kwargs["lora"] = {
-            "rank": lora.rank,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
-            "target_modules": tuple(lora.resolved_target_modules),
-        }
+        kwargs["lora"] = finetune.lora.to_settings()
     return kwargs
 
 

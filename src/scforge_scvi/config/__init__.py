@@ -7,24 +7,26 @@ See :mod:`scforge_scvi.config._schema` for how relative paths, sequence lengths 
 fine-tuning strategy are interpreted.
 """
 
+from ._errors import ConfigError
 from ._overrides import apply_overrides
 from ._schema import (
-    DEFAULT_LORA_TARGET_MODULES,
     NAMED_GENE_VOCABS,
-    BenchmarkSpec,
-    ConfigError,
     DataConfig,
+    MaskingConfig,
+    ModelConfig,
+    PreprocessingConfig,
+    ScForgeConfig,
+    TokenizerConfig,
+)
+from ._training import (
+    DEFAULT_LORA_TARGET_MODULES,
+    BenchmarkSpec,
     FinetuneConfig,
     FinetuneStrategy,
     HeadConfig,
     LoraConfig,
-    MaskingConfig,
-    ModelConfig,
     OptimizerConfig,
-    PreprocessingConfig,
-    ScForgeConfig,
     SchedulerConfig,
-    TokenizerConfig,
     TrainingConfig,
 )
 

@@ -113,9 +113,11 @@ def _assign(
                 )
             in_list = False
         else:
-            if not isinstance(key, str) or key not in schema.model_fields:
+            # an old name stays in the data: validation reads it with a warning
+            name = schema.renamed.get(key, "").rpartition(".")[2] or key
+            if not isinstance(key, str) or name not in schema.model_fields:
                 raise _OverrideProblem(unknown_key_message(keys[: depth + 1], schema, root_schema))
-            kind, child = field_kind(schema.model_fields[key].annotation)
+            kind, child = field_kind(schema.model_fields[name].annotation)
             if child is None and not last:
                 raise _OverrideProblem(
                     f"'{format_path(keys[: depth + 1])}' is a single value and has no key "

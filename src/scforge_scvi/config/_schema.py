@@ -11,11 +11,18 @@ Relative paths
     command that uses them, not relative to the config file. Run ``scforge`` from your project
     directory, as in the tutorial (``./data/pbmc3k.h5ad``). A leading ``~`` is expanded.
 
+Defaults
+    A key left out takes the default of the argument of ``ScForge(...)``, ``ScForge.train(...)``
+    or the settings class it is handed to (:class:`~scforge_scvi.train.LoraSettings`,
+    :class:`~scforge_scvi._settings.MaskingConfig`), read from there: a config that names only ``data.paths`` builds the model and recipe of
+    ``ScForge(adata)`` and ``model.train()``. A key renamed in the schema keeps its old name
+    for one release, with a ``FutureWarning``.
+
 Sequence length
     ``tokenizer.max_genes`` and ``model.max_seq_len`` count genes, as ``ScForge(max_genes=...,
     max_seq_len=...)`` does: the ``[CLS]`` token of ``tokenizer.prepend_cls`` is not counted (the
-    model adds its position). With the tutorial's 2048, 2048 and true, a cell keeps its 2,048
-    most highly expressed genes. ``tokenizer.max_genes`` may not exceed ``model.max_seq_len``.
+    model adds its position). ``model.max_seq_len`` null means ``tokenizer.max_genes``, which it
+    may not be below.
 
 Fine-tuning strategy (:attr:`FinetuneConfig.strategy`)
     ================================================  ====================
@@ -34,31 +41,32 @@ from __future__ import annotations
 
 import difflib
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from scforge_scvi._atomic import atomic_file
+from scforge_scvi._settings import MaskingConfig as MaskingSettings
 from scforge_scvi.data import TOKENIZERS
-from scforge_scvi.io import atomic_file
 from scforge_scvi.nn._backbone import ACTIVATIONS, POOLINGS
-from scforge_scvi.train import STRATEGIES
-from scforge_scvi.train._lora import DEFAULT_TARGET_MODULES
 
-from ._errors import ConfigError, describe_errors, is_required_section, show
+from ._errors import ConfigError, describe_errors, show
+from ._fields import (
+    MASKING_DEFAULTS,
+    MODEL_DEFAULTS,
+    TRAIN_DEFAULTS,
+    DropoutRate,
+    Float,
+    Int,
+    PathValue,
+    Ratio,
+    Section,
+)
 from ._overrides import apply_overrides
+from ._training import BenchmarkSpec, FinetuneConfig, TrainingConfig
 from ._yaml import describe_yaml_error, load_yaml
 
 NAMED_GENE_VOCABS = ("human_protein_coding", "data")
@@ -67,87 +75,27 @@ NAMED_GENE_VOCABS = ("human_protein_coding", "data")
 GENE_VOCAB_FILE_SUFFIXES = (".json", ".tsv")
 DATA_FILE_SUFFIXES = (".h5ad", ".zarr")
 
-LORA_TARGETABLE_MODULES = DEFAULT_TARGET_MODULES
-"""The ``nn.Linear`` modules of a backbone block that LoRA adapters can wrap."""
-
-DEFAULT_LORA_TARGET_MODULES = LORA_TARGETABLE_MODULES
-"""Modules adapted when ``finetune.lora.target_modules`` is null: every linear layer of a block."""
-
-PRECISIONS = (
-    "32-true",
-    "32",
-    "bf16-mixed",
-    "bf16-true",
-    "bf16",
-    "16-mixed",
-    "16-true",
-    "16",
-    "64-true",
-    "64",
-)
-
-FinetuneStrategy = Literal[STRATEGIES]  # type: ignore[valid-type]
-
-
-# --------------------------------------------------------------------------------------------
-# Shared field types
-# --------------------------------------------------------------------------------------------
-
-
-def _reject_bool(value: Any) -> Any:
-    # pydantic would read `true` as 1 for a number; in a config that is always a mistake.
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {str(value).lower()}")
-    return value
-
-
-def _expand_user(value: Any) -> Any:
-    return Path(value).expanduser() if isinstance(value, str | Path) else value
-
-
-_Int = Annotated[int, BeforeValidator(_reject_bool)]
-_Float = Annotated[float, BeforeValidator(_reject_bool)]
-_Ratio = Annotated[float, BeforeValidator(_reject_bool), Field(ge=0.0, le=1.0)]
-_Dropout = Annotated[float, BeforeValidator(_reject_bool), Field(ge=0.0, lt=1.0)]
-_PathValue = Annotated[Path, BeforeValidator(_expand_user)]
-
-
-class _Section(BaseModel):
-    """Base of every section: unknown keys are errors; an empty sub-section means defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections_use_defaults(cls, data: Any) -> Any:
-        # `masking:` with every line below it commented out reads as null in YAML.
-        if not isinstance(data, Mapping):
-            return data
-        return {
-            key: value
-            for key, value in data.items()
-            if not (value is None and is_required_section(cls, key))
-        }
-
 
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
 
 
-class PreprocessingConfig(_Section):
+class PreprocessingConfig(Section):
     """``data.preprocessing``: how raw counts are transformed before tokenization."""
 
+    renamed: ClassVar[dict[str, str]] = {"hvg": "data.preprocessing.n_top_genes"}
+
     normalize: Literal["library_size", "none"] = Field(
-        "library_size",
+        MODEL_DEFAULTS["normalize"],
         description=(
             "How cells are made comparable. 'library_size' scales every cell's counts to the "
             "same total (target_sum), removing differences in sequencing depth; 'none' uses "
             "the values as stored (for data that are already normalised)."
         ),
     )
-    target_sum: _Float = Field(
-        1e4,
+    target_sum: Float = Field(
+        MODEL_DEFAULTS["target_sum"],
         gt=0,
         description=(
             "Total count every cell is scaled to when normalize is 'library_size' "
@@ -155,26 +103,27 @@ class PreprocessingConfig(_Section):
         ),
     )
     log1p: bool = Field(
-        True,
+        MODEL_DEFAULTS["log1p"],
         description="Apply log(1 + x) after normalising, compressing very highly expressed genes.",
     )
-    hvg: _Int | None = Field(
-        None,
+    n_top_genes: Int | None = Field(
+        MODEL_DEFAULTS["n_top_genes"],
         ge=1,
         description=(
-            "Keep only this many highly variable genes, selected on the training cells. "
-            "null keeps every gene of the vocabulary."
+            "When the vocabulary is built from the data (data.gene_vocab null or 'data'), keep "
+            "only this many highly variable genes, selected on the training cells; null keeps "
+            "every gene. Formerly 'hvg'."
         ),
     )
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """``data``: which cells to read and how to turn them into model input."""
 
     source: Literal["local"] = Field(
         "local", description="Where the cells come from: 'local' reads AnnData files from disk."
     )
-    paths: list[_PathValue] = Field(
+    paths: list[PathValue] = Field(
         min_length=1,
         description=(
             "AnnData files (.h5ad or .zarr) with one cell per row. Relative paths are read "
@@ -185,17 +134,17 @@ class DataConfig(_Section):
         None,
         description=(
             "The genes the model knows, in a fixed order. 'human_protein_coding' (19,814 "
-            "GENCODE v22 genes), 'data' (the genes of the training files; pretraining only), "
-            "or a path to a .json/.tsv vocabulary. null means: the pretrained model's own "
-            "vocabulary, or 'human_protein_coding' when training from scratch. When starting "
-            "from a pretrained model its vocabulary is always used and must match this value."
+            "GENCODE v22 genes), 'data' (the genes of the training files, as ScForge(vocab="
+            "None)), or a path to a .json/.tsv vocabulary. null means: the pretrained model's "
+            "own vocabulary, or 'data' when training from scratch. When starting from a "
+            "pretrained model its vocabulary is always used and must match this value."
         ),
     )
     preprocessing: PreprocessingConfig = Field(
         default_factory=PreprocessingConfig,
         description="Normalisation applied to raw counts before tokenization.",
     )
-    max_genes: _Int | None = Field(
+    max_genes: Int | None = Field(
         None,
         ge=1,
         description=(
@@ -203,8 +152,8 @@ class DataConfig(_Section):
             "it must equal tokenizer.max_genes."
         ),
     )
-    num_workers: _Int = Field(
-        0,
+    num_workers: Int = Field(
+        TRAIN_DEFAULTS["num_workers"],
         ge=0,
         description="Background processes that prepare batches of cells (0 = in the main process).",
     )
@@ -259,22 +208,22 @@ class DataConfig(_Section):
 # --------------------------------------------------------------------------------------------
 
 
-class MaskingConfig(_Section):
+class MaskingConfig(Section):
     """``tokenizer.masking``: masked-gene pretraining. Ignored when fine-tuning."""
 
-    mask_ratio: _Ratio = Field(
-        0.15,
+    mask_ratio: Ratio = Field(
+        MASKING_DEFAULTS.mask_ratio,
         description=(
             "Fraction of each cell's genes selected for the model to predict during pretraining "
             "(their expression is hidden). Not used for fine-tuning or embedding."
         ),
     )
-    random_replace_ratio: _Ratio = Field(
-        0.1,
+    random_replace_ratio: Ratio = Field(
+        MASKING_DEFAULTS.random_replace_ratio,
         description="Of the selected genes, the fraction shown as a random other gene.",
     )
-    keep_ratio: _Ratio = Field(
-        0.1,
+    keep_ratio: Ratio = Field(
+        MASKING_DEFAULTS.keep_ratio,
         description=(
             "Of the selected genes, the fraction left visible (but still predicted); the rest "
             "are replaced by the [MASK] token."
@@ -283,28 +232,27 @@ class MaskingConfig(_Section):
 
     @model_validator(mode="after")
     def _check_split(self) -> MaskingConfig:
-        if self.random_replace_ratio + self.keep_ratio > 1.0:
-            raise ValueError(
-                f"random_replace_ratio ({self.random_replace_ratio}) + keep_ratio "
-                f"({self.keep_ratio}) is more than 1; together they are fractions of the "
-                "selected genes"
-            )
+        self.to_settings()
         return self
 
+    def to_settings(self) -> MaskingSettings:
+        """The settings ``ScForge.train(masking=...)`` takes (their checks raise here)."""
+        return MaskingSettings(**self.model_dump())
 
-class TokenizerConfig(_Section):
+
+class TokenizerConfig(Section):
     """``tokenizer``: how a cell's expression profile becomes a sequence of tokens."""
 
     strategy: Literal[tuple(TOKENIZERS)] = Field(  # type: ignore[valid-type]
-        "rank_value",
+        MODEL_DEFAULTS["tokenizer"],
         description=(
             "'rank_value' orders a cell's genes from highest to lowest expression "
             "(Geneformer); 'binned_expression' pairs each gene with its expression level cut "
             "into n_bins bins (scGPT); 'continuous' pairs each gene with its expression value."
         ),
     )
-    max_genes: _Int = Field(
-        2048,
+    max_genes: Int = Field(
+        MODEL_DEFAULTS["max_genes"],
         ge=1,
         description=(
             "Genes kept per cell, its most highly expressed (the [CLS] token of prepend_cls "
@@ -312,14 +260,14 @@ class TokenizerConfig(_Section):
         ),
     )
     prepend_cls: bool = Field(
-        True,
+        MODEL_DEFAULTS["prepend_cls"],
         description=(
             "Start every sequence with a [CLS] token that summarises the cell; needed for "
             "model.pooling 'cls'."
         ),
     )
-    n_bins: _Int = Field(
-        51,
+    n_bins: Int = Field(
+        MODEL_DEFAULTS["n_bins"],
         ge=2,
         description="'binned_expression' only: number of expression-level bins per cell.",
     )
@@ -334,49 +282,54 @@ class TokenizerConfig(_Section):
 # --------------------------------------------------------------------------------------------
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """``model``: the transformer backbone. Must match a pretrained checkpoint being loaded."""
 
     architecture: Literal["transformer_encoder"] = Field(
         "transformer_encoder", description="Model family; 'transformer_encoder' (BERT-like)."
     )
-    hidden_dim: _Int = Field(
-        512,
+    hidden_dim: Int = Field(
+        MODEL_DEFAULTS["hidden_dim"],
         ge=1,
         description=(
             "Width of the model: length of the vector representing each gene token and each "
             "cell embedding. Must be divisible by num_heads."
         ),
     )
-    num_layers: _Int = Field(6, ge=1, description="Number of stacked transformer blocks.")
-    num_heads: _Int = Field(
-        8, ge=1, description="Attention heads per block (each looks at hidden_dim / num_heads)."
+    num_layers: Int = Field(
+        MODEL_DEFAULTS["num_layers"], ge=1, description="Number of stacked transformer blocks."
     )
-    ffn_dim: _Int | None = Field(
-        None,
+    num_heads: Int = Field(
+        MODEL_DEFAULTS["num_heads"],
+        ge=1,
+        description="Attention heads per block (each looks at hidden_dim / num_heads).",
+    )
+    ffn_dim: Int | None = Field(
+        MODEL_DEFAULTS["ffn_dim"],
         ge=1,
         description="Width of the feed-forward layer in each block; null means 4 x hidden_dim.",
     )
-    dropout: _Dropout = Field(
-        0.1, description="Fraction of activations randomly zeroed while training (regularisation)."
+    dropout: DropoutRate = Field(
+        MODEL_DEFAULTS["dropout"],
+        description="Fraction of activations randomly zeroed while training (regularisation).",
     )
-    max_seq_len: _Int = Field(
-        2048,
+    max_seq_len: Int | None = Field(
+        MODEL_DEFAULTS["max_seq_len"],
         ge=1,
         description=(
             "Most genes of a cell the model can read ([CLS] not counted); at least "
-            "tokenizer.max_genes."
+            "tokenizer.max_genes. null means tokenizer.max_genes."
         ),
     )
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
-        "cls",
+        MODEL_DEFAULTS["pooling"],
         description=(
             "How the cell embedding is made from the tokens: 'cls' takes the [CLS] token "
             "(needs tokenizer.prepend_cls), 'mean' averages the gene tokens."
         ),
     )
     activation: Literal[ACTIVATIONS] = Field(  # type: ignore[valid-type]
-        "gelu", description="Non-linearity in the feed-forward layers."
+        MODEL_DEFAULTS["activation"], description="Non-linearity in the feed-forward layers."
     )
 
     @model_validator(mode="after")
@@ -391,470 +344,8 @@ class ModelConfig(_Section):
         return self
 
     def to_backbone_kwargs(self) -> dict[str, Any]:
-        """Plain keyword arguments for the backbone (``ffn_dim`` resolved to an int).
-
-        Returns
-        -------
-        dict
-            ``hidden_dim``, ``num_layers``, ``num_heads``, ``ffn_dim``, ``dropout``,
-            ``activation``, ``max_seq_len`` and ``pooling``.
-        """
-        return {
-            "hidden_dim": self.hidden_dim,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "ffn_dim": self.ffn_dim or 4 * self.hidden_dim,
-            "dropout": self.dropout,
-            "activation": self.activation,
-            "max_seq_len": self.max_seq_len,
-            "pooling": self.pooling,
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# training
-# --------------------------------------------------------------------------------------------
-
-
-class OptimizerConfig(_Section):
-    """``training.optimizer``."""
-
-    name: Literal["adamw"] = Field(
-        "adamw", description="Optimizer; 'adamw' (Adam with weight decay)."
-    )
-    lr: _Float = Field(
-        1e-4,
-        gt=0,
-        description=(
-            "Peak learning rate: how large each update step is. Typical: 1e-4 to 5e-4 for "
-            "pretraining, 1e-5 to 5e-5 for fine-tuning."
-        ),
-    )
-    weight_decay: _Float = Field(
-        0.01, ge=0, description="Pull of weights towards zero (regularisation); 0 disables it."
-    )
-    betas: tuple[_Float, _Float] = Field(
-        (0.9, 0.999),
-        description="AdamW's two momentum coefficients, each in [0, 1).",
-    )
-
-    @field_validator("betas")
-    @classmethod
-    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"both values must be in [0, 1), got {list(betas)}")
-        return betas
-
-
-class SchedulerConfig(_Section):
-    """``training.scheduler``: how the learning rate changes over training."""
-
-    name: Literal["cosine_warmup", "constant"] = Field(
-        "cosine_warmup",
-        description=(
-            "'cosine_warmup' rises linearly for warmup_steps, then follows a cosine down to "
-            "min_lr_ratio x lr at the last step and stays there; 'constant' keeps lr after the "
-            "warmup."
-        ),
-    )
-    warmup_steps: _Int = Field(
-        0, ge=0, description="Optimizer steps over which the learning rate rises from 0 to lr."
-    )
-    min_lr_ratio: _Ratio = Field(
-        0.0,
-        description="'cosine_warmup' only: final learning rate as a fraction of lr.",
-    )
-
-
-class TrainingConfig(_Section):
-    """``training``: the training loop, hardware and outputs."""
-
-    batch_size: _Int = Field(32, ge=1, description="Cells per optimizer step (per device).")
-    max_epochs: _Int = Field(10, ge=1, description="Passes over the training cells.")
-    seed: _Int = Field(
-        42,
-        description=(
-            "Random seed for weight initialisation, train/validation/test splits, masks and "
-            "benchmark splits; the same seed reproduces a run."
-        ),
-    )
-    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
-        "32-true",
-        description=(
-            "Number format of the computations: '32-true' (full precision), 'bf16-mixed' "
-            "(faster, less memory on recent GPUs), '16-mixed', ..."
-        ),
-    )
-    optimizer: OptimizerConfig = Field(
-        default_factory=OptimizerConfig, description="Optimizer and learning rate."
-    )
-    scheduler: SchedulerConfig = Field(
-        default_factory=SchedulerConfig, description="Learning-rate schedule."
-    )
-    gradient_clip: _Float | None = Field(
-        1.0,
-        ge=0,
-        description=(
-            "Largest allowed gradient norm; bigger updates are scaled down (stabilises "
-            "training). null or 0 disables clipping."
-        ),
-    )
-    checkpoint_dir: _PathValue = Field(
-        Path("checkpoints"),
-        description=(
-            "Folder for best.ckpt (lowest validation loss), last.ckpt and the training log."
-        ),
-    )
-    val_split: _Float = Field(
-        0.1,
-        ge=0,
-        lt=1,
-        description="Fraction of cells held out to measure validation loss and pick the best model.",
-    )
-    test_split: _Float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Fraction of cells held out entirely and scored once after training.",
-    )
-    patience: _Int | None = Field(
-        None,
-        ge=1,
-        description=(
-            "Stop early after this many epochs without a lower validation loss; null trains "
-            "for max_epochs. Needs val_split > 0."
-        ),
-    )
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
-        "auto", description="Hardware: 'auto' picks a GPU when there is one, else the CPU."
-    )
-    devices: _Int | list[_Int] | Literal["auto"] = Field(
-        "auto",
-        description=("How many devices (e.g. 2), which ones (e.g. [0, 1]), -1 for all, or 'auto'."),
-    )
-    strategy: str = Field(
-        "auto",
-        min_length=1,
-        description=(
-            "How training is spread over several devices (a Lightning strategy name such as "
-            "'ddp' or 'fsdp'; passed to ScForge.train(distributed=...), which needs streamed "
-            "cells, data.streaming: true); 'auto' chooses."
-        ),
-    )
-    num_nodes: _Int = Field(1, ge=1, description="Number of machines taking part.")
-
-    @field_validator("precision", mode="before")
-    @classmethod
-    def _precision_as_text(cls, value: Any) -> Any:
-        # YAML reads `precision: 32` as a number.
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("devices", mode="before")
-    @classmethod
-    def _check_devices(cls, value: Any) -> Any:
-        ok = (
-            value == "auto"
-            or (
-                isinstance(value, int)
-                and not isinstance(value, bool)
-                and (value >= 1 or value == -1)
-            )
-            or (
-                isinstance(value, list)
-                and len(value) > 0
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-            )
-        )
-        if not ok:
-            raise ValueError(
-                f"expected 'auto', a number of devices (>= 1, or -1 for all) or a list of "
-                f"device indices such as [0, 1]; got {value!r}"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _check_splits(self) -> TrainingConfig:
-        if self.val_split + self.test_split >= 1.0:
-            raise ValueError(
-                f"val_split ({self.val_split}) + test_split ({self.test_split}) leaves no "
-                "cells for training; their sum must be below 1"
-            )
-        if self.patience is not None and self.val_split == 0:
-            raise ValueError(
-                "patience (early stopping) needs a validation set to watch; set val_split > 0 "
-                "or patience: null"
-            )
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# finetune
-# --------------------------------------------------------------------------------------------
-
-
-class HeadConfig(_Section):
-    """``finetune.head``: the small network put on top of the cell embedding."""
-
-    task: Literal["classification", "regression"] = Field(
-        "classification",
-        description=(
-            "'classification' predicts a category per cell (e.g. cell type); 'regression' "
-            "predicts a number per cell."
-        ),
-    )
-    n_classes: _Int | None = Field(
-        None,
-        ge=2,
-        description=(
-            "Number of categories; null counts them in the label column. Classification only."
-        ),
-    )
-    hidden_dim: _Int = Field(256, ge=1, description="Width of the head's hidden layer.")
-    dropout: _Dropout = Field(0.1, description="Dropout in the head (regularisation).")
-
-    @model_validator(mode="after")
-    def _check_task(self) -> HeadConfig:
-        if self.task == "regression" and self.n_classes is not None:
-            raise ValueError("n_classes is for classification; set it to null for regression")
-        return self
-
-
-class LoraConfig(_Section):
-    """``finetune.lora``: low-rank adapters (LoRA) trained on a frozen backbone."""
-
-    enabled: bool = Field(
-        False,
-        description=(
-            "Train small adapter matrices instead of the backbone; the backbone stays frozen."
-        ),
-    )
-    rank: _Int = Field(
-        8, ge=1, description="Adapter rank: higher means more capacity and more parameters."
-    )
-    alpha: _Float = Field(
-        16.0,
-        gt=0,
-        description="Adapter scaling; updates are scaled by alpha / rank (often 2 x rank).",
-    )
-    dropout: _Dropout = Field(0.05, description="Dropout on the adapters' input.")
-    target_modules: list[str] | None = Field(
-        None,
-        min_length=1,
-        description=(
-            "Layers of each transformer block that get adapters, from "
-            f"{', '.join(LORA_TARGETABLE_MODULES)}; null means all of them."
-        ),
-    )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _check_targets(cls, names: list[str] | None) -> list[str] | None:
-        if names is None:
-            return None
-        for name in names:
-            if name not in LORA_TARGETABLE_MODULES:
-                hint = difflib.get_close_matches(name, LORA_TARGETABLE_MODULES, n=1)
-                did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
-                raise ValueError(
-                    f"unknown module '{name}'; {did_you_mean}choose from "
-                    f"{', '.join(LORA_TARGETABLE_MODULES)}"
-                )
-        if len(set(names)) != len(names):
-            raise ValueError(f"modules listed twice in {names}")
-        return names
-
-    @property
-    def resolved_target_modules(self) -> list[str]:
-        """``target_modules``, or the default modules when it is null."""
-        return list(self.target_modules or DEFAULT_LORA_TARGET_MODULES)
-
-
-class FinetuneConfig(_Section):
-    """``finetune``: adapt a pretrained model to predict a label per cell.
-
-    See the module documentation for how :attr:`strategy` follows from these keys.
-    """
-
-    label_key: str = Field(
-        min_length=1,
-        description="Column of obs with the label to learn per cell (e.g. 'louvain', 'cell_type').",
-    )
-    unlabeled_category: str = Field(
-        "Unknown",
-        min_length=1,
-        description=(
-            "Value of label_key that marks an unlabelled cell (cells with an empty label are "
-            "unlabelled too): such cells are tokenized and split like the others but left "
-            "out of the loss and of the scores, so a few labelled cells can fine-tune a model "
-            "pretrained on many."
-        ),
-    )
-    linear_path: bool = Field(
-        True,
-        description=(
-            "With a classification head, also fit a logistic regression on the log-normalised "
-            "genes and mix it with the head, its share chosen on the validation cells "
-            "(ScForge.train(linear_path=...)); false: the transformer's head alone."
-        ),
-    )
-    freeze_backbone: bool = Field(
-        False,
-        description=(
-            "Start with the pretrained backbone frozen, training only the head "
-            "(for freeze_backbone_epochs epochs)."
-        ),
-    )
-    freeze_backbone_epochs: _Int = Field(
-        0,
-        ge=0,
-        description=(
-            "With freeze_backbone, epochs before the backbone is unfrozen (gradual "
-            "unfreezing); a value >= training.max_epochs keeps it frozen throughout."
-        ),
-    )
-    head: HeadConfig = Field(default_factory=HeadConfig, description="The prediction head.")
-    lora: LoraConfig = Field(
-        default_factory=LoraConfig, description="Low-rank adapters instead of backbone updates."
-    )
-    backbone_lr: _Float | None = Field(
-        None,
-        gt=0,
-        description=(
-            "Learning rate of the pretrained backbone (of the adapters with LoRA); usually "
-            "10-100x below head_lr. null uses training.optimizer.lr."
-        ),
-    )
-    head_lr: _Float | None = Field(
-        None,
-        gt=0,
-        description="Learning rate of the new head; null uses training.optimizer.lr.",
-    )
-    class_weights: Literal["balanced", "sqrt"] | None = Field(
-        "balanced",
-        description=(
-            "Weights of the classification loss: 'balanced' (inverse class frequency of the "
-            "training cells, which lifts macro-F1 on small classes), 'sqrt' (its square root) "
-            "or null (plain cross-entropy)."
-        ),
-    )
-    label_smoothing: _Float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description=(
-            "Share of the target probability spread over all classes in the training loss "
-            "(0: plain cross-entropy); validation metrics use the plain cross-entropy."
-        ),
-    )
-
-    # training.max_epochs of the enclosing config, set by ScForgeConfig; decides "frozen".
-    _max_epochs: int | None = PrivateAttr(None)
-
-    @model_validator(mode="after")
-    def _warn_ignored_keys(self) -> FinetuneConfig:
-        epochs = self.freeze_backbone_epochs
-        if self.lora.enabled and epochs > 0:
-            _warn(
-                f"finetune.freeze_backbone_epochs ({epochs}) is ignored with LoRA: the "
-                "backbone stays frozen and only the adapters and head are trained."
-            )
-        elif not self.lora.enabled and self.freeze_backbone and epochs == 0:
-            _warn(
-                "finetune.freeze_backbone is true but freeze_backbone_epochs is 0, so the "
-                "backbone is never frozen (full fine-tuning). Set freeze_backbone_epochs to "
-                "the number of frozen epochs, or >= training.max_epochs to keep it frozen."
-            )
-        elif not self.freeze_backbone and epochs > 0:
-            _warn(
-                f"finetune.freeze_backbone_epochs ({epochs}) is ignored because "
-                "freeze_backbone is false; set freeze_backbone: true for gradual unfreezing."
-            )
-        return self
-
-    def strategy_for(self, max_epochs: int | None) -> FinetuneStrategy:
-        """The fine-tuning strategy these settings select for a run of ``max_epochs``.
-
-        Parameters
-        ----------
-        max_epochs
-            Length of the run; None when unknown (then the backbone counts as unfrozen
-            eventually, i.e. never ``"frozen"``).
-
-        Returns
-        -------
-        str
-            ``"lora"``, ``"frozen"``, ``"gradual_unfreeze"`` or ``"full"``.
-        """
-        if self.lora.enabled:
-            return "lora"
-        if not self.freeze_backbone or self.freeze_backbone_epochs == 0:
-            return "full"
-        if max_epochs is not None and self.freeze_backbone_epochs >= max_epochs:
-            return "frozen"
-        return "gradual_unfreeze"
-
-    @property
-    def strategy(self) -> FinetuneStrategy:
-        """The strategy for the enclosing config's ``training.max_epochs``."""
-        return self.strategy_for(self._max_epochs)
-
-    def learning_rates(self, default_lr: float) -> tuple[float, float]:
-        """``(backbone_lr, head_lr)``, each falling back to ``default_lr`` when null."""
-        return (self.backbone_lr or default_lr, self.head_lr or default_lr)
-
-
-# --------------------------------------------------------------------------------------------
-# benchmarks
-# --------------------------------------------------------------------------------------------
-
-
-class BenchmarkSpec(_Section):
-    """One entry of ``benchmarks``: an evaluation of the model's cell embeddings or predictions.
-
-    ``linear_probe`` trains a logistic regression on the model's cell embeddings of
-    ``train_split`` of the cells and scores it on the rest; with ``train_split: 0.0`` it scores
-    the fine-tuned model's own classification head on every cell instead. ``baseline_logreg``
-    is the honest reference: the same logistic regression on log-normalised gene expression.
-    ``embedding_quality`` scores how well the embedding separates the labels (and mixes the
-    batches, with ``batch_key``) without training anything.
-    """
-
-    name: Literal["linear_probe", "embedding_quality", "baseline_logreg"] = Field(
-        description="Which evaluation to run: linear_probe, embedding_quality or baseline_logreg."
-    )
-    label_key: str = Field(
-        min_length=1, description="Column of obs with the true labels (e.g. 'louvain')."
-    )
-    batch_key: str | None = Field(
-        None,
-        description=(
-            "embedding_quality only: column of obs with the batch (donor, sample) of each "
-            "cell, to score how well batches mix."
-        ),
-    )
-    train_split: _Float = Field(
-        0.8,
-        ge=0,
-        lt=1,
-        description=(
-            "linear_probe and baseline_logreg: fraction of cells used to train the classifier, "
-            "the rest are scored (stratified by label, seeded by training.seed). "
-            "0.0 (linear_probe only) scores a fine-tuned model's own predictions on all cells. "
-            "Not used by embedding_quality."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _check_combination(self) -> BenchmarkSpec:
-        if self.batch_key is not None and self.name != "embedding_quality":
-            raise ValueError(
-                f"batch_key is only used by embedding_quality, not {self.name}; remove it"
-            )
-        if self.name == "baseline_logreg" and self.train_split == 0.0:
-            raise ValueError(
-                "train_split (0.0) leaves baseline_logreg no cells to train on; use e.g. 0.8"
-            )
-        return self
+        """The ``ScForge`` arguments of this section (every key but ``architecture``)."""
+        return self.model_dump(exclude={"architecture"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,7 +353,7 @@ class BenchmarkSpec(_Section):
 # --------------------------------------------------------------------------------------------
 
 
-class ScForgeConfig(_Section):
+class ScForgeConfig(Section):
     """A complete scforge configuration, as read from one YAML file.
 
     Examples
@@ -897,7 +388,7 @@ class ScForgeConfig(_Section):
     def _cross_check(self) -> ScForgeConfig:
         tokenizer, model = self.tokenizer, self.model
         problems = []
-        if tokenizer.max_genes > model.max_seq_len:
+        if model.max_seq_len is not None and tokenizer.max_genes > model.max_seq_len:
             problems.append(
                 f"tokenizer.max_genes ({tokenizer.max_genes}) is larger than model.max_seq_len "
                 f"({model.max_seq_len}): the model cannot read sequences that long. Lower "
@@ -1017,7 +508,3 @@ class ScForgeConfig(_Section):
         with atomic_file(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return path
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=2)
