@@ -174,20 +174,25 @@ def write_h5ad(adata: AnnData, path: Path) -> None:
 
 
 # -- model -----------------------------------------------------------------------------------
-def model_kwargs(config: ScForgeConfig) -> dict[str, Any]:
-    """``ScForge`` init arguments from ``tokenizer``, ``model``, ``data`` and ``finetune.head``."""
+def model_kwargs(config: ScForgeConfig, *, set_only: bool = False) -> dict[str, Any]:
+    """``ScForge`` init arguments from ``tokenizer``, ``model``, ``data`` and ``finetune.head``.
+
+    ``set_only``: only the tokenizer, preprocessing and model keys the config sets (a model
+    initialised from a checkpoint keeps the checkpoint's value of every other key).
+    """
     tok, prep = config.tokenizer, config.data.preprocessing
-    kwargs: dict[str, Any] = {
-        "tokenizer": tok.strategy,
-        "max_genes": tok.max_genes,
-        "prepend_cls": tok.prepend_cls,
-        "n_bins": tok.n_bins,
-        "normalize": prep.normalize,
-        "target_sum": prep.target_sum,
-        "log1p": prep.log1p,
-        "n_top_genes": prep.n_top_genes,
-        **config.model.to_backbone_kwargs(),
-    }
+    kwargs: dict[str, Any] = {}
+    for section, names in (
+        (tok, {"strategy": "tokenizer", **{k: k for k in ("max_genes", "prepend_cls", "n_bins")}}),
+        (prep, {k: k for k in ("normalize", "target_sum", "log1p", "n_top_genes")}),
+    ):  # section field -> ScForge argument
+        for field, argument in names.items():
+            if not set_only or field in section.model_fields_set:
+                kwargs[argument] = getattr(section, field)
+    backbone = config.model.to_backbone_kwargs()
+    kwargs.update(
+        {k: v for k, v in backbone.items() if not set_only or k in config.model.model_fields_set}
+    )
     if config.finetune is not None:
         kwargs["head_hidden_dim"] = config.finetune.head.hidden_dim
         kwargs["head_dropout"] = config.finetune.head.dropout
@@ -253,12 +258,11 @@ def build_model(adata: AnnData, config: ScForgeConfig, checkpoint: str | Path | 
     """A new model from the config, or one initialised from ``checkpoint`` (weights only)."""
     from scforge_scvi import ScForge
 
-    kwargs = model_kwargs(config)
     vocab = config.data.gene_vocab
     if checkpoint is None:
-        return ScForge(adata, vocab=None if vocab == "data" else vocab, **kwargs)
+        return ScForge(adata, vocab=None if vocab == "data" else vocab, **model_kwargs(config))
     check_checkpoint_path(checkpoint)
-    model = ScForge.from_pretrained(str(checkpoint), adata, **kwargs)
+    model = ScForge.from_pretrained(str(checkpoint), adata, **model_kwargs(config, set_only=True))
     own = model.vocab.name or "data"
     if vocab is not None and vocab != own and Path(vocab).stem != own:
         raise CliError(
