@@ -88,7 +88,7 @@ def holdout_row(adata, key: str, held_out: str, seed: int, args) -> dict:
     model = fine_tune(known, key, seed, args.max_epochs)
     query = adata[truth == held_out].copy()
     del query.obs[key]  # a query holds no labels
-    test = known[model.test_indices_].copy()
+    test = adata[np.flatnonzero(truth != held_out)[model.test_indices_]].copy()
     known_truth = test.obs[key].astype(str).to_numpy()
     del test.obs[key]
     scores = {}

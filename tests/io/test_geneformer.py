@@ -337,9 +337,10 @@ def test_imported_model_fine_tunes_with_every_strategy(
     path = pbmc_model_dirs["V2", 64]
     model = ScForge.from_geneformer(str(path), labelled, min_coverage=0.0, head_hidden_dim=16)
     assert model.load_report_.initialised  # the new classifier, nothing of the backbone
-    # the new classifier and its linear path, nothing of the backbone
+    # the new classifier, its linear path and its calibration, nothing of the backbone
     assert all(
-        k.startswith(("classifier.", "linear_path.")) for k in model.load_report_.initialised
+        k.startswith(("classifier.", "linear_path.", "calibration."))
+        for k in model.load_report_.initialised
     )
     before = _backbone_weights(model)
     epochs = 2 if strategy == "gradual_unfreeze" else 1
