@@ -522,14 +522,16 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
             adata.obs[key_added] = values.squeeze(-1).numpy()
             self._record(adata, "predict", key_added=key_added)
             return None
-        probs = self._probabilities(adata, None, head, batch_size)
+        # read once: the linear path and the unknown score both need it
+        expression = self._expression(adata, None, batch_size) if calibration.fitted else None
+        probs = self._probabilities(adata, None, head, batch_size, expression)
         if head == "default" and calibration.fitted:
             probs = calibration.calibrated(probs)
         names = np.asarray(self.class_names_)
         predicted = pd.Categorical(names[probs.argmax(1)], categories=self.class_names_)
         written = [key_added, f"{base}_confidence"]
         if calibration.fitted:
-            unknown = calibration.unknown_scores(self._expression(adata, None, batch_size))
+            unknown = calibration.unknown_scores(expression)
             adata.obs[f"{base}_unknown_score"] = unknown
             written.append(f"{base}_unknown_score")
             if unknown_threshold is not None:
@@ -557,8 +559,11 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
             return pd.DataFrame(probs, index=adata.obs_names, columns=self.class_names_)
         return None
 
-    def _probabilities(self, adata, indices=None, head: str = "default", batch_size=None):
-        """Class probabilities ``(n_cells, n_classes)`` of the cells from the chosen head."""
+    def _probabilities(
+        self, adata, indices=None, head: str = "default", batch_size=None, expression=None
+    ):
+        """Class probabilities ``(n_cells, n_classes)`` of the cells from the chosen head
+        (``expression``: the cells' :meth:`_expression`, when the caller has it)."""
         if head not in PREDICTION_HEADS:
             raise ScForgeValueError(
                 f"head={head!r} is not valid; choose one of {PREDICTION_HEADS}."
@@ -578,7 +583,9 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
             )
             probs = (1 - mix) * torch.softmax(logits, dim=-1).numpy()
         if mix > 0:
-            probs = probs + mix * path.probabilities(self._expression(adata, indices, batch_size))
+            if expression is None:
+                expression = self._expression(adata, indices, batch_size)
+            probs = probs + mix * path.probabilities(expression)
         return np.asarray(probs, dtype=np.float32)
 
     def _expression(self, adata, indices=None, batch_size=None):
