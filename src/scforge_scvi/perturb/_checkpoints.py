@@ -5,6 +5,7 @@ and the same-run check of resuming."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,7 +40,11 @@ class PerturbCheckpointMixin(PretrainedMixin):
     :meth:`from_pretrained` builds."""
 
     def _after_training(
-        self, best: BestCheckpoint, checkpoint_dir: Path | None, has_val: bool
+        self,
+        best: BestCheckpoint,
+        checkpoint_dir: Path | None,
+        has_val: bool,
+        finish: Callable[[], None] | None = None,
     ) -> None:
         final = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
         state = best.best_state  # from best.ckpt after a resume that found no better epoch
@@ -66,6 +71,8 @@ class PerturbCheckpointMixin(PretrainedMixin):
                 best.best_score,
                 best.best_epoch,
             )
+        if finish is not None:  # steps on the kept weights before they are written
+            finish()
         if checkpoint_dir is not None:
             self.checkpoint_paths_ = {"last": str(checkpoint_dir / "last.ckpt")}
             if self.module.external_basal_encoder:
@@ -194,6 +201,7 @@ class PerturbCheckpointMixin(PretrainedMixin):
         saved, state = loaded.config, loaded.state_dict
         arch = saved["perturb_config"]
         kwargs = {**{k: arch[k] for k in _ARCHITECTURE}, **overrides}
+        kwargs.setdefault("linear_path", arch.get("linear_path", False))
         if arch["perturbation_features"] == "table" and kwargs.get("perturbation_features") is None:
             # the whole stored table, perturbations without training cells included
             table = state["perturbation_encoder.table"].numpy()

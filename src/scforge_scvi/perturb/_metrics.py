@@ -40,6 +40,8 @@ from scforge_scvi.data._preprocess import check_raw_counts, log_normalize
 from ._data import feature_table
 
 METRICS = ("mae", "mse", "pearson_delta", "discrimination_score_l1", "overlap_at_N")
+#: metrics averaged into the normalised score (cell-eval's; ``mse`` is reported beside them)
+SCORED_METRICS = ("mae", "pearson_delta", "discrimination_score_l1", "overlap_at_N")
 #: metrics whose best value is 0 (all others are best at 1)
 BEST_AT_ZERO = frozenset({"mae", "mse"})
 _ALL_CELLS = "all"
@@ -559,3 +561,52 @@ def normalized_score(user: Mapping[str, float], baseline: Mapping[str, float]) -
     out = pd.Series(scores, dtype=float)
     out["avg_score"] = float(out.mean()) if len(out) else np.nan
     return out
+
+
+def compare_predictions(
+    real: ad.AnnData,
+    predictions: Mapping[str, ad.AnnData],
+    *,
+    baseline: str = "perturbation mean",
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    metrics: Sequence[str] = METRICS,
+) -> pd.DataFrame:
+    """Aggregated metrics of several predictions and their score against one of them.
+
+    Parameters
+    ----------
+    real
+        The real cells (log1p), controls included.
+    predictions
+        Method name -> prediction (same layout as ``real``); must include ``baseline``.
+    baseline
+        The method the normalised score is taken against (it scores 0).
+    perturbation_key, control_label, cell_type_key, metrics
+        See :func:`evaluate_perturbation_predictions`; the score averages the
+        :data:`SCORED_METRICS` among ``metrics``.
+
+    Returns
+    -------
+    One row per method (in the order given): the mean of each metric over the (cell type,
+    perturbation) groups and ``score``.
+    """
+    if baseline not in predictions:
+        raise ValueError(f"baseline {baseline!r} is not among the predictions {list(predictions)}.")
+    kw = {"perturbation_key": perturbation_key, "control_label": control_label}
+    rows = {
+        name: aggregate_metrics(
+            evaluate_perturbation_predictions(
+                real, pred, cell_type_key=cell_type_key, metrics=metrics, **kw
+            )
+        )
+        for name, pred in predictions.items()
+    }
+    table = pd.DataFrame(rows).T
+    scored = [m for m in SCORED_METRICS if m in table.columns]
+    base = table.loc[baseline, scored]
+    table["score"] = [
+        normalized_score(row[scored], base)["avg_score"] for _, row in table.iterrows()
+    ]
+    return table

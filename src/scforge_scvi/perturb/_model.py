@@ -52,6 +52,7 @@ from ._data import (
     perturbation_split,
     stored_feature_table,
 )
+from ._linear import LinearPathMixin
 from ._module import PerturbationSetModel, PerturbConfig
 from ._plan import (
     PerturbTrainingConfig,
@@ -92,7 +93,7 @@ class _PerturbModule(PerturbationSetModel):
         """Nothing to prepare before ``load_state_dict`` (called by ``BaseModelClass.load``)."""
 
 
-class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
+class ScForgePerturb(LinearPathMixin, PerturbCheckpointMixin, BaseModelClass):
     """Predict perturbation responses of cell populations (a State-Transition-style model).
 
     A set of ``cell_set_len`` control cells of one cell type (and batch) and a perturbation
@@ -135,6 +136,13 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         :class:`~scforge_scvi.ScForgeCellEncoder` when ``None``.
     basal_input
         What ``basal_encoder`` reads: ``"log1p"`` expression or raw ``"counts"``.
+    linear_path
+        Predict each perturbation's change by ridge regression from its features first and
+        let the network learn what that leaves (see :mod:`scforge_scvi.perturb._linear`);
+        the weight of the network's change is chosen on validation perturbations unseen in
+        training, so that the model falls back to the linear fit where the network adds
+        nothing. ``None`` (default): on for models with ``perturbation_features``; one-hot
+        models cannot have it.
 
     Examples
     --------
@@ -166,6 +174,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         basal_encoder: nn.Module | None = None,
         basal_dim: int | None = None,
         basal_input: str = "log1p",
+        linear_path: bool | None = None,
     ) -> None:
         super().__init__(adata, registry)
         given = locals()
@@ -192,6 +201,8 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
             n_table_rows=len(self.feature_perturbations_) if n_extra > 0 else None,
             n_batches=len(self.batches_) if setup.get("batch_key") else 0,
             basal_dim=basal_dim,
+            linear_path=table is not None if linear_path is None else bool(linear_path),
+            n_cell_types=max(len(self.cell_types_), 1),
             **{k: given[k] for k in _ARCHITECTURE},
         )
         self.module = self._module_cls(config, table, basal_encoder)
@@ -199,6 +210,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         self.checkpoint_paths_: dict[str, str] = {}
         self.best_epoch_: int | None = None
         self.best_validation_loss_: float | None = None
+        self.linear_path_: dict[str, Any] | None = None
         self.training_time_s_: float | None = None
         self._weights: dict[str, dict[str, torch.Tensor]] = {}
         # parameters that were never trained or loaded: freezing them is an error
@@ -385,8 +397,10 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
             setup["perturbation_key"],
             self.control_label_,
         )
+        cells = self._read_cells(self.adata)
+        linear = self.module.linear_path is not None
         datamodule = self._data_module_cls(
-            self._read_cells(self.adata),
+            cells,
             split,
             self._control_code,
             set_len=self.module.config.cell_set_len,
@@ -395,6 +409,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
             with_batch=self.module.config.n_batches > 0,
             with_counts=self.basal_input_ == "counts",
             names={"cell_type": self.cell_types_, "batch": self.batches_},
+            offsets=self._linear_offsets(cells, split, seed) if linear else None,
         )
         metadata = self.checkpoint_metadata(run=run)
         plan = self._training_plan_cls(self.module, config, checkpoint_metadata=metadata)
@@ -423,7 +438,8 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         start = time.perf_counter()
         runner()
         self.training_time_s_ = time.perf_counter() - start
-        self._after_training(best, checkpoint_dir, has_val)
+        finish = (lambda: self._finish_linear_path(cells, split, seed)) if linear else None
+        self._after_training(best, checkpoint_dir, has_val, finish)
 
     # -- prediction --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -436,6 +452,7 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         n_cells: int | str = "controls",
         checkpoint: str = "best",
         sets_per_batch: int = 64,
+        residual_weight: float | None = None,
         seed: int = 0,
     ) -> ad.AnnData:
         """Predict perturbed cells from the control cells of ``adata``.
@@ -474,6 +491,10 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
             weights when ``"best"`` is asked for.
         sets_per_batch
             Sets per forward pass.
+        residual_weight
+            Weight of the network's change on top of the linear path: ``None`` (default) uses
+            the weight chosen in training (``linear_path_["residual_weight"]``; 1 for a model
+            without a linear path), ``0`` predicts with the linear path alone.
         seed
             Seeds the choice of basal cells.
 
@@ -487,6 +508,11 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         """
         adata = self.adata if adata is None else adata
         check_genes(adata, self.genes_)
+        path = self.module.linear_path
+        if residual_weight is None:
+            residual_weight = 1.0 if path is None else float(path.residual_weight)
+        elif not 0.0 <= residual_weight <= 1.0:
+            raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight!r}.")
         setup = self._setup
         names = adata.obs[setup["perturbation_key"]].astype(str).to_numpy()
         keys = {"cell_type": setup.get("cell_type_key"), "batch": setup.get("batch_key")}
@@ -537,7 +563,11 @@ class ScForgePerturb(PerturbCheckpointMixin, BaseModelClass):
         )
         device = self.module.device
         outputs = [
-            self.module(**{k: v.to(device) for k, v in sets[i].items()}).prediction.cpu().numpy()
+            self.module(
+                **{k: v.to(device) for k, v in sets[i].items()}, residual_weight=residual_weight
+            )
+            .prediction.cpu()
+            .numpy()
             for i in range(len(sets))
         ]
         pred = np.concatenate(outputs).reshape(-1, len(self.genes_))[keep]

@@ -60,6 +60,11 @@ class PerturbConfig:
         ``"one_hot"``.
     n_batches
         Number of batches; ``0`` means no batch embedding.
+    linear_path, n_cell_types
+        Add the :class:`LinearPath` (``"table"`` models only) for ``n_cell_types`` cell
+        types: the basal cells are shifted by the linear prediction of the change before the
+        network sees them, and the network's change is added on top, scaled by the residual
+        weight.
     basal_dim
         Width of the basal encoder's input: ``n_genes`` (log1p expression) for the default MLP.
         For a pluggable encoder (see :class:`PerturbationSetModel`) it is that encoder's
@@ -92,6 +97,8 @@ class PerturbConfig:
     encoder_hidden_dim: int = 256
     dropout: float = 0.1
     cell_set_len: int = 32
+    linear_path: bool = False
+    n_cell_types: int = 1
 
     def __post_init__(self) -> None:
         for name in ("n_genes", "n_perturbations", "hidden_dim", "num_layers", "num_heads"):
@@ -147,6 +154,11 @@ class PerturbConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PerturbConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.linear_path and self.perturbation_features != "table":
+            raise ValueError(
+                "PerturbConfig.linear_path needs perturbation_features='table': the linear "
+                "path predicts a perturbation's change from its feature vector."
+            )
 
     @property
     def resolved_perturbation_dim(self) -> int:
@@ -295,6 +307,37 @@ class PerturbationEncoder(nn.Module):
         return self.linear_out(self.dropout(self.activation(h)))
 
 
+class LinearPath(nn.Module):
+    """The fitted ridge from perturbation features to change (see :mod:`.._linear`).
+
+    Buffers only (fitted in closed form, saved with the weights): feature ``mean`` and
+    ``scale`` ``(F,)``, ``weight`` ``(C, F, G)``, ``bias`` ``(C, G)`` and the
+    ``residual_weight`` that scales the network's change at prediction. Untrained, it
+    predicts no change.
+    """
+
+    def __init__(self, n_cell_types: int, n_features: int, n_genes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(n_features))
+        self.register_buffer("weight", torch.zeros(n_cell_types, n_features, n_genes))
+        self.register_buffer("bias", torch.zeros(n_cell_types, n_genes))
+        self.register_buffer("residual_weight", torch.ones(()))
+
+    @torch.no_grad()
+    def set_fit(self, fit: Any, residual_weight: float | None = None) -> None:
+        """Copy a :class:`~scforge_scvi.perturb._linear.LinearFit` (and a residual weight)."""
+        for name in ("mean", "scale", "weight", "bias"):
+            getattr(self, name).copy_(torch.as_tensor(getattr(fit, name)))
+        if residual_weight is not None:
+            self.residual_weight.fill_(residual_weight)
+
+    def forward(self, features: torch.Tensor, cell_type: torch.Tensor) -> torch.Tensor:
+        """``(B, F)`` features and ``(B,)`` cell types -> ``(B, G)`` changes."""
+        x = (features - self.mean) / self.scale
+        return torch.einsum("bf,bfg->bg", x, self.weight[cell_type]) + self.bias[cell_type]
+
+
 class PerturbationSetModel(nn.Module):
     """Predict a perturbed cell set from a set of control cells and a perturbation.
 
@@ -354,6 +397,11 @@ class PerturbationSetModel(nn.Module):
             self.basal_encoder = basal_encoder
             self.basal_projection = nn.Linear(config.basal_dim, d)
         self.batch_embedding = nn.Embedding(config.n_batches, d) if config.n_batches else None
+        self.linear_path = (
+            LinearPath(config.n_cell_types, config.resolved_perturbation_dim, config.n_genes)
+            if config.linear_path
+            else None
+        )
         block_config = config.transformer_config()
         self.blocks = nn.ModuleList(
             TransformerBlock(block_config) for _ in range(config.num_layers)
@@ -395,6 +443,8 @@ class PerturbationSetModel(nn.Module):
             "decoder.linear2.bias": (0, "genes"),
             "perturbation_encoder.embedding.weight": (0, "perturbations"),
             "batch_embedding.weight": (0, "batches"),
+            "linear_path.weight": (2, "genes"),
+            "linear_path.bias": (1, "genes"),
         }
         if not self.external_basal_encoder:
             axes["basal_encoder.linear1.weight"] = (1, "genes")
@@ -412,6 +462,9 @@ class PerturbationSetModel(nn.Module):
         batch: torch.Tensor | None = None,
         basal_input: torch.Tensor | None = None,
         perturbation_features: torch.Tensor | None = None,
+        cell_type: torch.Tensor | None = None,
+        basal_offset: torch.Tensor | None = None,
+        residual_weight: float = 1.0,
     ) -> PerturbOutput:
         """Predict the perturbed expression of a batch of cell sets.
 
@@ -431,6 +484,14 @@ class PerturbationSetModel(nn.Module):
         perturbation_features
             ``(B, perturbation_dim)`` feature vector per set, replacing the table lookup
             (``"table"`` models only): predicts perturbations outside the table.
+        cell_type
+            Cell type per set, integer ``(B,)``: read by the linear path.
+        basal_offset
+            ``(B, G)`` change added to the basal cells in place of the linear path's
+            prediction (training uses out-of-fold predictions); only with a linear path.
+        residual_weight
+            Scale of the network's change on top of the (shifted) basal cells: ``0`` gives
+            the linear path alone.
 
         Returns
         -------
@@ -451,6 +512,13 @@ class PerturbationSetModel(nn.Module):
                 f"This model has n_batches={self.config.n_batches}: pass `batch` "
                 "if and only if n_batches > 0."
             )
+        if self.linear_path is not None:
+            basal = torch.relu(
+                basal
+                + self._linear_change(perturbation, perturbation_features, cell_type, basal_offset)[
+                    :, None, :
+                ]
+            )
         cells = basal if basal_input is None else basal_input
         flat = cells.reshape(n_sets * set_len, *cells.shape[2:])  # (B*S, ...)
         h = self.basal_projection(self.basal_encoder(flat)).view(n_sets, set_len, -1)  # (B, S, d)
@@ -461,5 +529,23 @@ class PerturbationSetModel(nn.Module):
             h = block(h, None)  # (B, S, d), every cell attends to every cell of its set
         h = self.norm(h)
         delta = self.decoder(h)  # (B, S, G)
-        prediction = torch.relu(basal + delta)
+        prediction = torch.relu(basal + residual_weight * delta)
         return PerturbOutput(prediction=prediction, delta=delta, hidden=h)
+
+    def _linear_change(
+        self,
+        perturbation: torch.Tensor,
+        features: torch.Tensor | None,
+        cell_type: torch.Tensor | None,
+        offset: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``(B, G)``: the given offset, or the linear path's change (zero for controls)."""
+        if offset is not None:
+            return offset
+        if cell_type is None:
+            raise ValueError("A model with a linear path needs `cell_type` per set.")
+        if features is None:
+            features = self.perturbation_encoder.table[perturbation]
+        change = self.linear_path(features, cell_type)
+        is_control = (perturbation == self.config.control_index)[:, None]
+        return torch.where(is_control, torch.zeros_like(change), change)

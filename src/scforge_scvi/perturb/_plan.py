@@ -136,6 +136,8 @@ class PerturbTrainingPlan(pl.LightningModule):
             batch["perturbation"],
             batch.get("batch"),
             basal_input=batch.get("basal_input"),
+            cell_type=batch.get("cell_type"),
+            basal_offset=batch.get("basal_offset"),
         )
 
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

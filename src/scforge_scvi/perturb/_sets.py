@@ -279,6 +279,7 @@ def prediction_sets(
         sets_per_batch=sets_per_batch,
         with_counts=cells.counts is not None,
         features=None if vectors is None else np.stack([vectors[p] for p, *_ in jobs])[job],
+        cell_type=np.array([c for _, c, _, _ in jobs], dtype=np.int64)[job],
     )
     return sets, np.concatenate(keep)
 
@@ -353,6 +354,11 @@ class CellSets(Dataset):
         ``(n_sets, set_len)`` rows of the observed cells of each set (training).
     features
         ``(n_sets, F)`` perturbation feature vector of each set (prediction).
+    cell_type
+        Cell-type code of each set (read by a model's linear path).
+    offset
+        ``(n_sets, G)`` change added to each set's basal cells in place of the linear
+        path's own prediction (training).
     """
 
     def __init__(
@@ -366,10 +372,13 @@ class CellSets(Dataset):
         with_counts: bool,
         target: np.ndarray | None = None,
         features: np.ndarray | None = None,
+        cell_type: np.ndarray | None = None,
+        offset: np.ndarray | None = None,
     ) -> None:
         self.cells, self.sets_per_batch, self.with_counts = cells, sets_per_batch, with_counts
         self.basal, self.perturbation, self.batch = basal, perturbation, batch
         self.target, self.features = target, features
+        self.cell_type, self.offset = cell_type, offset
 
     @property
     def n_sets(self) -> int:
@@ -393,6 +402,10 @@ class CellSets(Dataset):
             out["basal_input"] = _dense(self.cells.counts, basal)
         if self.features is not None:
             out["perturbation_features"] = torch.from_numpy(self.features[sl])
+        if self.cell_type is not None:
+            out["cell_type"] = torch.as_tensor(self.cell_type[sl], dtype=torch.long)
+        if self.offset is not None:
+            out["basal_offset"] = torch.from_numpy(self.offset[sl])
         return out
 
 
@@ -405,8 +418,11 @@ class CellSetBatches(CellSets):
         The cells.
     groups, pools
         Target cells and basal pool of each group.
-    group_perturbation, group_batch
-        Perturbation and batch code of each group.
+    group_perturbation, group_batch, group_cell_type
+        Perturbation, batch and cell-type code of each group.
+    group_offset
+        ``(n_groups, G)`` change added to each group's basal cells (a linear path's
+        out-of-fold prediction), or ``None``.
     set_len, sets_per_batch
         Cells per set and sets per batch.
     seed
@@ -425,6 +441,8 @@ class CellSetBatches(CellSets):
         pools: list[np.ndarray],
         group_perturbation: np.ndarray,
         group_batch: np.ndarray,
+        group_cell_type: np.ndarray,
+        group_offset: np.ndarray | None,
         *,
         set_len: int,
         sets_per_batch: int,
@@ -438,6 +456,7 @@ class CellSetBatches(CellSets):
         )
         self.groups, self.pools = groups, pools
         self.group_perturbation, self.group_batch = group_perturbation, group_batch
+        self.group_cell_type, self.group_offset = group_cell_type, group_offset
         self.set_len, self.seed, self.resample = set_len, seed, resample
         self.with_batch = with_batch
         self.epoch: int | None = None
@@ -453,6 +472,9 @@ class CellSetBatches(CellSets):
         )
         self.perturbation = self.group_perturbation[self.group]
         self.batch = self.group_batch[self.group] if self.with_batch else None
+        self.cell_type = self.group_cell_type[self.group]
+        if self.group_offset is not None:
+            self.offset = self.group_offset[self.group]
         self.epoch = epoch
 
 
@@ -493,6 +515,9 @@ class PerturbSetDataModule(pl.LightningDataModule):
         See :class:`CellSetBatches`.
     names
         ``{"cell_type": [...], "batch": [...]}``: category names for messages.
+    offsets
+        ``{(perturbation code, cell-type code): (G,) change}`` added to the basal cells of
+        the groups listed (a linear path's predictions); other groups get none.
     """
 
     def __init__(
@@ -507,10 +532,11 @@ class PerturbSetDataModule(pl.LightningDataModule):
         with_batch: bool,
         with_counts: bool,
         names: dict[str, Sequence[str]],
+        offsets: dict[tuple[int, int], np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.cells, self.split, self.control_code = cells, split, control_code
-        self.names = names
+        self.names, self.offsets = names, offsets
         self.kwargs = {
             "set_len": set_len,
             "sets_per_batch": sets_per_batch,
@@ -539,7 +565,7 @@ class PerturbSetDataModule(pl.LightningDataModule):
                 "row": np.arange(len(self.split)),
             }
         )
-        groups, group_pools, perts, batches = [], [], [], []
+        groups, group_pools, perts, batches, types = [], [], [], [], []
         for (p, c, b), rows in keys[in_stage].groupby(["p", "c", "b"])["row"]:
             pool = pools.get((c, b))
             if pool is None:
@@ -555,12 +581,19 @@ class PerturbSetDataModule(pl.LightningDataModule):
             group_pools.append(pool)
             perts.append(p)
             batches.append(b)
+            types.append(c)
+        offset = None
+        if self.offsets is not None:
+            zero = np.zeros(cells.log1p.shape[1], dtype=np.float32)
+            offset = np.stack([self.offsets.get(k, zero) for k in zip(perts, types)])
         return CellSetBatches(
             cells,
             groups,
             group_pools,
             np.asarray(perts),
             np.asarray(batches),
+            np.asarray(types),
+            None if offset is None else offset.astype(np.float32),
             resample=stage == "train",
             **self.kwargs,
         )
