@@ -60,7 +60,9 @@ from scforge_scvi.perturb._metrics import (
 )
 from scforge_scvi.perturb._model import ScForgePerturb
 from semisynthetic import (
+    backbone_gene_features,
     load_pbmc3k_counts,
+    make_screen,
     make_semisynthetic_perturbation_data,
     perturbation_feature_table,
 )
@@ -79,6 +81,18 @@ MODEL = {
 }
 TRAIN = {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 50, "min_lr_ratio": 0.05}
 SETS_PER_BATCH = 16
+#: the screen suite (``--screen``): four generators and one feature kind a user brings
+SCREENS = ("latent", "correlation", "pathway", "small", "backbone")
+#: methods in the order of the tables
+ORDER = (
+    "control mean",
+    "perturbation mean",
+    "linear (Ahlmann-Eltze)",
+    "linear path",
+    "network alone",
+    "ScForgePerturb",
+    "State (arc-state)",
+)
 
 
 def source_cells(quick: bool) -> tuple[ad.AnnData, str, list[str]]:
@@ -104,26 +118,50 @@ def quiet() -> None:
 
 
 # ----------------------------------------------------------------------- unseen split
-def build_unseen(quick: bool, seed: int) -> tuple[ad.AnnData, str, list[str], list[str]]:
-    """The screen with informative features and its split: whole perturbations held out."""
+def build_unseen(
+    quick: bool, seed: int, screen: str = "latent"
+) -> tuple[ad.AnnData, str, list[str], list[str], pd.DataFrame]:
+    """A screen of the suite, its split (whole perturbations held out) and its features.
+
+    ``latent`` is the screen of ``make_semisynthetic_perturbation_data(n_features=10)``; the
+    other kinds come from ``make_screen``; ``backbone`` is the ``correlation`` screen with
+    features from a pretrained ScForge's gene token embeddings instead.
+    """
     source, cell_type_key, cell_types = source_cells(quick)
-    if cell_type_key == "bulk_labels":
-        sizes = {"n_genes": 300, "n_perturbations": 48, "n_cells_per_perturbation": 20}
-        sizes["n_controls_per_cell_type"] = 120
+    if screen == "latent":
+        if cell_type_key == "bulk_labels":
+            sizes = {"n_genes": 300, "n_perturbations": 48, "n_cells_per_perturbation": 20}
+            sizes["n_controls_per_cell_type"] = 120
+        else:
+            sizes = {"n_genes": 500, "n_perturbations": 96, "n_cells_per_perturbation": 25}
+            sizes["n_controls_per_cell_type"] = 200
+        adata = make_semisynthetic_perturbation_data(
+            source,
+            cell_type_key,
+            cell_types=cell_types,
+            n_features=10,
+            feature_noise=0.3,
+            perturbation_key=PERT,
+            control_label=CONTROL,
+            seed=seed,
+            **sizes,
+        )
     else:
-        sizes = {"n_genes": 500, "n_perturbations": 96, "n_cells_per_perturbation": 25}
-        sizes["n_controls_per_cell_type"] = 200
-    adata = make_semisynthetic_perturbation_data(
-        source,
-        cell_type_key,
-        cell_types=cell_types,
-        n_features=10,
-        feature_noise=0.3,
-        perturbation_key=PERT,
-        control_label=CONTROL,
-        seed=seed,
-        **sizes,
-    )
+        kind = "correlation" if screen == "backbone" else screen
+        types = cell_types[:3] if kind == "small" else cell_types
+        adata = make_screen(
+            kind,
+            source,
+            cell_type_key,
+            cell_types=types,
+            seed=seed,
+            perturbation_key=PERT,
+            control_label=CONTROL,
+        )
+    if screen == "backbone":
+        features = backbone_gene_features(adata, source, seed=seed)
+    else:
+        features = perturbation_feature_table(adata)
     perts = list(
         np.random.default_rng(seed).permutation(adata.uns["perturbation_truth"]["perturbations"])
     )
@@ -133,7 +171,7 @@ def build_unseen(quick: bool, seed: int) -> tuple[ad.AnnData, str, list[str], li
     assign_perturbation_split(
         adata, PERT, CONTROL, cell_type_key, test_perturbations=test, val_perturbations=val
     )
-    return adata, cell_type_key, test, val
+    return adata, cell_type_key, test, val, features
 
 
 def select_linear(
@@ -159,7 +197,12 @@ def select_linear(
 
 
 def export_for_state(
-    adata: ad.AnnData, cell_type_key: str, test: list[str], val: list[str], out: Path
+    adata: ad.AnnData,
+    cell_type_key: str,
+    test: list[str],
+    val: list[str],
+    features: pd.DataFrame,
+    out: Path,
 ) -> None:
     """The training cells (log1p), the feature table and the split, for state_runner.py."""
     (out / "screen").mkdir(parents=True, exist_ok=True)
@@ -173,7 +216,7 @@ def export_for_state(
     ad.AnnData(X=sp.csr_matrix(cells.X, dtype=np.float32), obs=obs, var=var).write_h5ad(
         out / "screen" / "train.h5ad"
     )
-    perturbation_feature_table(adata).to_csv(out / "features.csv")
+    features.to_csv(out / "features.csv")
     split_info = {
         "perturbation_key": PERT,
         "control_label": CONTROL,
@@ -228,8 +271,7 @@ def run_unseen_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, 
     """Every method on one seed's screen: per-group metrics and run facts."""
     scvi.settings.seed = seed
     t0 = time.perf_counter()
-    adata, cell_type_key, test, val = build_unseen(args.quick, seed)
-    features = perturbation_feature_table(adata)
+    adata, cell_type_key, test, val, features = build_unseen(args.quick, seed, args.screen)
     split = adata.obs["split"].astype(str).to_numpy()
     is_control = (adata.obs[PERT] == CONTROL).to_numpy()
     logn = log1p_anndata(adata)
@@ -238,6 +280,7 @@ def run_unseen_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, 
     real_val = logn[(split == "val") | is_control].copy()
     kw = {"perturbation_key": PERT, "control_label": CONTROL, "cell_type_key": cell_type_key}
     facts: dict = {
+        "screen": args.screen,
         "seed": seed,
         "cells": adata.n_obs,
         "genes": adata.n_vars,
@@ -262,31 +305,43 @@ def run_unseen_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, 
     seconds["linear (Ahlmann-Eltze)"] = time.perf_counter() - start
     facts["linear"] = chosen
 
-    # the model never sees a test perturbation's cells, only its row of the feature table
+    # the models never see a test perturbation's cells, only its row of the feature table
     fit = adata[split != "test"].copy()
     fit.obs[PERT] = fit.obs[PERT].cat.remove_unused_categories()
     ScForgePerturb.setup_anndata(fit, PERT, CONTROL, cell_type_key=cell_type_key)
-    model = ScForgePerturb(fit, perturbation_features=features, **MODEL)
     epochs = args.epochs or (30 if args.quick else 50)
-    model.train(
-        max_epochs=epochs,
-        sets_per_batch=SETS_PER_BATCH,
-        split_key="split",
-        seed=seed,
-        enable_model_summary=False,
-        logger=None,
-        **TRAIN,
-    )
-    seconds["ScForgePerturb"] = model.training_time_s_
-    steps = epochs * _steps_per_epoch(model, fit)  # State gets as many optimizer steps
-    facts.update(epochs=epochs, best_epoch=model.best_epoch_, steps=steps)
     # every control cell of each cell type is perturbed once (n_cells="controls")
     to_predict = adata[(split == "test") | is_control].copy()
-    predictions["ScForgePerturb"] = model.predict(to_predict, n_cells="controls", seed=seed)
+    arms = {} if args.no_network_alone else {"network alone": False}
+    arms["ScForgePerturb"] = True  # the default, last: its linear path is scored below
+    for name, linear_path in arms.items():
+        model = ScForgePerturb(
+            fit, perturbation_features=features, linear_path=linear_path, **MODEL
+        )
+        model.train(
+            max_epochs=epochs,
+            sets_per_batch=SETS_PER_BATCH,
+            split_key="split",
+            seed=seed,
+            enable_model_summary=False,
+            logger=None,
+            **TRAIN,
+        )
+        seconds[name] = model.training_time_s_
+        predictions[name] = model.predict(to_predict, n_cells="controls", seed=seed)
+    # the default model's own linear path, alone (residual weight 0)
+    predictions["linear path"] = model.predict(
+        to_predict, n_cells="controls", residual_weight=0.0, seed=seed
+    )
+    seconds["linear path"] = 0.0
+    steps = epochs * _steps_per_epoch(model, fit)  # State gets as many optimizer steps
+    facts.update(
+        epochs=epochs, best_epoch=model.best_epoch_, steps=steps, linear_path=model.linear_path_
+    )
 
     if args.state_python:
         data = Path(args.workdir) / f"seed{seed}"
-        export_for_state(adata, cell_type_key, test, val, data)
+        export_for_state(adata, cell_type_key, test, val, features, data)
         # State's validation loss falls more slowly (energy distance alone): it gets
         # --state-steps-factor times ScForgePerturb's optimizer steps
         state_steps = round(args.state_steps_factor * steps)
@@ -377,11 +432,13 @@ def main_unseen(args: argparse.Namespace) -> None:
             f"seed {seed}: {info['cells']} cells x {info['genes']} genes, {info['perturbations']} "
             f"perturbations ({info['test']} test, {info['val']} val held out whole), "
             f"best epoch {info['best_epoch']} of {info['epochs']} ({info['steps']} steps), "
-            f"linear {info['linear']}, wall {info['wall_s']:.0f} s",
+            f"linear {info['linear']}, linear path {info['linear_path']}, "
+            f"wall {info['wall_s']:.0f} s",
             flush=True,
         )
     per_group = pd.concat(groups, ignore_index=True)
     summary = summarise(per_group)
+    summary.insert(0, "screen", args.screen)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -396,7 +453,8 @@ def main_unseen(args: argparse.Namespace) -> None:
 def report(summary: pd.DataFrame, facts: list[dict]) -> None:
     """The tables per cell type (mean +- sd over seeds) and the overall score per seed."""
     seconds = pd.DataFrame([f["seconds"] for f in facts])
-    methods = list(dict.fromkeys(summary["method"]))
+    present = set(summary["method"])
+    methods = [m for m in ORDER if m in present] + sorted(present - set(ORDER))
     print(markdown(summary, seconds, methods))
     overall = summary[summary["cell_type"] == "all"].pivot(
         index="seed", columns="method", values="score"
@@ -406,16 +464,47 @@ def report(summary: pd.DataFrame, facts: list[dict]) -> None:
 
 
 def main_from_json(paths: list[str]) -> None:
-    """Merge the ``--json`` files of separate runs (e.g. one seed each) into one report."""
+    """Merge the ``--json`` files of separate runs (one seed or one screen each) into one
+    report per screen, and the suite table when there are several screens."""
     summaries, facts = [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
         summaries.append(pd.DataFrame(data["summary"]))
         facts += data["facts"]
     summary = pd.concat(summaries, ignore_index=True)
-    if summary.duplicated(["seed", "method", "cell_type"]).any():
-        raise SystemExit("The --from-json files share a seed.")
-    report(summary, facts)
+    if "screen" not in summary:
+        summary["screen"] = "latent"
+    if summary.duplicated(["screen", "seed", "method", "cell_type"]).any():
+        raise SystemExit("The --from-json files share a screen and seed.")
+    for screen, part in summary.groupby("screen", sort=False):
+        print(f"\n## Screen: {screen}")
+        report(part, [f for f in facts if f.get("screen", "latent") == screen])
+    if summary["screen"].nunique() > 1:
+        print(suite_table(summary))
+
+
+def suite_table(summary: pd.DataFrame) -> str:
+    """Normalised score (all cell types) per screen and method, mean +- sd over seeds."""
+    overall = summary[summary["cell_type"] == "all"]
+    methods = [m for m in ORDER if m in set(overall["method"])]
+    lines = [
+        "\n| screen | seeds | " + " | ".join(methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
+    means = {m: [] for m in methods}
+    for screen, part in overall.groupby("screen", sort=False):
+        cells = []
+        for m in methods:
+            values = part.loc[part["method"] == m, "score"]
+            cells.append(mean_sd(values) if len(values) else "")
+            means[m].append(values.mean())
+        lines.append(f"| {screen} | {part['seed'].nunique()} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **mean of screens** | | "
+        + " | ".join(f"{np.nanmean(means[m]):.3f}" for m in methods)
+        + " |"
+    )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- few-shot split
@@ -517,6 +606,17 @@ def main_fewshot(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("unseen", "fewshot"), default="unseen")
+    parser.add_argument(
+        "--screen",
+        choices=SCREENS,
+        default="latent",
+        help="which screen of the suite (unseen split)",
+    )
+    parser.add_argument(
+        "--no-network-alone",
+        action="store_true",
+        help="skip the network trained without the linear path",
+    )
     parser.add_argument("--quick", action="store_true", help="small run on pbmc68k_reduced")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)

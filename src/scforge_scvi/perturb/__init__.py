@@ -8,6 +8,7 @@ plan, losses and checkpoints, and the metrics and baselines that score its predi
 
 from ._metrics import (
     aggregate_metrics,
+    compare_predictions,
     control_mean_baseline,
     evaluate_perturbation_predictions,
     linear_baseline,
@@ -21,6 +22,7 @@ __all__ = [
     "PerturbConfig",
     "ScForgePerturb",
     "aggregate_metrics",
+    "compare_predictions",
     "control_mean_baseline",
     "evaluate_perturbation_predictions",
     "linear_baseline",
