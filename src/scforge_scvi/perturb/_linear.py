@@ -7,7 +7,9 @@ predicted from its feature vector by ridge regression::
 
 ``b_c`` is the mean training change of cell type ``c`` (so a very large ridge gives
 cell-eval's perturbation-mean baseline), ``W_c`` is fitted in closed form, either per cell
-type or shared by all cell types. The ridge and the sharing are chosen by cross-validation
+type or shared by all cell types, and optionally kept in the top principal gene directions
+of the training changes (reduced rank, as in the gene-embedding linear model of
+Ahlmann-Eltze et al. 2025). The ridge, the rank and the sharing are chosen by cross-validation
 over training perturbations (a perturbation is held out in every cell type at once, as an
 unseen perturbation is), on the pseudobulk mean squared error. The out-of-fold predictions of
 the chosen fit are what the network is trained on top of: a training perturbation's linear
@@ -47,6 +49,8 @@ from ._sets import PerturbCells
 
 #: ridge strengths tried, per fitted row (features are standardised); ``inf``: no slope
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, np.inf)
+#: gene directions kept (top principal components of the training changes); ``None``: all
+RANKS = (4, 8, 16, 32, None)
 #: one slope per cell type, or one for all
 SHARING = ("cell_type", "shared")
 #: weights of the network's change tried on the validation perturbations (0: linear alone)
@@ -62,6 +66,7 @@ class LinearFit:
     weight: np.ndarray  # (C, F, G)
     bias: np.ndarray  # (C, G)
     ridge: float
+    rank: int | None
     sharing: str
     cv_mse: float
 
@@ -121,8 +126,9 @@ def _slopes(x: np.ndarray, y: np.ndarray, ridges: np.ndarray) -> np.ndarray:
 
 def _fit(
     x: np.ndarray, cell_type: np.ndarray, y: np.ndarray, n_types: int, sharing: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Slopes ``(R, C, F, G)`` for every ridge of :data:`RIDGE_GRID`, and biases ``(C, G)``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slopes ``(R, C, F, G)`` for every ridge of :data:`RIDGE_GRID`, biases ``(C, G)`` and
+    the principal gene directions of the centred changes (rows of ``vt``)."""
     bias = np.tile(y.mean(axis=0), (n_types, 1))
     for c in np.unique(cell_type):
         bias[c] = y[cell_type == c].mean(axis=0)
@@ -135,7 +141,14 @@ def _fit(
             rows = cell_type == c
             if rows.sum() >= 2:
                 slopes[:, c] = _slopes(x[rows], centred[rows], ridges * rows.sum())
-    return slopes, bias
+    return slopes, bias, np.linalg.svd(centred, full_matrices=False)[2]
+
+
+def _reduced(centred: np.ndarray, vt: np.ndarray, rank: int | None) -> np.ndarray:
+    """``centred`` changes (``(..., G)``) kept in the top ``rank`` gene directions."""
+    if rank is None or rank >= len(vt):
+        return centred
+    return (centred @ vt[:rank].T) @ vt[:rank]
 
 
 def fit_linear_response(
@@ -148,7 +161,7 @@ def fit_linear_response(
     n_folds: int = 20,
     seed: int = 0,
 ) -> tuple[LinearFit, np.ndarray]:
-    """Fit the linear path, choosing ridge and sharing by cross-validation over perturbations.
+    """Fit the linear path, choosing ridge, rank and sharing by cross-validation.
 
     Parameters
     ----------
@@ -161,15 +174,16 @@ def fit_linear_response(
     n_types
         Number of cell types of the model.
     n_folds
-        Folds of the cross-validation (leave-one-perturbation-out when there are fewer
-        perturbations).
+        Folds of the cross-validation over perturbations (leave-one-perturbation-out when
+        there are fewer perturbations).
     seed
         Seeds the assignment of perturbations to folds.
 
     Returns
     -------
-    ``(fit, out_of_fold)``: the fit on every group with the chosen ridge and sharing, and each
-    group's change predicted by the fold that held its perturbation out (``(n, G)``).
+    ``(fit, out_of_fold)``: the fit on every group with the chosen ridge, rank and sharing,
+    and each group's change predicted by the fold that held its perturbation out
+    (``(n, G)``).
     """
     features = np.asarray(features, dtype=np.float64)
     change = np.asarray(change, dtype=np.float64)
@@ -182,25 +196,37 @@ def fit_linear_response(
     rng = np.random.default_rng(seed)
     fold_of = dict(zip(perts, rng.permutation(len(perts)) % min(n_folds, len(perts))))
     fold = np.array([fold_of[p] for p in perturbation])
-    oof = {s: np.zeros((len(RIDGE_GRID), *change.shape)) for s in SHARING}
-    for k in np.unique(fold):
-        test, train = fold == k, fold != k
-        mean, scale = _standardiser(features[train])
-        x_train, x_test = (features[train] - mean) / scale, (features[test] - mean) / scale
-        for sharing in SHARING:
-            slopes, bias = _fit(x_train, cell_type[train], change[train], n_types, sharing)
-            ct = cell_type[test]
-            oof[sharing][:, test] = np.einsum("nf,rnfg->rng", x_test, slopes[:, ct]) + bias[ct]
-    mse = {
-        (s, r): float(((oof[s][r] - change) ** 2).mean())
-        for s in SHARING
-        for r in range(len(RIDGE_GRID))
-    }
-    sharing, r = min(mse, key=mse.get)
+
+    def folds():
+        """Per fold and sharing: held-out rows and their centred predictions, every ridge."""
+        for k in np.unique(fold):
+            test, train = fold == k, fold != k
+            mean, scale = _standardiser(features[train])
+            x_train, x_test = (features[train] - mean) / scale, (features[test] - mean) / scale
+            for sharing in SHARING:
+                slopes, bias, vt = _fit(x_train, cell_type[train], change[train], n_types, sharing)
+                ct = cell_type[test]
+                yield test, sharing, np.einsum("nf,rnfg->rng", x_test, slopes[:, ct]), bias[ct], vt
+
+    errors = {(s, q): np.zeros(len(RIDGE_GRID)) for s in SHARING for q in RANKS}
+    for test, sharing, centred, bias, vt in folds():
+        for rank in RANKS:
+            error = (_reduced(centred, vt, rank) + bias - change[test]) ** 2
+            errors[(sharing, rank)] += error.sum(axis=(1, 2))
+    sharing, rank, r = min(
+        ((s, q, i) for (s, q), e in errors.items() for i in range(len(e))),
+        key=lambda key: errors[key[:2]][key[2]],
+    )
+    oof = np.zeros_like(change)
+    for test, chosen, centred, bias, vt in folds():
+        if chosen == sharing:
+            oof[test] = _reduced(centred[r], vt, rank) + bias
     mean, scale = _standardiser(features)
-    slopes, bias = _fit((features - mean) / scale, cell_type, change, n_types, sharing)
-    fit = LinearFit(mean, scale, slopes[r], bias, float(RIDGE_GRID[r]), sharing, mse[(sharing, r)])
-    return fit, oof[sharing][r]
+    slopes, bias, vt = _fit((features - mean) / scale, cell_type, change, n_types, sharing)
+    weight = _reduced(slopes[r], vt, rank)
+    cv_mse = float(errors[(sharing, rank)][r] / change.size)
+    fit = LinearFit(mean, scale, weight, bias, float(RIDGE_GRID[r]), rank, sharing, cv_mse)
+    return fit, oof
 
 
 def _standardiser(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +303,7 @@ class LinearPathMixin:
             state.update(buffers)
         self.linear_path_ = {
             "ridge": fit.ridge,
+            "rank": fit.rank,
             "sharing": fit.sharing,
             "cv_mse": fit.cv_mse,
             "residual_weight": weight,
@@ -284,8 +311,10 @@ class LinearPathMixin:
             "validation_perturbations": len(unseen),
         }
         logger.info(
-            "Linear path: ridge %g (%s slopes); residual weight %.2f (validation scores %s).",
+            "Linear path: ridge %g, rank %s (%s slopes); residual weight %.2f "
+            "(validation scores %s).",
             fit.ridge,
+            fit.rank or "full",
             fit.sharing,
             weight,
             {w: round(v, 3) for w, v in scores.items()},
