@@ -86,6 +86,131 @@ def _soft_threshold(u: np.ndarray, t: float) -> np.ndarray:
     return np.sign(u) * np.maximum(np.abs(u) - t, 0.0)
 
 
+def _source_cells(
+    source: ad.AnnData,
+    cell_type_key: str,
+    cell_types: Sequence[str] | None,
+    n_genes: int,
+    min_cell_fraction: float,
+) -> tuple[sp.csr_matrix, np.ndarray, list[str], pd.Index]:
+    """The kept cell types' counts on ``n_genes`` highly variable genes, labels and gene names.
+
+    ``cell_types=None`` keeps every cell type with at least 20 cells.
+    """
+    check_raw_counts(source.X, "source.X")
+    labels = _obs_column(source, cell_type_key, "Cell-type").astype(str)
+    if cell_types is None:
+        sizes = labels.value_counts()
+        cell_types = sorted(sizes.index[sizes >= 20])
+    cell_types = _check_names(cell_types, pd.Index(labels.unique()), "cell_types")
+    keep = labels.isin(cell_types).to_numpy()
+    counts = sp.csr_matrix(source.X[keep], dtype=np.float32)
+    labels = labels[keep].to_numpy()
+    genes = _select_genes(counts, n_genes, min_fraction=min_cell_fraction)
+    return counts[:, genes], labels, list(cell_types), source.var_names[genes].astype(str)
+
+
+def _pick_targets(
+    counts: sp.csr_matrix, n_perturbations: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Target genes (sorted column indices), drawn among the ``3 n`` best-expressed genes.
+
+    Well-expressed targets make a knockdown measurable.
+    """
+    mean_count = np.asarray(counts.mean(axis=0)).ravel()
+    candidates = np.argsort(-mean_count)[: 3 * n_perturbations]
+    if len(candidates) < n_perturbations:
+        raise ScForgeValueError(
+            f"n_perturbations={n_perturbations} exceeds n_genes={counts.shape[1]}."
+        )
+    return np.sort(rng.choice(candidates, size=n_perturbations, replace=False))
+
+
+def _perturbation_names(gene_names: pd.Index, targets: np.ndarray, control_label: str) -> list:
+    """Perturbations are named after their target gene, as in CRISPR screens."""
+    pert_names = list(gene_names[targets])
+    if control_label in pert_names:
+        raise ScForgeValueError(f"The control label {control_label!r} is also a gene name.")
+    return pert_names
+
+
+def _draw_screen(
+    counts: sp.csr_matrix,
+    labels: np.ndarray,
+    cell_types: Sequence[str],
+    gene_names: pd.Index,
+    targets: np.ndarray,
+    pert_names: Sequence[str],
+    lfc: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    *,
+    n_controls_per_cell_type: int,
+    n_cells_per_perturbation: int,
+    escape_rate: float,
+    smoothing: float,
+    perturbation_key: str,
+    cell_type_key: str,
+    control_label: str,
+) -> ad.AnnData:
+    """Draw the cells of a screen with the log fold changes ``lfc[cell_type]`` applied.
+
+    Every cell (controls included) is a real cell of its cell type, drawn with replacement,
+    whose counts are drawn again: ``Poisson(((1 - smoothing) x + smoothing * L * profile_c) *
+    exp(r * lfc))`` with the cell's library size ``L``, its cell type's mean profile and a
+    per-cell response ``r``: 0 for a fraction ``escape_rate`` of cells (guides that failed),
+    else uniform in [0.6, 1]. Returns the screen with ``var["is_target"]`` and
+    ``uns["perturbation_truth"]`` (``targets``, ``perturbations``, ``lfc``).
+    """
+    n_genes = counts.shape[1]
+    obs_perts, obs_types, rows_lfc, sources = [], [], [], []
+    for cell_type in cell_types:
+        pool = np.flatnonzero(labels == cell_type)
+        n_total = n_controls_per_cell_type + len(pert_names) * n_cells_per_perturbation
+        sources.append(rng.choice(pool, size=n_total, replace=True))
+        obs_types += [cell_type] * n_total
+        obs_perts += [control_label] * n_controls_per_cell_type
+        rows_lfc.append(np.zeros((n_controls_per_cell_type, n_genes)))
+        for p, name in enumerate(pert_names):
+            obs_perts += [name] * n_cells_per_perturbation
+            response = np.where(
+                rng.random(n_cells_per_perturbation) < escape_rate,
+                0.0,
+                rng.uniform(0.6, 1.0, n_cells_per_perturbation),
+            )
+            rows_lfc.append(response[:, None] * lfc[cell_type][p][None, :])
+    src = np.concatenate(sources)
+    cell_lfc = np.concatenate(rows_lfc)
+
+    # mean expression profile (fractions of the library) of each cell type
+    fractions = sp.diags(1.0 / np.maximum(library_size(counts), 1.0)) @ counts
+    profiles = np.stack(
+        [np.asarray(fractions[labels == t].mean(axis=0)).ravel() for t in cell_types]
+    )
+    type_index = pd.Index(cell_types).get_indexer(labels[src])
+    x = np.asarray(counts[src].todense(), dtype=np.float64)
+    size = library_size(counts[src])
+    rate = (1 - smoothing) * x + smoothing * size[:, None] * profiles[type_index]
+    rate *= np.exp(cell_lfc)
+    new_counts = rng.poisson(rate).astype(np.float32)
+
+    obs = pd.DataFrame(
+        {
+            perturbation_key: pd.Categorical(obs_perts, categories=[control_label, *pert_names]),
+            cell_type_key: pd.Categorical(obs_types, categories=list(cell_types)),
+        },
+        index=[f"cell{i}" for i in range(len(obs_perts))],
+    )
+    var = pd.DataFrame(index=pd.Index(gene_names, name=None))
+    var["is_target"] = np.isin(np.arange(n_genes), targets)
+    out = ad.AnnData(X=sp.csr_matrix(new_counts), obs=obs, var=var)
+    out.uns["perturbation_truth"] = {
+        "targets": dict(zip(pert_names, gene_names[targets], strict=True)),
+        "perturbations": np.asarray(pert_names),
+        "lfc": {cell_type: lfc[cell_type].astype(np.float32) for cell_type in cell_types},
+    }
+    return out
+
+
 def make_semisynthetic_perturbation_data(
     source: ad.AnnData,
     cell_type_key: str,
@@ -181,19 +306,9 @@ def make_semisynthetic_perturbation_data(
             f"n_features and feature_noise must be >= 0, got {n_features} and {feature_noise}."
         )
     rng = np.random.default_rng(seed)
-    check_raw_counts(source.X, "source.X")
-    labels = _obs_column(source, cell_type_key, "Cell-type").astype(str)
-    if cell_types is None:
-        sizes = labels.value_counts()
-        cell_types = sorted(sizes.index[sizes >= 20])
-    cell_types = _check_names(cell_types, pd.Index(labels.unique()), "cell_types")
-    keep = labels.isin(cell_types).to_numpy()
-    counts = sp.csr_matrix(source.X[keep], dtype=np.float32)
-    labels = labels[keep].to_numpy()
-
-    genes = _select_genes(counts, n_genes, min_fraction=min_cell_fraction)
-    counts = counts[:, genes]
-    gene_names = source.var_names[genes].astype(str)
+    counts, labels, cell_types, gene_names = _source_cells(
+        source, cell_type_key, cell_types, n_genes, min_cell_fraction
+    )
     logn = np.asarray(log_normalize(counts).todense())
     programs = _gene_programs(logn, n_programs, seed)
 
@@ -207,14 +322,8 @@ def make_semisynthetic_perturbation_data(
     strength = rng.uniform(0.3, 1.3, size=(len(cell_types), n_programs))
 
     # targets: drawn among the best-expressed genes, so that a knockdown is measurable
-    mean_count = np.asarray(counts.mean(axis=0)).ravel()
-    candidates = np.argsort(-mean_count)[: 3 * n_perturbations]  # the best-expressed genes
-    if len(candidates) < n_perturbations:
-        raise ScForgeValueError(f"n_perturbations={n_perturbations} exceeds n_genes={n_genes}.")
-    targets = np.sort(rng.choice(candidates, size=n_perturbations, replace=False))
-    pert_names = list(gene_names[targets])
-    if control_label in pert_names:
-        raise ScForgeValueError(f"The control label {control_label!r} is also a gene name.")
+    targets = _pick_targets(counts, n_perturbations, rng)
+    pert_names = _perturbation_names(gene_names, targets, control_label)
 
     weights = np.zeros((n_perturbations, n_programs))
     weights[np.arange(n_perturbations), programs[targets]] = -rng.uniform(0.7, 1.2, n_perturbations)
@@ -248,54 +357,25 @@ def make_semisynthetic_perturbation_data(
         effect[np.arange(n_perturbations), targets] = np.log(knockdown)
         lfc[cell_type] = effect
 
-    obs_perts, obs_types, rows_lfc, sources = [], [], [], []
-    for cell_type in cell_types:
-        pool = np.flatnonzero(labels == cell_type)
-        n_total = n_controls_per_cell_type + n_perturbations * n_cells_per_perturbation
-        sources.append(rng.choice(pool, size=n_total, replace=True))
-        obs_types += [cell_type] * n_total
-        obs_perts += [control_label] * n_controls_per_cell_type
-        rows_lfc.append(np.zeros((n_controls_per_cell_type, n_genes)))
-        for p, name in enumerate(pert_names):
-            obs_perts += [name] * n_cells_per_perturbation
-            response = np.where(
-                rng.random(n_cells_per_perturbation) < escape_rate,
-                0.0,
-                rng.uniform(0.6, 1.0, n_cells_per_perturbation),
-            )
-            rows_lfc.append(response[:, None] * lfc[cell_type][p][None, :])
-    src = np.concatenate(sources)
-    cell_lfc = np.concatenate(rows_lfc)
-
-    # mean expression profile (fractions of the library) of each cell type
-    fractions = sp.diags(1.0 / np.maximum(library_size(counts), 1.0)) @ counts
-    profiles = np.stack(
-        [np.asarray(fractions[labels == t].mean(axis=0)).ravel() for t in cell_types]
+    out = _draw_screen(
+        counts,
+        labels,
+        cell_types,
+        gene_names,
+        targets,
+        pert_names,
+        lfc,
+        rng,
+        n_controls_per_cell_type=n_controls_per_cell_type,
+        n_cells_per_perturbation=n_cells_per_perturbation,
+        escape_rate=escape_rate,
+        smoothing=smoothing,
+        perturbation_key=perturbation_key,
+        cell_type_key=cell_type_key,
+        control_label=control_label,
     )
-    type_index = pd.Index(cell_types).get_indexer(labels[src])
-    x = np.asarray(counts[src].todense(), dtype=np.float64)
-    size = library_size(counts[src])
-    rate = (1 - smoothing) * x + smoothing * size[:, None] * profiles[type_index]
-    rate *= np.exp(cell_lfc)
-    new_counts = rng.poisson(rate).astype(np.float32)
-
-    obs = pd.DataFrame(
-        {
-            perturbation_key: pd.Categorical(obs_perts, categories=[control_label, *pert_names]),
-            cell_type_key: pd.Categorical(obs_types, categories=list(cell_types)),
-        },
-        index=[f"cell{i}" for i in range(len(obs_perts))],
-    )
-    var = pd.DataFrame(index=pd.Index(gene_names, name=None))
-    var["program"] = programs
-    var["is_target"] = np.isin(np.arange(n_genes), targets)
-    out = ad.AnnData(X=sp.csr_matrix(new_counts), obs=obs, var=var)
-    out.uns["perturbation_truth"] = {
-        "targets": dict(zip(pert_names, gene_names[targets], strict=True)),
-        "perturbations": np.asarray(pert_names),
-        "lfc": {cell_type: lfc[cell_type].astype(np.float32) for cell_type in cell_types},
-        "seed": seed,
-    }
+    out.uns["perturbation_truth"]["seed"] = seed
+    out.var.insert(0, "program", programs)
     if features is not None:
         out.uns["perturbation_truth"]["features"] = features.astype(np.float32)
         out.uns["perturbation_truth"]["latent"] = latent.astype(np.float32)
