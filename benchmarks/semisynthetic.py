@@ -673,3 +673,75 @@ def perturbation_feature_table(adata: ad.AnnData, *, latent: bool = False) -> pd
     return pd.DataFrame(
         values, index=pd.Index(names), columns=[f"f{i}" for i in range(values.shape[1])]
     )
+
+
+def backbone_gene_features(
+    adata: ad.AnnData,
+    source: ad.AnnData,
+    *,
+    seed: int = 0,
+    n_epochs: int = 6,
+    hidden_dim: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    max_genes: int = 256,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Perturbation features a user would bring: the target genes' embeddings in a backbone.
+
+    A small :class:`scforge_scvi.ScForge` (the library's default recipe: binned expression
+    tokens, masked-gene pretraining) is pretrained for ``n_epochs`` on ``source``'s raw counts
+    restricted to the screen's genes, and each perturbation gets the gene token embedding of
+    its target gene (:meth:`scforge_scvi.ScForge.gene_embeddings`).
+
+    Parameters
+    ----------
+    adata
+        A screen (e.g. :func:`make_screen`), with ``uns["perturbation_truth"]``.
+    source
+        The real cells it was built from (raw counts in ``X``).
+    seed
+        Seeds the initialisation and the training.
+    n_epochs, hidden_dim, num_layers, num_heads, max_genes, batch_size
+        Size of the backbone and of its pretraining (the defaults take about a minute on one
+        CPU core for pbmc3k).
+
+    Returns
+    -------
+    DataFrame indexed by perturbation (in the order of ``perturbations``), ``hidden_dim``
+    columns (the format of :func:`perturbation_feature_table`).
+    """
+    import torch
+
+    from scforge_scvi import ScForge
+
+    truth = adata.uns["perturbation_truth"]
+    genes = adata.var_names.astype(str)
+    cells = source[:, source.var_names.get_indexer(genes)].copy()
+    cells.var_names = genes
+    cells.X = sp.csr_matrix(cells.X, dtype=np.float32)
+    check_raw_counts(cells.X, "source.X")
+    cells.obs = cells.obs[[]]
+    ScForge.setup_anndata(cells)
+    torch.manual_seed(seed)
+    model = ScForge(
+        cells,
+        n_top_genes=None,
+        max_genes=max_genes,
+        hidden_dim=hidden_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+    )
+    model.train(
+        max_epochs=n_epochs,
+        batch_size=batch_size,
+        seed=seed,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    perturbations = [str(p) for p in truth["perturbations"]]
+    table = model.gene_embeddings([str(truth["targets"][p]) for p in perturbations])
+    table.index = pd.Index(perturbations)
+    table.columns = [f"f{i}" for i in range(table.shape[1])]
+    return table
