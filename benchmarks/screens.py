@@ -31,18 +31,24 @@ from scforge_scvi.perturb._metrics import (
 from semisynthetic import (
     PBMC3K_CELL_TYPES,
     SCREEN_KINDS,
+    backbone_gene_features,
     load_pbmc3k_counts,
     make_screen,
     perturbation_feature_table,
 )
 
 
-def score_screen(kind: str, seed: int, **sizes) -> dict:
-    """Build one screen, split it and score the linear model against the perturbation mean."""
+def score_screen(kind: str, seed: int, *, backbone: bool = False, **sizes) -> dict:
+    """Build one screen, split it and score the linear model against the perturbation mean.
+
+    With ``backbone=True`` the linear model is also scored on the target genes' embeddings
+    in a small pretrained backbone (:func:`semisynthetic.backbone_gene_features`).
+    """
+    source = load_pbmc3k_counts()
     start = time.perf_counter()
     adata = make_screen(
         kind,
-        load_pbmc3k_counts(),
+        source,
         "louvain",
         cell_types=PBMC3K_CELL_TYPES,
         seed=seed,
@@ -63,7 +69,6 @@ def score_screen(kind: str, seed: int, **sizes) -> dict:
         test_perturbations=perts[:n_test],
         val_perturbations=perts[n_test : n_test + n_val],
     )
-    features = perturbation_feature_table(adata)
     split = adata.obs["split"].astype(str).to_numpy()
     is_control = (adata.obs[PERT] == CONTROL).to_numpy()
     logn = log1p_anndata(adata)
@@ -71,11 +76,19 @@ def score_screen(kind: str, seed: int, **sizes) -> dict:
     real = logn[(split == "test") | is_control].copy()
     real_val = logn[(split == "val") | is_control].copy()
     kw = {"perturbation_key": PERT, "control_label": CONTROL, "cell_type_key": "louvain"}
-    chosen = select_linear(train, real_val, features, kw)
-    predictions = {
-        "perturbation mean": perturbation_mean_baseline(train, real, **kw),
-        "linear": linear_baseline(train, real, perturbation_features=features, **chosen, **kw),
-    }
+    tables = {"linear": perturbation_feature_table(adata)}
+    facts = {"kind": kind, "train perturbations": len(perts) - n_test - n_val, "build_s": build_s}
+    if backbone:
+        start = time.perf_counter()
+        tables["linear on backbone"] = backbone_gene_features(adata, source, seed=seed)
+        facts["backbone_s"] = time.perf_counter() - start
+    predictions = {"perturbation mean": perturbation_mean_baseline(train, real, **kw)}
+    for name, features in tables.items():
+        chosen = select_linear(train, real_val, features, kw)
+        predictions[name] = linear_baseline(
+            train, real, perturbation_features=features, **chosen, **kw
+        )
+        facts[f"{name} settings"] = chosen
     rows = []
     for name, pred in predictions.items():
         table = evaluate_perturbation_predictions(real, pred, **kw)
@@ -83,25 +96,27 @@ def score_screen(kind: str, seed: int, **sizes) -> dict:
         table.insert(0, "seed", seed)
         rows.append(table)
     summary = summarise(pd.concat(rows, ignore_index=True))
-    overall = summary[(summary["cell_type"] == "all") & (summary["method"] == "linear")].iloc[0]
-    return {
-        "kind": kind,
-        "score": float(overall["score"]),
-        "pearson_delta": float(overall["pearson_delta"]),
-        "linear": chosen,
-        "train perturbations": len(perts) - n_test - n_val,
-        "build_s": build_s,
-    }
+    overall = summary[summary["cell_type"] == "all"].set_index("method")
+    for name in tables:
+        facts[f"{name} score"] = round(float(overall.loc[name, "score"]), 4)
+        facts[f"{name} pearson_delta"] = round(float(overall.loc[name, "pearson_delta"]), 4)
+    facts["perturbation mean pearson_delta"] = round(
+        float(overall.loc["perturbation mean", "pearson_delta"]), 4
+    )
+    return facts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", nargs="+", default=list(SCREEN_KINDS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backbone", action="store_true", help="also score backbone gene embeddings"
+    )
     args = parser.parse_args()
     quiet()
     for kind in args.kinds:
-        print(score_screen(kind, args.seed), flush=True)
+        print(score_screen(kind, args.seed, backbone=args.backbone), flush=True)
 
 
 if __name__ == "__main__":

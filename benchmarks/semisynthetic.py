@@ -4,7 +4,10 @@ No real Perturb-seq data ships offline, so :func:`make_semisynthetic_perturbatio
 benchmark from real cells: control cells are resampled from real PBMCs, and perturbed cells
 are the same kind of real cells with known perturbation programs applied to their expected
 counts before the counts are drawn again. :func:`perturbation_feature_table` hands out the
-perturbations' (noisy) feature vectors. Not part of the package: ``benchmarks/`` scripts import
+perturbations' (noisy) feature vectors. :func:`make_screen` builds a suite of such screens
+that differ in how perturbations act (``"latent"``, ``"correlation"``, ``"pathway"``,
+``"small"``), and :func:`backbone_gene_features` a feature table from a small pretrained
+backbone's gene embeddings. Not part of the package: ``benchmarks/`` scripts import
 it directly, the tests through ``tests/model/conftest.py``.
 """
 
