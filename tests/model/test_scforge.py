@@ -245,3 +245,20 @@ def test_scaled_gene_embedding_reloads_with_identical_embeddings(counts, tmp_pat
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation()
     )
+
+
+def test_gene_embeddings_are_the_backbone_gene_token_weights(trained, counts):
+    model = trained[0]
+    table = model.gene_embeddings()
+    weight = model.module.backbone.gene_embedding.weight.detach().cpu().numpy()
+    assert list(table.index) == model.vocab.genes
+    assert table.shape == (model.vocab.n_genes, model.backbone_config.hidden_dim)
+    assert table.dtypes.eq(np.float32).all()
+    np.testing.assert_array_equal(table.to_numpy(), weight[model.vocab.gene_ids])
+
+    genes = list(counts.var_names[counts.var_names.isin(model.vocab.genes)][::-1][:20])
+    picked = model.gene_embeddings(genes)
+    assert list(picked.index) == genes
+    np.testing.assert_array_equal(picked.to_numpy(), table.loc[genes].to_numpy())
+    with pytest.raises(KeyError):
+        model.gene_embeddings(["not-a-gene"])

@@ -307,6 +307,46 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
         with torch.no_grad():
             weight[torch.as_tensor(ids), : scaled.shape[1]] = scaled
 
+    def gene_embeddings(self, genes: Sequence[str] | None = None) -> pd.DataFrame:
+        """The backbone's gene token embeddings, one row per gene.
+
+        These are the learned vectors the backbone adds up for each gene token before the
+        transformer layers (``backbone.gene_embedding``), e.g. a feature table of target
+        genes for :class:`~scforge_scvi.ScForgePerturb` (``perturbation_features``).
+
+        Parameters
+        ----------
+        genes
+            Genes to return, in this order: gene ids (version ignored) or symbols of the
+            model's vocabulary (default: every vocabulary gene, in token order).
+
+        Returns
+        -------
+        DataFrame of shape ``(n_genes, hidden_dim)`` (float32), indexed by gene name (the
+        names asked for, or the vocabulary's primary identifiers), columns ``dim0, dim1, ...``.
+
+        Raises
+        ------
+        KeyError
+            If a gene is not in the model's vocabulary.
+        """
+        if genes is None:
+            names = self.vocab.genes
+            ids = self.vocab.gene_ids
+        else:
+            names = [str(g) for g in genes]
+            ids = np.asarray([self.vocab.token_to_id(g) for g in names], dtype=np.int64)
+            special = [g for g, i in zip(names, ids, strict=True) if i < self.vocab.n_special]
+            if special:
+                raise ScForgeValueError(f"{special} are special tokens, not genes.")
+        weight = self.module.backbone.gene_embedding.weight.detach()
+        values = weight[torch.as_tensor(ids, dtype=torch.long)].float().cpu().numpy()
+        return pd.DataFrame(
+            values,
+            index=pd.Index(names, dtype=object),
+            columns=[f"dim{i}" for i in range(values.shape[1])],
+        )
+
     def gene_match(self, adata: AnnData | None = None):
         """How the genes of ``adata`` map onto the model's vocabulary (coverage report)."""
         adata = self._validate_anndata(adata)
