@@ -17,6 +17,17 @@ programs applied to real cells, counts drawn again; see
     ``--state-python`` (a virtual environment with ``arc-state``), State's Transition model
     is trained on the same cells and features by ``benchmarks/state_runner.py`` and scored
     with the same code. Several seeds (``--seeds``), mean +- standard deviation.
+``--screen``
+    Which screen of the suite the unseen split runs on (``SCREENS``): ``latent`` (above),
+    ``correlation`` (a knock-down moves the genes co-expressed with its target; features:
+    the target gene's loadings on 16 principal components of the control cells),
+    ``pathway`` (a knock-down moves its target's gene module and sometimes one other; same
+    features), ``small`` (the correlation mechanism, 40 perturbations, 3 cell types, at most
+    32 training perturbations) and ``backbone`` (the correlation screen with the target
+    genes' token embeddings of a ScForge pretrained on the source cells as features). Every
+    screen reports the linear path alone (the default model at residual weight 0), the network
+    trained without it (``network alone``) and the default model. ``--from-json`` over the
+    files of several screens prints the suite table.
 ``--split fewshot``
     The earlier benchmark: in two cell types some perturbations are held out (cell-load's
     few-shot layout), the other cell types see every perturbation; one seed.
@@ -436,17 +447,16 @@ def main_unseen(args: argparse.Namespace) -> None:
             f"wall {info['wall_s']:.0f} s",
             flush=True,
         )
-    per_group = pd.concat(groups, ignore_index=True)
-    summary = summarise(per_group)
-    summary.insert(0, "screen", args.screen)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"facts": facts, "summary": summary.to_dict(orient="records")},
-                indent=2,
-                default=str,
+        summary = summarise(pd.concat(groups, ignore_index=True))
+        summary.insert(0, "screen", args.screen)
+        if args.json:  # after every seed, so that a stopped run keeps its finished seeds
+            Path(args.json).write_text(
+                json.dumps(
+                    {"facts": facts, "summary": summary.to_dict(orient="records")},
+                    indent=2,
+                    default=str,
+                )
             )
-        )
     report(summary, facts)
 
 
