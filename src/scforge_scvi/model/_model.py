@@ -51,8 +51,7 @@ GENE_EMBEDDING_INITS = ("random", "pca")
 PREDICTION_HEADS = ("default", "backbone", "linear")
 #: the label of cells no known type is credible for (``predict(unknown_threshold=...)``)
 UNKNOWN = "unknown"
-
-
+#: cell-embedding normalisations (``embed(normalize=...)``)
 NORMALIZATIONS = ("none", "l2", "standardize")
 
 
