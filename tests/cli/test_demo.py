@@ -6,6 +6,7 @@ import contextlib
 import io
 
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -33,6 +34,8 @@ def test_demo_writes_embeddings_umap_and_a_pretrained_model(demo):
     assert np.isfinite(adata.obsm["X_scforge"]).all()
     assert adata.obsm["X_umap"].shape == (700, 2)
     assert "bulk_labels" in adata.obs
+    assert adata.obsm["X_pca"].shape == (700, 50)
+    assert adata.obsm["X_umap_pca"].shape == (700, 2)
     assert (output / "umap_bulk_labels.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
@@ -41,9 +44,15 @@ def test_demo_writes_embeddings_umap_and_a_pretrained_model(demo):
         adata.uns.pop(key, None)
     ScForge.setup_anndata(adata, layer="counts")
     reloaded = ScForge.from_pretrained(str(output / "best"), adata)
-    np.testing.assert_allclose(
-        reloaded.get_latent_representation(), adata.obsm["X_scforge"], atol=1e-5
-    )
+    reloaded.embed(adata, key_added="X_reloaded")
+    np.testing.assert_allclose(adata.obsm["X_reloaded"], adata.obsm["X_scforge"], atol=1e-5)
+
+
+def test_demo_figure_puts_the_pca_umap_beside_the_scforge_umap(demo):
+    output, result, _ = demo
+    assert result["umap_panels"] == 2
+    height, width = plt.imread(output / "umap_bulk_labels.png").shape[:2]
+    assert width > 1.5 * height  # two panels side by side
 
 
 def test_demo_prints_its_outputs_and_a_quality_figure(demo):
@@ -53,8 +62,10 @@ def test_demo_prints_its_outputs_and_a_quality_figure(demo):
     assert (
         f"15-NN accuracy of bulk_labels on the embedding = {result['knn_accuracy']:.3f}" in printed
     )
+    assert f"on 50 PCs of log-normalised HVGs = {result['pca_knn_accuracy']:.3f}" in printed
     assert 0.0 < result["majority"] < 1.0
     assert 0.0 <= result["knn_accuracy"] <= 1.0
+    assert 0.0 <= result["pca_knn_accuracy"] <= 1.0
 
 
 def test_demo_is_a_command(capsys):

@@ -204,6 +204,48 @@ def test_embed_feeds_scanpy_neighbors_and_umap(trained, counts):
     assert np.isfinite(adata.obsm["X_umap"]).all()
 
 
+def test_embed_read_outs_layers_pooling_and_normalisation(trained, counts, embedding):
+    model, d = trained[0], TINY["hidden_dim"]
+    adata = counts.copy()
+    # the raw read-out of the old default: the model's pooling of the final hidden states
+    model.embed(adata, key_added="raw", layers=-1, pooling="mean", normalize="none")
+    np.testing.assert_allclose(adata.obsm["raw"], embedding, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(counts, layers=1, pooling="mean"), embedding, atol=1e-6
+    )
+    # the input embeddings differ from the final states; a concatenation keeps each in order
+    first = model.get_latent_representation(counts, layers=0)
+    both = model.get_latent_representation(counts, layers=[0, -1])
+    assert both.shape == (counts.n_obs, 2 * d)
+    np.testing.assert_allclose(both[:, :d], first, atol=1e-6)
+    np.testing.assert_allclose(both[:, d:], embedding, atol=1e-6)
+    assert not np.allclose(first, embedding)
+    # <cls> pooling differs from the mean over tokens
+    cls = model.get_latent_representation(counts, pooling="cls")
+    assert cls.shape == embedding.shape and not np.allclose(cls, embedding)
+    standard = model.get_latent_representation(counts, normalize="standardize")
+    np.testing.assert_allclose(standard.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(standard.std(0), 1.0, atol=1e-3)
+    unit = model.get_latent_representation(counts, normalize="l2")
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    params = adata.uns["scforge"]["embed"]["params"]
+    assert (params["layers"], params["pooling"], params["normalize"]) == (-1, "mean", "none")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"layers": 2}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"pooling": "max"}, "pooling"),
+        ({"normalize": "zscore"}, "normalize"),
+    ],
+)
+def test_embed_refuses_unknown_read_outs_naming_the_argument(trained, counts, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        trained[0].get_latent_representation(counts, **kwargs)
+
+
 def _one_epoch(adata, seed: int) -> np.ndarray:
     torch.manual_seed(0)
     model = ScForge(adata, **TINY)

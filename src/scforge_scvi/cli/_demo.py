@@ -16,6 +16,25 @@ def knn_accuracy(embedding: np.ndarray, labels: np.ndarray, k: int = 15) -> floa
     return float(cross_val_score(KNeighborsClassifier(k), embedding, labels, cv=5).mean())
 
 
+def pca_embedding(adata, n_comps: int = 50, seed: int = 0) -> np.ndarray:
+    """PCA of log-normalised highly variable genes of raw counts (scanpy's standard recipe).
+
+    ``normalize_total(1e4)``, ``log1p``, ``highly_variable_genes(n_top_genes=2000)`` (every
+    gene but one when there are fewer), ``scale(max_value=10)``, ``pca(n_comps)``; ``adata``
+    is left unchanged.
+    """
+    import scanpy as sc
+
+    logn = adata.copy()
+    sc.pp.normalize_total(logn, target_sum=1e4)
+    sc.pp.log1p(logn)
+    sc.pp.highly_variable_genes(logn, n_top_genes=min(2000, adata.n_vars - 1))
+    logn = logn[:, logn.var["highly_variable"].to_numpy()].copy()
+    sc.pp.scale(logn, max_value=10)
+    sc.tl.pca(logn, n_comps=n_comps, random_state=seed)
+    return logn.obsm["X_pca"]
+
+
 def run_demo(
     output: Path,
     *,
@@ -25,10 +44,16 @@ def run_demo(
     max_genes: int = 256,
     seed: int = 0,
 ) -> dict:
-    """Pretrain on pbmc68k_reduced, write embeddings (.h5ad) and a UMAP (.png) to ``output``."""
+    """Pretrain on pbmc68k_reduced, write embeddings (.h5ad) and UMAPs (.png) to ``output``.
+
+    The figure has two panels: the UMAP of ``X_scforge`` beside the UMAP of 50 principal
+    components of the same cells (:func:`pca_embedding`); both embeddings' 15-NN accuracy of
+    ``bulk_labels`` is printed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import scanpy as sc
 
     from scforge_scvi import ScForge
@@ -48,6 +73,10 @@ def run_demo(
         num_heads=4,
         dropout=0.1,
         pooling="mean",  # masked-gene pretraining trains every token, not <cls>
+        # measured in docs/benchmarks_embedding.md: both lift the embedding's 15-NN accuracy
+        # of bulk_labels from about 0.56 to 0.73 at the same 8 epochs
+        gene_embedding_init="pca",
+        cell_expression_weight=1.0,
     )
     print(model)
     model.train(
@@ -61,16 +90,39 @@ def run_demo(
     model.save_pretrained(str(output / "best"))
     model.embed()
 
+    adata.obsm["X_pca"] = pca_embedding(adata, seed=seed)
+    sc.pp.neighbors(adata, use_rep="X_pca")
+    sc.tl.umap(adata, random_state=seed)
+    adata.obsm["X_umap_pca"] = adata.obsm.pop("X_umap")
     sc.pp.neighbors(adata, use_rep="X_scforge")
     sc.tl.umap(adata, random_state=seed)
     h5ad = output / "pbmc68k_scforge.h5ad"
     adata.write_h5ad(h5ad)
-    ax = sc.pl.umap(adata, color="bulk_labels", show=False, title="scforge embedding (bulk_labels)")
-    png = output / "umap_bulk_labels.png"
-    ax.figure.savefig(png, dpi=120, bbox_inches="tight")
 
     labels = adata.obs["bulk_labels"].astype(str).to_numpy()
     acc = knn_accuracy(adata.obsm["X_scforge"], labels)
+    pca_acc = knn_accuracy(adata.obsm["X_pca"], labels)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    sc.pl.umap(
+        adata,
+        color="bulk_labels",
+        ax=left,
+        show=False,
+        legend_loc="none",
+        title=f"scforge embedding (15-NN accuracy {acc:.2f})",
+    )
+    sc.pl.embedding(
+        adata,
+        basis="umap_pca",
+        color="bulk_labels",
+        ax=right,
+        show=False,
+        title=f"PCA, 50 components (15-NN accuracy {pca_acc:.2f})",
+    )
+    png = output / "umap_bulk_labels.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    panels = len([ax for ax in fig.axes if ax.get_title()])
+    plt.close(fig)
     chance = float(adata.obs["bulk_labels"].value_counts(normalize=True).max())
     elapsed = time.perf_counter() - start
     val = model.history["val_loss"].to_numpy().ravel()
@@ -80,7 +132,16 @@ def run_demo(
     print(f"UMAP:           {png}")
     print(f"Pretrained:     {output / 'best'}")
     print(
-        f"Quality: 15-NN accuracy of bulk_labels on the embedding = {acc:.3f} "
+        f"Quality: 15-NN accuracy of bulk_labels on the embedding = {acc:.3f}, "
+        f"on 50 PCs of log-normalised HVGs = {pca_acc:.3f} "
         f"(majority class {chance:.3f}); finished in {elapsed:.0f} s."
     )
-    return {"knn_accuracy": acc, "majority": chance, "seconds": elapsed, "h5ad": str(h5ad)}
+    return {
+        "knn_accuracy": acc,
+        "pca_knn_accuracy": pca_acc,
+        "majority": chance,
+        "seconds": elapsed,
+        "h5ad": str(h5ad),
+        "png": str(png),
+        "umap_panels": panels,
+    }

@@ -51,6 +51,36 @@ GENE_EMBEDDING_INITS = ("random", "pca")
 PREDICTION_HEADS = ("default", "backbone", "linear")
 #: the label of cells no known type is credible for (``predict(unknown_threshold=...)``)
 UNKNOWN = "unknown"
+#: cell-embedding normalisations (``embed(normalize=...)``)
+NORMALIZATIONS = ("none", "l2", "standardize")
+
+
+def normalize_embedding(embedding: np.ndarray, how: str) -> np.ndarray:
+    """Normalise cell embeddings: ``"none"``, ``"l2"`` (rows) or ``"standardize"`` (columns).
+
+    Parameters
+    ----------
+    embedding
+        ``(n_cells, n_dims)``.
+    how
+        One of ``"none"``, ``"l2"`` (each row to unit length) and ``"standardize"`` (each
+        column to mean 0, variance 1 over the rows; constant columns become 0).
+
+    Returns
+    -------
+    The normalised float32 array (the input itself for ``"none"``).
+    """
+    if how not in NORMALIZATIONS:
+        raise ScForgeValueError(f"normalize={how!r}: use one of {NORMALIZATIONS}.")
+    if how == "none":
+        return embedding
+    x = embedding.astype(np.float64)
+    if how == "l2":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    else:
+        std = x.std(axis=0)
+        x = (x - x.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
+    return x.astype(np.float32)
 
 
 class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseModelClass):
@@ -390,7 +420,7 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
 
     # -- inference ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def _infer(self, adata, indices, batch_size, fn) -> torch.Tensor:
+    def _infer(self, adata, indices, batch_size, fn, **inference_kwargs) -> torch.Tensor:
         """``fn(inference outputs)`` of every requested cell, stacked in the cells' order.
 
         In-memory cells are run longest first, so that minibatches carry almost no padding,
@@ -426,7 +456,8 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
         outputs = []
         for tensors in loader:
             tokens = {k: v.to(self.device) for k, v in tensors.items()}
-            out = self.module.inference(**self.module._get_inference_input(tokens))
+            inputs = self.module._get_inference_input(tokens)
+            out = self.module.inference(**inputs, **inference_kwargs)
             outputs.append(fn(out).float().cpu())
         result = torch.cat(outputs)
         if order is not None:
@@ -438,6 +469,10 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
         adata: AnnData | StreamedCells | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        *,
+        layers: int | Sequence[int] | None = None,
+        pooling: str | None = None,
+        normalize: str = "none",
     ) -> np.ndarray:
         """Cell embeddings (pooled backbone output), ``(n_cells, hidden_dim)``.
 
@@ -452,10 +487,68 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
             Cells to embed (default all).
         batch_size
             Minibatch size (default 64).
+        layers
+            Which token states are pooled. ``None`` (default): the final hidden states. An
+            integer ``k``: ``0`` the summed input embeddings, ``1 .. num_layers - 1`` the
+            output of that block, ``num_layers`` (or ``-1``) the final hidden states. A
+            sequence of them: each pooled, concatenated in that order
+            (``len(layers) * hidden_dim`` columns).
+        pooling
+            ``"mean"`` (over the real tokens, ``<cls>`` included) or ``"cls"`` (the ``<cls>``
+            state; needs ``prepend_cls=True``). ``None``: the model's own ``pooling``.
+        normalize
+            ``"none"`` (default); ``"l2"``: each cell scaled to unit length;
+            ``"standardize"``: each column centred and scaled to unit variance over the cells
+            embedded together (so a cell's embedding depends on the other cells passed).
+
+        Returns
+        -------
+        ``(n_cells, n_columns)`` float32 array.
         """
         if not isinstance(adata, StreamedCells):
             adata = self._validate_anndata(adata)
-        return self._infer(adata, indices, batch_size, lambda out: out["embedding"]).numpy()
+        if layers is None and pooling is None:
+            fn = lambda out: out["embedding"]  # noqa: E731
+        else:
+            fn = self._pooled_layers(layers, pooling)
+        embedding = self._infer(
+            adata, indices, batch_size, fn, output_layer_states=layers is not None
+        ).numpy()
+        return normalize_embedding(embedding, normalize)
+
+    def _pooled_layers(self, layers, pooling):
+        """``fn(inference outputs)`` pooling the requested layers' token states."""
+        n_layers = self.module.config.num_layers
+        pooling = self.module.config.pooling if pooling is None else pooling
+        if pooling not in ("mean", "cls"):
+            raise ScForgeValueError(f"pooling={pooling!r}: use 'mean' or 'cls'.")
+        if pooling == "cls" and not self.tokenizer.prepend_cls:
+            raise ScForgeValueError("pooling='cls' needs a model tokenised with prepend_cls=True.")
+        if layers is None:
+            chosen = [n_layers]
+        else:
+            chosen = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+            if not chosen:
+                raise ScForgeValueError("layers=[]: name at least one layer.")
+            for layer in chosen:
+                if isinstance(layer, bool) or not -1 <= int(layer) <= n_layers:
+                    raise ScForgeValueError(
+                        f"layers={layers!r}: each layer must be an integer in "
+                        f"[0, {n_layers}] (or -1 for the last) for this {n_layers}-layer model."
+                    )
+            chosen = [n_layers if int(k) == -1 else int(k) for k in chosen]
+        backbone = self.module.backbone
+
+        def fn(out: dict[str, Any]) -> torch.Tensor:
+            states = out.get("layer_states")
+            mask = out.get("padding_mask", out["tokens"].padding_mask)
+            pooled = []
+            for k in chosen:
+                hidden = out["hidden"] if k == n_layers else states[k]
+                pooled.append(backbone.pool(hidden, mask, pooling))
+            return torch.cat(pooled, dim=-1)
+
+        return fn
 
     def embed(
         self,
@@ -463,15 +556,39 @@ class ScForge(TrainingMixin, ScForgePretrainedMixin, RegistrationMixin, BaseMode
         *,
         key_added: str = OUT.EMBEDDING,
         batch_size: int | None = None,
+        layers: int | Sequence[int] | None = None,
+        pooling: str | None = None,
+        normalize: str = "none",
     ) -> None:
         """Write cell embeddings into ``adata.obsm[key_added]`` (default ``"X_scforge"``).
 
         Then ``sc.pp.neighbors(adata, use_rep="X_scforge")`` and ``sc.tl.umap(adata)`` work
         as usual. Parameters are recorded in ``adata.uns["scforge"]["embed"]``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the same setup (``None``: the model's).
+        key_added
+            Key of ``adata.obsm`` for the embedding.
+        batch_size
+            Minibatch size (default 64).
+        layers, pooling, normalize
+            As in :meth:`get_latent_representation`.
         """
         adata = self._validate_anndata(adata)
-        adata.obsm[key_added] = self.get_latent_representation(adata, batch_size=batch_size)
-        self._record(adata, "embed", key_added=key_added)
+        adata.obsm[key_added] = self.get_latent_representation(
+            adata, batch_size=batch_size, layers=layers, pooling=pooling, normalize=normalize
+        )
+        recorded_layers = layers if layers is None or isinstance(layers, int) else list(layers)
+        self._record(
+            adata,
+            "embed",
+            key_added=key_added,
+            layers="last" if recorded_layers is None else recorded_layers,
+            pooling=pooling or self.module.config.pooling,
+            normalize=normalize,
+        )
         logger.info(f"Added adata.obsm[{key_added!r}] ({adata.obsm[key_added].shape[1]} dims).")
 
     def _record(self, adata: AnnData, what: str, **params: Any) -> None:

@@ -207,11 +207,14 @@ class ScForgeModule(BaseModuleClass):
         masking: MaskingConfig | None = None,
         generator: torch.Generator | None = None,
         token_dropout: float = 0.0,
+        output_layer_states: bool = False,
     ) -> dict[str, Any]:
         """Mask (when ``masking`` is given) and encode a tokenised minibatch.
 
         ``token_dropout`` hides that fraction of each cell's gene tokens (never special
         tokens such as CLS) from attention and pooling: an augmentation for fine-tuning.
+        ``output_layer_states`` adds ``"layer_states"`` (the token states entering the first
+        block and leaving each block) and ``"padding_mask"`` to the outputs.
         """
         masked = None
         gene_ids, value_mask = tokens.gene_ids, None
@@ -232,13 +235,17 @@ class ScForgeModule(BaseModuleClass):
             gene_ids = masked.gene_ids
             if tokens.values is not None:  # hide the value wherever the gene is a target
                 value_mask = masked.target_mask
-        out = self.backbone(gene_ids, padding_mask, tokens.values, value_mask)
-        return {
+        out = self.backbone(gene_ids, padding_mask, tokens.values, value_mask, output_layer_states)
+        outputs = {
             "tokens": tokens,
             "masked": masked,
             "hidden": out.hidden,
             "embedding": out.cell_embedding,
         }
+        if output_layer_states:
+            outputs["layer_states"] = out.layer_states
+            outputs["padding_mask"] = padding_mask
+        return outputs
 
     def generative(self, **kwargs: Any) -> dict[str, Any]:
         return {}

@@ -181,10 +181,15 @@ class BackboneOutput:
         ``norm_position="post"``), shape ``(B, L, d)``; zero at padding.
     cell_embedding
         One vector per cell from :meth:`ScForgeBackbone.pool`, shape ``(B, d)``.
+    layer_states
+        With ``output_layer_states=True``: the token states entering the first block (the
+        summed input embeddings) and leaving each block, ``num_layers + 1`` tensors of shape
+        ``(B, L, d)``, before the final LayerNorm; otherwise ``None``.
     """
 
     hidden: torch.Tensor
     cell_embedding: torch.Tensor
+    layer_states: tuple[torch.Tensor, ...] | None = None
 
 
 class FeedForward(nn.Module):
@@ -328,6 +333,7 @@ class ScForgeBackbone(nn.Module):
         padding_mask: torch.Tensor,
         values: torch.Tensor | None = None,
         value_mask: torch.Tensor | None = None,
+        output_layer_states: bool = False,
     ) -> BackboneOutput:
         """Encode a padded batch of cells.
 
@@ -345,6 +351,8 @@ class ScForgeBackbone(nn.Module):
             Boolean ``(B, L)``, ``True`` where the expression value is hidden from the model
             (masked-gene pretraining): the MASK bin (binned) or the learned mask embedding
             (continuous) replaces the value. Not accepted with ``value_encoding="none"``.
+        output_layer_states
+            Also return the token states of every layer (``BackboneOutput.layer_states``).
 
         Returns
         -------
@@ -364,13 +372,20 @@ class ScForgeBackbone(nn.Module):
         if self._embedding_norm:
             h = self.embedding_norm(h)
         h = self.embedding_dropout(h)
+        states = [h] if output_layer_states else None
         for block in self.blocks:
             h = block(h, padding_mask)  # (B, L, d)
+            if states is not None:
+                states.append(h)
         h = self.norm(h)
         # Padded rows carry finite but meaningless values; zero them so nothing downstream
         # can pick them up by accident.
         h = h.masked_fill(~padding_mask[..., None], 0.0)  # (B, L, d)
-        return BackboneOutput(hidden=h, cell_embedding=self.pool(h, padding_mask))
+        return BackboneOutput(
+            hidden=h,
+            cell_embedding=self.pool(h, padding_mask),
+            layer_states=None if states is None else tuple(states),
+        )
 
     def _encode_values(
         self, values: torch.Tensor, value_mask: torch.Tensor | None
@@ -439,7 +454,9 @@ class ScForgeBackbone(nn.Module):
         return padding_mask if padding_mask.dtype == torch.bool else padding_mask != 0
 
     # ---------------------------------------------------------------------------- pooling
-    def pool(self, hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def pool(
+        self, hidden: torch.Tensor, padding_mask: torch.Tensor, pooling: str | None = None
+    ) -> torch.Tensor:
         """Reduce token states to one vector per cell.
 
         Parameters
@@ -448,6 +465,8 @@ class ScForgeBackbone(nn.Module):
             ``(B, L, d)`` hidden states.
         padding_mask
             Boolean ``(B, L)``, ``True`` for real tokens.
+        pooling
+            ``"cls"`` or ``"mean"``; ``None``: the configured ``BackboneConfig.pooling``.
 
         Returns
         -------
@@ -455,7 +474,10 @@ class ScForgeBackbone(nn.Module):
         there). ``"mean"``: the mean over all real tokens, excluding padding; a CLS token at
         position 0 counts as a real token and is included.
         """
-        if self.config.pooling == "cls":
+        pooling = self.config.pooling if pooling is None else pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if pooling == "cls":
             return hidden[:, 0]  # (B, d)
         weights = padding_mask.to(hidden.dtype)[..., None]  # (B, L, 1)
         total = (hidden * weights).sum(dim=1)  # (B, d)
