@@ -60,3 +60,21 @@ def make_screen(_pbmc68k_counts_once):
         return adata
 
     return make
+
+
+@pytest.fixture(scope="session")
+def unseen_screen(make_screen):
+    """2 cell types x 24 perturbations with informative 8-d features; 4 test, 3 val."""
+    return make_screen(
+        cell_types=["CD14+ Monocyte", "CD19+ B"],
+        n_genes=150,
+        n_perturbations=24,
+        n_cells_per_perturbation=20,
+        n_controls_per_cell_type=100,
+        n_programs=4,
+        program_effect=2.0,
+        n_features=8,
+        feature_noise=0.2,
+        n_test=4,
+        n_val=3,
+    )

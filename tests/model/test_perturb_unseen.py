@@ -34,21 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def screen(make_screen) -> ad.AnnData:
-    """2 cell types x 24 perturbations with informative 8-d features; 4 test, 3 val."""
-    return make_screen(
-        cell_types=CELL_TYPES,
-        n_genes=150,
-        n_perturbations=24,
-        n_cells_per_perturbation=20,
-        n_controls_per_cell_type=100,
-        n_programs=4,
-        program_effect=2.0,
-        n_features=8,
-        feature_noise=0.2,
-        n_test=N_TEST,
-        n_val=3,
-    )
+def screen(unseen_screen) -> ad.AnnData:
+    return unseen_screen
 
 
 def unseen_perts(screen: ad.AnnData) -> list[str]:
