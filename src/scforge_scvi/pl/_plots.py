@@ -33,15 +33,17 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return ax
 
 
-def _finish(ax: Axes, show: bool | None, save: str | Path | None) -> Axes:
-    """Save and/or show like scanpy: ``show=None`` shows only in interactive backends."""
+def _finish(ax: Axes, show: bool | None, save: str | Path | None, *, own: bool) -> Axes:
+    """Save and/or show like scanpy. ``show=None`` shows a figure the function created (not
+    axes it was given, which the caller may still be filling) in interactive backends only."""
     import matplotlib
     import matplotlib.pyplot as plt
 
     if save is not None:
         ax.figure.savefig(save, bbox_inches="tight")
     if show is None:
-        show = matplotlib.get_backend().lower() not in {"agg", "pdf", "svg", "ps", "cairo"}
+        backend = matplotlib.get_backend().lower()
+        show = own and backend not in {"agg", "pdf", "svg", "ps", "cairo"}
     if show:
         plt.show()
     return ax
@@ -76,7 +78,8 @@ def training_history(
     ax
         Axes to draw into (default: a new figure).
     show
-        Show the figure (default: only with an interactive matplotlib backend).
+        Show the figure (default: with an interactive matplotlib backend, when ``ax`` is not
+        given).
     save
         File to save the figure to.
 
@@ -98,6 +101,7 @@ def training_history(
             f"None of the metrics {list(metrics)} is in model.history; available: "
             f"{sorted(history)}."
         )
+    own = ax is None
     ax = _axes(ax, (5.0, 3.5))
     for name in present:
         values = pd.DataFrame(history[name]).iloc[:, 0].astype(float)
@@ -105,7 +109,7 @@ def training_history(
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss" if all("loss" in m for m in present) else "value")
     ax.legend(frameon=False)
-    return _finish(ax, show, save)
+    return _finish(ax, show, save, own=own)
 
 
 def training_curves(model: Any, **kwargs: Any) -> Figure:
@@ -172,6 +176,7 @@ def confusion_matrix(
         totals = values.sum(axis=1, keepdims=True)
         values = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
     n_rows, n_cols = values.shape
+    own = ax is None
     ax = _axes(ax, (1.0 + 0.45 * n_cols, 0.8 + 0.45 * n_rows))
     image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=1.0 if normalize else None)
     ax.set_xticks(range(n_cols), labels=[str(c) for c in confusion.columns], rotation=90)
@@ -185,7 +190,7 @@ def confusion_matrix(
             colour = "white" if values[i, j] > threshold else "black"
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    return _finish(ax, show, save)
+    return _finish(ax, show, save, own=own)
 
 
 def per_class_f1(
@@ -225,6 +230,7 @@ def per_class_f1(
         methods["logistic regression"] = result["baseline_logreg"]
     classes = list(result["per_class_f1"])
     height = 0.8 / len(methods)
+    own = ax is None
     ax = _axes(ax, (5.5, 0.6 + 0.35 * len(classes) * len(methods) ** 0.5))
     y = np.arange(len(classes))
     for i, (name, scores) in enumerate(methods.items()):
@@ -236,7 +242,7 @@ def per_class_f1(
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("F1 on the test cells")
     ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=1)
-    return _finish(ax, show, save)
+    return _finish(ax, show, save, own=own)
 
 
 def perturbation_deltas(
@@ -312,6 +318,7 @@ def perturbation_deltas(
     top = np.argsort(-np.abs(observed.to_numpy()), axis=1)[:, :n_genes]
     x = np.take_along_axis(observed.to_numpy(), top, axis=1)
     y = np.take_along_axis(predicted.to_numpy(), top, axis=1)
+    own = ax is None
     ax = _axes(ax, (4.5, 4.5))
     names = observed.index.get_level_values("perturbation").to_numpy()
     colours = pd.Series(names).astype("category").cat.codes.to_numpy()
@@ -325,7 +332,7 @@ def perturbation_deltas(
     ax.set_title(f"{len(names)} groups x {n_genes} genes, Pearson r = {r:.2f}")
     ax.set_xlabel("observed change (log1p)")
     ax.set_ylabel("predicted change (log1p)")
-    return _finish(ax, show, save)
+    return _finish(ax, show, save, own=own)
 
 
 def _changes(grouped: tuple[pd.DataFrame, np.ndarray], control: str) -> pd.DataFrame:
