@@ -8,7 +8,9 @@ Usage::
 Each notebook runs in its own folder against the installed ``scforge_scvi``, on one CPU
 thread (``OMP_NUM_THREADS=1`` unless set), with a limit of ``--timeout`` seconds per cell.
 The wall time of each notebook is written into the sentence "This notebook ran in about ..."
-of its first cell and printed. The exit status is 1 if any notebook failed.
+of its first cell and printed; paths of the machine (site-packages, the notebook's folder) are
+cut from the stored outputs. Files the notebooks write go to ``docs/tutorials/runs/``
+(ignored by git). The exit status is 1 if any notebook failed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import os
 import re
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -28,6 +31,17 @@ _WALL = re.compile(
 
 def _wall(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} minutes"
+
+
+def _scrub(text: str, folder: Path) -> str:
+    """Paths of the machine that ran a notebook, cut from its stored output."""
+    for prefix in sorted(
+        {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"], str(folder.resolve())},
+        key=len,
+        reverse=True,
+    ):
+        text = text.replace(prefix + os.sep, "")
+    return re.sub(r"\S*ipykernel_\d+[/\\]\d+\.py", "<cell>", text)
 
 
 def execute(path: Path, timeout: int) -> float:
@@ -42,6 +56,12 @@ def execute(path: Path, timeout: int) -> float:
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                output["text"] = _scrub(output["text"], path.parent)
+            elif "text/plain" in output.get("data", {}):
+                output["data"]["text/plain"] = _scrub(output["data"]["text/plain"], path.parent)
     first = nb.cells[0]
     if first.cell_type == "markdown":
         first.source = _WALL.sub(lambda m: m[1] + _wall(seconds) + m[3], first.source)
