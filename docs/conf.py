@@ -36,7 +36,11 @@ exclude_patterns = [
     "**.ipynb_checkpoints",
     "execute_notebooks.py",
 ]
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
+source_suffix = {
+    ".rst": "restructuredtext",
+    ".md": "myst-nb",
+    ".ipynb": "myst-nb",
+}  # .rst first: autosummary stubs
 master_doc = "index"
 
 # -- MyST and notebooks ---------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def per_class_f1(
 
     Returns
     -------
-    The matplotlib Axes: one horizontal bar per class and method, labelled ``ScForge`` and
+    The matplotlib Axes, with one horizontal bar per class and method, labelled ``ScForge`` and
     ``logistic regression``; the legend gives each method's macro F1.
     """
     result = _evaluated(result)
@@ -282,7 +282,7 @@ def perturbation_deltas(
 
     Returns
     -------
-    The matplotlib Axes: a scatter of ``n_groups x n_genes`` points (x: observed change,
+    The matplotlib Axes, with a scatter of ``n_groups x n_genes`` points (x: observed change,
     y: predicted change), the diagonal, and the Pearson correlation in the title.
     """
     from scforge_scvi.perturb._metrics import group_means, log1p_anndata
