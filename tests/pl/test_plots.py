@@ -138,6 +138,8 @@ def test_perturbation_deltas_one_point_per_group_and_gene(perturb):
     np.testing.assert_allclose(np.asarray(offsets[:10, 0]), expected, rtol=1e-6, atol=1e-9)
     assert ax.get_xlabel().startswith("observed") and ax.get_ylabel().startswith("predicted")
     assert "Pearson r" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == sorted(set(groups["perturbation"]) - {CONTROL})
 
 
 def test_perturbation_deltas_names_unknown_perturbations(perturb):

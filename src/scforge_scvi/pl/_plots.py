@@ -261,7 +261,8 @@ def perturbation_deltas(
     For every (cell type, perturbation) group of ``adata``, the change is the mean log1p
     expression of its cells minus that of the controls of its cell type, in the real cells
     and in the prediction; the ``n_genes`` genes with the largest observed change of each
-    group are drawn, one point per group and gene, coloured by perturbation.
+    group are drawn, one point per group and gene, coloured by perturbation (with a legend
+    for up to 20 perturbations).
 
     Parameters
     ----------
@@ -321,8 +322,20 @@ def perturbation_deltas(
     own = ax is None
     ax = _axes(ax, (4.5, 4.5))
     names = observed.index.get_level_values("perturbation").to_numpy()
-    colours = pd.Series(names).astype("category").cat.codes.to_numpy()
-    ax.scatter(x.ravel(), y.ravel(), c=np.repeat(colours, n_genes), cmap="tab20", s=12, alpha=0.8)
+    perts = pd.Series(names).astype("category")
+    points = ax.scatter(
+        x.ravel(),
+        y.ravel(),
+        c=np.repeat(perts.cat.codes.to_numpy(), n_genes),
+        cmap="tab20",
+        vmin=0,
+        vmax=max(len(perts.cat.categories) - 1, 1),
+        s=12,
+        alpha=0.8,
+    )
+    if len(perts.cat.categories) <= 20:  # one colour per perturbation
+        handles, _ = points.legend_elements()
+        ax.legend(handles, list(perts.cat.categories), frameon=False, fontsize=7, title=key)
     lim = float(np.nanmax(np.abs(np.concatenate([x.ravel(), y.ravel()])))) * 1.05 or 1.0
     ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=1, ls="--")
     ax.set_xlim(-lim, lim)
