@@ -8,7 +8,7 @@ perturbations' (noisy) feature vectors. :func:`make_screen` builds a suite of su
 that differ in how perturbations act (``"latent"``, ``"correlation"``, ``"pathway"``,
 ``"small"``), and :func:`backbone_gene_features` a feature table from a small pretrained
 backbone's gene embeddings. Not part of the package: ``benchmarks/`` scripts import
-it directly, the tests through ``tests/model/conftest.py``.
+it directly, the tests through ``tests/conftest.py``.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def write_geneformer_dir(
     return model, tokens
 
 
-# Perturbation screens of tests/model (``make_screen`` in tests/model/conftest.py)
+# Perturbation screens of the tests (``make_screen`` in tests/conftest.py)
 PERT, CONTROL, CELL_TYPE = "target_gene", "non-targeting", "bulk_labels"
 PERTURB_TINY = {
     "hidden_dim": 32,

@@ -1,6 +1,6 @@
 """The annotation tutorial's config is the Python recipe, and runs through the command line.
 
-``tutorials/configs/annotate_pbmc3k.yaml`` must stay the defaults of ``ScForge`` and
+``docs/tutorials/configs/annotate_pbmc3k.yaml`` must stay the defaults of ``ScForge`` and
 ``ScForge.train`` (the recipe measured in ``docs/benchmarks_annotation.md``), so that the
 benchmark's figures hold for a user who follows the shell path.
 """
@@ -19,7 +19,7 @@ from scforge_scvi.config import ScForgeConfig
 from scforge_scvi.data import pbmc68k_counts
 from scforge_scvi.train._schedules import default_max_epochs, default_warmup_steps
 
-RECIPE = Path(__file__).parents[2] / "tutorials" / "configs" / "annotate_pbmc3k.yaml"
+RECIPE = Path(__file__).parents[2] / "docs" / "tutorials" / "configs" / "annotate_pbmc3k.yaml"
 PBMC3K_CELLS = 2638
 
 

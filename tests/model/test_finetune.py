@@ -559,29 +559,6 @@ def test_load_adapter_rejects_other_labels(lora_model, pretrained_dir, tmp_path,
         base.load_adapter(str(tmp_path / "adapter"))
 
 
-# -- 7. plots ----------------------------------------------------------------------------------
-def test_confusion_matrix_and_training_curves_plots(finetuned, tmp_path):
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
-    from scforge_scvi import pl
-
-    model = finetuned["model"]
-    result = model.evaluate()
-    fig = pl.confusion_matrix(result, show=False, save=tmp_path / "cm.png")
-    assert isinstance(fig, Figure) and (tmp_path / "cm.png").stat().st_size > 0
-    image = fig.axes[0].images[0].get_array()
-    np.testing.assert_allclose(np.asarray(image).sum(1)[result["confusion"].sum(1) > 0], 1.0)
-
-    _, ax = plt.subplots()
-    assert pl.confusion_matrix(model, normalize=False, ax=ax) is ax.figure
-
-    curves = pl.training_curves(model)
-    lines = curves.axes[0].get_lines()
-    assert len(lines) == 2 and all(len(line.get_xdata()) == 4 for line in lines)
-    plt.close("all")
-
-
 def test_classification_keeps_the_epoch_of_best_validation_accuracy(finetuned):
     model = finetuned["model"]
     accuracy = model.history["val_acc"].iloc[:, 0].to_numpy()

@@ -438,7 +438,7 @@ class GeneVocab(VocabMatchingMixin):
 
     @property
     def gene_ids(self) -> np.ndarray:
-        """Token ids of the genes, ``n_special .. len(self) - 1`` (int64)."""
+        """Token ids of the genes (int64), from ``n_special`` to ``len(self) - 1``."""
         return np.arange(N_SPECIAL, len(self), dtype=np.int64)
 
     @property

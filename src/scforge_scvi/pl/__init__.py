@@ -1,5 +1,18 @@
-"""Plots: training curves and confusion matrices (scanpy-style ``ax``, ``show``, ``save``)."""
+"""Plots of training and results, each returning a matplotlib Axes (scanpy-style ``ax``,
+``show``, ``save``)."""
 
-from ._plots import confusion_matrix, training_curves
+from ._plots import (
+    confusion_matrix,
+    per_class_f1,
+    perturbation_deltas,
+    training_curves,
+    training_history,
+)
 
-__all__ = ["confusion_matrix", "training_curves"]
+__all__ = [
+    "confusion_matrix",
+    "per_class_f1",
+    "perturbation_deltas",
+    "training_curves",
+    "training_history",
+]
