@@ -13,7 +13,7 @@ from scforge_scvi.perturb._losses import (
     perturbation_set_loss,
     set_mean_mse,
 )
-from scforge_scvi.perturb._module import PerturbationSetModel, PerturbConfig
+from scforge_scvi.perturb._module import PerturbationSetModel, PerturbConfig, shift_cells
 
 
 def tiny_config(**overrides) -> PerturbConfig:
@@ -156,6 +156,24 @@ def test_pluggable_basal_encoder_reads_basal_input_and_counts_as_backbone():
     heads = {id(p) for m in model.head_modules() for p in m.parameters()}
     assert not backbone & heads
     assert len(backbone | heads) == len(list(model.parameters()))
+
+
+def test_shifted_sets_move_their_mean_by_the_change_and_stay_non_negative():
+    """The linear path's change reaches the set mean exactly, decreases included."""
+    import scanpy as sc
+
+    x = sc.datasets.pbmc68k_reduced().raw.X[:64, :40].toarray()  # log1p-normalised cells
+    basal = torch.as_tensor(x, dtype=torch.float32).view(4, 16, 40)  # 4 sets of 16 cells
+    mean = basal.mean(dim=1)
+    change = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)) * mean.clamp_min(0.1)
+    shifted = shift_cells(basal, change)
+    assert (shifted >= 0).all()
+    reachable = mean + change >= 0
+    assert (change[reachable] < 0).sum() > 20  # decreases are tested, not only increases
+    torch.testing.assert_close(shifted.mean(dim=1)[reachable], (mean + change)[reachable])
+    assert (shifted.mean(dim=1)[~reachable] == 0).all()  # a decrease past zero stops at zero
+    clipped = torch.relu(basal + change[:, None, :]).mean(dim=1)  # what adding would give
+    assert (clipped - (mean + change))[reachable & (change < 0)].max() > 0.05
 
 
 def test_config_round_trip_and_validation():

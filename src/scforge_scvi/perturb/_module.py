@@ -34,6 +34,32 @@ from scforge_scvi.nn._mlp import ACTIVATIONS
 PERTURBATION_FEATURES = ("one_hot", "table")
 
 
+def shift_cells(basal: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """Move each set of cells by a change of its mean expression, keeping every value >= 0.
+
+    An increase is added to every cell of the set. A decrease scales the set's cells by
+    ``1 + change / mean`` (its own mean), so the mean moves by exactly ``change``; a decrease
+    larger than the mean takes the gene to zero. (``relu(basal + change)`` moves the mean by
+    less than a decrease: cells below it are clipped at zero, so the linear path's pseudobulk
+    change would not be the one it fitted.)
+
+    Parameters
+    ----------
+    basal
+        log1p-normalised expression, ``(B, S, G)``.
+    change
+        Change of each set's mean, ``(B, G)``.
+
+    Returns
+    -------
+    ``(B, S, G)``.
+    """
+    mean = basal.mean(dim=1)  # (B, G)
+    scale = (1 + change / mean.clamp_min(1e-12)).clamp_min(0)  # (B, G), read where change < 0
+    increase = (change >= 0)[:, None, :]
+    return torch.where(increase, basal + change[:, None, :], basal * scale[:, None, :])
+
+
 @dataclass
 class PerturbConfig:
     """Hyper-parameters of :class:`PerturbationSetModel`.
@@ -513,12 +539,10 @@ class PerturbationSetModel(nn.Module):
                 "if and only if n_batches > 0."
             )
         if self.linear_path is not None:
-            basal = torch.relu(
-                basal
-                + self._linear_change(perturbation, perturbation_features, cell_type, basal_offset)[
-                    :, None, :
-                ]
+            change = self._linear_change(
+                perturbation, perturbation_features, cell_type, basal_offset
             )
+            basal = shift_cells(basal, change)
         cells = basal if basal_input is None else basal_input
         flat = cells.reshape(n_sets * set_len, *cells.shape[2:])  # (B*S, ...)
         h = self.basal_projection(self.basal_encoder(flat)).view(n_sets, set_len, -1)  # (B, S, d)
