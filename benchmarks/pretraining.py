@@ -26,7 +26,10 @@ masked targets), so padding counts as waste. A training step counts 3 forward pa
 no weight gradients; adapters are not counted); an embedding counts 1. Every rate is divided
 by the FLOP/s of a square 2048^3 fp32 ``torch.matmul`` measured in the same run, and the
 cells/s are restated "at 150 GFLOP/s" (cells/s x 150 / measured matmul GFLOP/s) to compare
-with figures measured on other machines.
+with figures measured on other machines. The small configuration also prints the rate of a
+matmul at the model's own shapes (a minibatch of median-length cells through the projections
+and the FFN), the ceiling that a model of that width can reach, and its training rate as a
+share of it.
 
 Run ``python benchmarks/pretraining.py`` (about 6 minutes on 2 CPU cores);
 ``--config anchor`` or ``--config small`` runs one of them.
@@ -94,18 +97,29 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_flops_per_s(n: int = 2048, min_time: float = 1.0) -> float:
-    """FLOP/s of a square fp32 ``(n, n) @ (n, n)`` (best of repeated timings)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
+def matmul_flops_per_s(
+    shapes: tuple[tuple[int, int, int], ...] = ((2048, 2048, 2048),), min_time: float = 1.0
+) -> float:
+    """FLOP/s of fp32 ``(m, k) @ (k, n)`` products: the FLOPs of one of each ``(m, k, n)`` of
+    ``shapes`` over the sum of their best timings (repeated for at least ``min_time`` s)."""
+    pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    best = [float("inf")] * len(pairs)
+    total = 0.0
+    for a, b in pairs:
         a @ b
-    best, total = float("inf"), 0.0
     while total < min_time:
-        t0 = time.perf_counter()
-        a @ b
-        dt = time.perf_counter() - t0
-        best, total = min(best, dt), total + dt
-    return 2 * n**3 / best
+        for i, (a, b) in enumerate(pairs):
+            t0 = time.perf_counter()
+            a @ b
+            dt = time.perf_counter() - t0
+            best[i], total = min(best[i], dt), total + dt
+    return sum(2 * m * k * n for m, k, n in shapes) / sum(best)
+
+
+def model_matmul_flops_per_s(tokens: int, d: int, f: int) -> float:
+    """:func:`matmul_flops_per_s` at a model's own linear layers over ``tokens`` rows: the
+    projections ``(d, d)``, the FFN ``(d, f)`` and ``(f, d)``."""
+    return matmul_flops_per_s(((tokens, d, d), (tokens, d, f), (tokens, f, d)))
 
 
 # ----------------------------------------------------------------------------------- FLOPs
@@ -374,6 +388,13 @@ def run_small(args, fig_factory) -> None:
             forward_flops(lengths, d, f, nl) / dt,
         )
         fig.print(f"small configuration, {name}")
+        tokens = batch * int(np.median(lengths))
+        own = model_matmul_flops_per_s(tokens, d, f)
+        print(
+            f"matmul at the model's own shapes ({tokens} x {d} by {d}x{d}, {d}x{f}, {f}x{d}): "
+            f"{own / 1e9:.1f} GFLOP/s; model.train() runs at "
+            f"{args.small_epochs * epoch_flops / fit / own:.1%} of it"
+        )
         parts = epoch_breakdown(model, adata, tr, va, batch, args.steps)
         fit_per_cell = fit / (args.small_epochs * len(tr))
         accounted = sum(v for k, v in parts.items() if not k.startswith("attention"))
