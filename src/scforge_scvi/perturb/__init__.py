@@ -6,6 +6,7 @@ model class (:class:`ScForgePerturb`), its torch module, data and set sampling, 
 plan, losses and checkpoints, and the metrics and baselines that score its predictions.
 """
 
+from ._data import assign_perturbation_split
 from ._metrics import (
     aggregate_metrics,
     compare_predictions,
@@ -22,6 +23,7 @@ __all__ = [
     "PerturbConfig",
     "ScForgePerturb",
     "aggregate_metrics",
+    "assign_perturbation_split",
     "compare_predictions",
     "control_mean_baseline",
     "evaluate_perturbation_predictions",

@@ -321,7 +321,7 @@ def perturbation_split(
         if split_key not in adata.obs:
             raise KeyError(
                 f"Split column {split_key!r} is not in adata.obs; available columns: "
-                f"{list(adata.obs.columns)}. Write one with assign_perturbation_split."
+                f"{list(adata.obs.columns)}. Write one with scforge_scvi.perturb.assign_perturbation_split."
             )
         return normalize_split_labels(adata.obs[split_key], split_key)
     if not 0.0 <= validation_size < 1.0:

@@ -353,7 +353,7 @@ class ScForgePerturb(LinearPathMixin, PerturbCheckpointMixin, BaseModelClass):
             Cell sets per optimizer step.
         split_key
             ``adata.obs`` column with ``train`` / ``val`` / ``test`` per cell (see
-            :func:`~scforge_scvi.perturb._data.assign_perturbation_split`); test cells
+            :func:`~scforge_scvi.perturb.assign_perturbation_split`); test cells
             are never read. ``None``: a random ``validation_size`` of each perturbation's
             cells validates.
         validation_size
