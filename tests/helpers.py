@@ -92,4 +92,17 @@ PERTURB_TINY = {
     "dropout": 0.0,
     "cell_set_len": 16,
 }
+
+
+def split_screen(screen):
+    """``(training cells, held-out mask, split)`` of a screen with ``obs["split"]``: every cell
+    but the test perturbations' (unused categories dropped, ready to register), the test
+    perturbations' cells with the controls, and the split as strings."""
+    split = screen.obs["split"].astype(str).to_numpy()
+    data = screen[split != "test"].copy()
+    data.obs[PERT] = data.obs[PERT].cat.remove_unused_categories()
+    held_out = (split == "test") | (screen.obs[PERT] == CONTROL).to_numpy()
+    return data, held_out, split
+
+
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": None}

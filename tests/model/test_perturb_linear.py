@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CELL_TYPE, CONTROL, PERT, QUIET
+from helpers import CELL_TYPE, CONTROL, PERT, QUIET, split_screen
 from helpers import PERTURB_TINY as TINY
 from scforge_scvi.perturb._linear import RESIDUAL_WEIGHTS, fit_linear_response, group_changes
 from scforge_scvi.perturb._metrics import _training_effects, log1p_anndata
@@ -70,14 +70,11 @@ def test_too_few_perturbations_is_a_clear_error():
 @pytest.fixture(scope="module")
 def fitted(unseen_screen):
     screen = unseen_screen
-    split = screen.obs["split"].astype(str).to_numpy()
-    data = screen[split != "test"].copy()
-    data.obs[PERT] = data.obs[PERT].cat.remove_unused_categories()
+    data, held_out, _ = split_screen(screen)
     ScForgePerturb.setup_anndata(data, PERT, CONTROL, cell_type_key=CELL_TYPE)
     torch.manual_seed(0)
     model = ScForgePerturb(data, **TINY, perturbation_features=perturbation_feature_table(screen))
     model.train(max_epochs=20, lr=3e-3, sets_per_batch=8, split_key="split", **QUIET)
-    held_out = (split == "test") | (screen.obs[PERT] == CONTROL).to_numpy()
     return model, data, screen[held_out].copy()
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from matplotlib.axes import Axes
 
-from helpers import CONTROL, PERT
+from helpers import CONTROL, PERT, split_screen
 from helpers import PERTURB_TINY as PERTURB
 from scforge_scvi import ScForge, ScForgePerturb, pl
 from scforge_scvi.perturb._metrics import group_means, log1p_anndata
@@ -44,14 +44,12 @@ def classifier(_pbmc68k_counts_once):
 def perturb(unseen_screen):
     """A table model trained 3 epochs without the screen's test perturbations."""
     screen = unseen_screen
-    split = screen.obs["split"].astype(str).to_numpy()
-    data = screen[split != "test"].copy()
-    data.obs[PERT] = data.obs[PERT].cat.remove_unused_categories()
+    data, held_out, split = split_screen(screen)
     ScForgePerturb.setup_anndata(data, PERT, CONTROL, cell_type_key="bulk_labels")
     torch.manual_seed(0)
     model = ScForgePerturb(data, **PERTURB)
     model.train(max_epochs=3, sets_per_batch=8, split_key="split", **QUIET)
-    held_out = screen[(split == "test") | (screen.obs[PERT] == CONTROL).to_numpy()].copy()
+    held_out = screen[held_out].copy()
     # the validation perturbations: trained on no cell of them, known to the one-hot model
     val = screen[(split == "val") | (screen.obs[PERT] == CONTROL).to_numpy()].copy()
     return model, held_out, val
