@@ -67,7 +67,7 @@ def phase_timer():
         def __init__(self) -> None:
             self.seconds = dict.fromkeys(PHASES, 0.0)
             self.steps = 0
-            self.fit_start = self.fit_end = self.last = None
+            self.fit_start = self.fit_end = self.last = self.val_start = None
             self.in_epoch = False
 
         def _add(self, phase: str) -> None:
