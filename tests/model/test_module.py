@@ -157,14 +157,21 @@ def test_token_dropout_hides_gene_tokens_but_never_cls(pbmc68k_counts, vocab):
 
 
 def _cell_targets_by_hand(tokens, vocab, strategy: str) -> torch.Tensor:
-    """Each cell's value of every vocabulary gene (0 where absent), cell by cell."""
+    """Each cell's value of every vocabulary gene (0 where absent), cell by cell.
+
+    Rank tokens: the gene's rank, 1 for the cell's first gene and ``1/T`` less for each next
+    one, ``T`` the padded length of the minibatch.
+    """
     target = torch.zeros(tokens.gene_ids.shape[0], len(vocab))
+    padded_length = tokens.gene_ids.shape[1]
     for cell in range(tokens.gene_ids.shape[0]):
+        rank = 0  # the cell's genes in token order: its first gene 1, each next 1/T less
         for slot, gene in enumerate(tokens.gene_ids[cell].tolist()):
             if not tokens.padding_mask[cell, slot] or gene < vocab.n_special:
                 continue
             if strategy == "rank_value":
-                target[cell, gene] = 1.0
+                target[cell, gene] = 1.0 - rank / padded_length
+                rank += 1
             elif strategy == "binned_expression":
                 target[cell, gene] = tokens.values[cell, slot] / (N_BINS - 1)
             else:

@@ -304,33 +304,3 @@ def test_gene_embeddings_are_the_backbone_gene_token_weights(trained, counts):
     np.testing.assert_array_equal(picked.to_numpy(), table.loc[genes].to_numpy())
     with pytest.raises(KeyError):
         model.gene_embeddings(["not-a-gene"])
-
-
-def test_batch_aware_reconstruction_trains_its_batch_embedding_and_not_the_embed_path(
-    counts, tmp_path
-):
-    cells = counts.copy()
-    for key in ("_scvi_uuid", "_scvi_manager_uuid"):
-        cells.uns.pop(key, None)
-    cells.obs["run"] = np.array(["a", "b", "c"])[np.arange(cells.n_obs) % 3]
-    ScForge.setup_anndata(cells, layer="counts", batch_key="run")
-    torch.manual_seed(0)
-    model = ScForge(cells, cell_expression_weight=1.0, **TINY)
-    batches = model.module.cell_batch_embedding
-    assert batches.num_embeddings == 3
-    start = batches.weight.detach().clone()
-    model.train(max_epochs=1, lr=LR, seed=0, limit_train_batches=4, **QUIET)
-    assert not torch.allclose(batches.weight, start)  # the read-out learned the batches
-
-    # the embedding reads the counts alone: relabelling the batches changes no cell's vector
-    embedding = model.get_latent_representation()
-    relabelled = cells.copy()
-    relabelled.obs["run"] = relabelled.obs["run"].to_numpy()[::-1]
-    np.testing.assert_array_equal(model.get_latent_representation(relabelled), embedding)
-
-    # reloaded onto data without batches, the batch embedding is left behind, nothing else
-    model.save_pretrained(str(tmp_path / "batch"))
-    loaded = ScForge.from_pretrained(str(tmp_path / "batch"), counts)
-    assert loaded.module.cell_batch_embedding is None
-    assert loaded.load_report_.skipped == ["cell_batch_embedding.weight"]
-    np.testing.assert_array_equal(loaded.get_latent_representation(), embedding)

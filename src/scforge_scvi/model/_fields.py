@@ -391,12 +391,6 @@ class RegistrationMixin:
         unlabeled = state.unlabeled_category
         return [str(c) for c in state.categorical_mapping if c != unlabeled]
 
-    def _registered_batches(self) -> int:
-        """Number of categories of ``batch_key`` (0 when none is registered)."""
-        if self._setup_arg("batch_key") is None:
-            return 0
-        return len(self.adata_manager.get_state_registry(KEYS.BATCH_KEY).categorical_mapping)
-
     def _has_regression_target(self) -> bool:
         return self._setup_arg("target_key") is not None
 

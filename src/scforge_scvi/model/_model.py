@@ -95,13 +95,10 @@ class ScForge(
     cell_expression_weight
         Weight of a cell-level reconstruction loss in pretraining: a linear read-out of the
         cell embedding predicts every vocabulary gene's value in the cell, masked genes
-        included (for rank-value tokens: its rank, from 1 for the first gene down to 1/L for
-        the last of L; 0, the default: off). It makes the pretrained embedding itself more
+        included (for rank-value tokens: its rank, 1 for a cell's first gene and 1/T less for
+        each next one, T the minibatch's padded length; 0, the default: off). It makes the pretrained embedding itself more
         informative but lowered fine-tuned annotation, so it is for pretraining models whose
-        embeddings are used as they are (``docs/benchmarks_annotation.md``). With
-        ``batch_key`` registered, the read-out is also given the cell's batch, so that the
-        embedding need not encode it: a batch-aware embedding
-        (``docs/benchmarks_embedding.md``).
+        embeddings are used as they are (``docs/benchmarks_annotation.md``).
     head_hidden_dim, head_dropout
         Shape of the task head used when labels (or a regression target) are registered.
     min_coverage
@@ -273,7 +270,6 @@ class ScForge(
             mask_id=self.vocab.mask_id,
             expression_loss_weight=expression_loss_weight,
             cell_expression_weight=cell_expression_weight,
-            n_batches=self._registered_batches(),
             n_classes=len(self.class_names_),
             n_regression_outputs=int(self._has_regression_target()),
             head_hidden_dim=head_hidden_dim,

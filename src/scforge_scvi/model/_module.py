@@ -52,13 +52,9 @@ class ScForgeModule(BaseModuleClass):
         Weight of a cell-level reconstruction added to the masked-gene loss: a linear read-out
         of the cell embedding predicts the value of every vocabulary gene in the cell (0 where
         not detected), masked genes included; for rank-value tokens the value is the gene's
-        rank, 1 for the first gene down to 1/L for the last of L tokens. 0 (default): no such
-        head.
-    n_batches
-        Number of registered batches (0: none). With a cell-level reconstruction, that
-        read-out also gets a learned embedding of the cell's batch, so that the cell
-        embedding need not carry the batch to reconstruct the cell (the conditioning that
-        lets scVI's latent space drop batch effects).
+        rank: 1 for a cell's first gene, 1/T less for each next one, T the minibatch's padded
+        length (a cell's own gene count instead measured lower, docs/benchmarks_embedding.md).
+        0 (default): no such head.
     n_classes
         Size of the classification head (0: no classification head). A classifier comes
         with its linear path (:class:`~scforge_scvi.model._linear.LinearPath`) and its
@@ -81,7 +77,6 @@ class ScForgeModule(BaseModuleClass):
         mask_id: int,
         expression_loss_weight: float = 1.0,
         cell_expression_weight: float = 0.0,
-        n_batches: int = 0,
         n_classes: int = 0,
         n_regression_outputs: int = 0,
         head_hidden_dim: int | None = 256,
@@ -113,9 +108,6 @@ class ScForgeModule(BaseModuleClass):
         self.cell_expression_head = (
             torch.nn.Linear(d, backbone_config.vocab_size) if cell_expression_weight > 0 else None
         )
-        self.cell_batch_embedding = (
-            torch.nn.Embedding(n_batches, d) if n_batches and self.cell_expression_head else None
-        )
         self.classifier = (
             ClassificationHead(d, n_classes, hidden_dim=head_hidden_dim, dropout=head_dropout)
             if n_classes
@@ -139,12 +131,7 @@ class ScForgeModule(BaseModuleClass):
     @property
     def pretraining_heads(self) -> list[torch.nn.Module]:
         """Heads of the masked-gene objective (trained with the backbone in pretraining)."""
-        heads = (
-            self.gene_head,
-            self.expression_head,
-            self.cell_expression_head,
-            self.cell_batch_embedding,
-        )
+        heads = (self.gene_head, self.expression_head, self.cell_expression_head)
         return [m for m in heads if m is not None]
 
     # -- adapters ----------------------------------------------------------------------------
@@ -277,7 +264,7 @@ class ScForgeModule(BaseModuleClass):
     ) -> LossOutput:
         """Objective of the current training stage, as an scvi-tools ``LossOutput``."""
         if objective == "pretrain":
-            return self._masked_gene_loss(tensors, inference_outputs)
+            return self._masked_gene_loss(inference_outputs)
         if objective == "classify":
             return self._classification_loss(
                 tensors, inference_outputs, class_weights, label_smoothing
@@ -287,7 +274,7 @@ class ScForgeModule(BaseModuleClass):
         raise ValueError(f"Unknown objective {objective!r}; choose one of {OBJECTIVES}.")
 
     # -- objectives --------------------------------------------------------------------------
-    def _masked_gene_loss(self, tensors, outputs: dict[str, Any]) -> LossOutput:
+    def _masked_gene_loss(self, outputs: dict[str, Any]) -> LossOutput:
         masked = outputs["masked"]
         if masked is None:
             raise ValueError("The pretraining objective needs masked inputs (masking=None).")
@@ -305,21 +292,20 @@ class ScForgeModule(BaseModuleClass):
             loss = loss + self.expression_loss_weight * expr_loss
             extra["expression_loss"] = expr_loss.detach()
         if self.cell_expression_head is not None:
-            cell_loss = self._cell_expression_loss(tensors, outputs)
+            cell_loss = self._cell_expression_loss(outputs)
             loss = loss + self.cell_expression_weight * cell_loss
             extra["cell_expression_loss"] = cell_loss.detach()
         return LossOutput(loss=loss, n_obs_minibatch=n_cells, extra_metrics=extra)
 
-    def _cell_expression_loss(self, tensors, outputs: dict[str, Any]) -> torch.Tensor:
+    def _cell_expression_loss(self, outputs: dict[str, Any]) -> torch.Tensor:
         """MSE of the cell embedding's read-out against the cell's unmasked gene values.
 
         Divided by the variance of the targets in the batch, so that the loss is scale-free:
-        1 for predicting the batch's mean value for every gene. With batch embeddings, the
-        read-out sees the cell embedding plus the embedding of the cell's batch.
+        1 for predicting the batch's mean value for every gene.
         """
         tokens: TokenizedBatch = outputs["tokens"]
         genes = tokens.padding_mask & (tokens.gene_ids >= self.n_special)
-        if tokens.values is None:  # rank tokens: 1 for the first gene down to 1/L for the last
+        if tokens.values is None:  # rank tokens: 1 for the first gene, 1/T less for each next
             rank = genes.cumsum(dim=1) - 1
             values = (1.0 - rank.float() / genes.shape[1]) * genes
         elif self.config.value_encoding == "binned":
@@ -330,16 +316,7 @@ class ScForgeModule(BaseModuleClass):
             genes.shape[0], self.config.vocab_size, device=values.device, dtype=values.dtype
         )
         target.scatter_(1, tokens.gene_ids * genes, values * genes)  # padding lands on id 0
-        cells = outputs["embedding"]
-        if self.cell_batch_embedding is not None:
-            if KEYS.BATCH_KEY not in tensors:
-                raise ValueError(
-                    "This model gives its cell-level reconstruction the registered batch_key, "
-                    "but the training minibatches carry no batch (streamed files hold counts "
-                    "and labels only): train in memory, or register no batch_key."
-                )
-            cells = cells + self.cell_batch_embedding(tensors[KEYS.BATCH_KEY].view(-1).long())
-        pred = self.cell_expression_head(cells)[:, self.n_special :].float()
+        pred = self.cell_expression_head(outputs["embedding"])[:, self.n_special :].float()
         target = target[:, self.n_special :]
         return F.mse_loss(pred, target) / target.var().clamp_min(1e-8)
 

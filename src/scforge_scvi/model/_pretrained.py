@@ -280,8 +280,6 @@ class ScForgePretrainedMixin(PretrainedMixin):
             model.init_params_["non_kwargs"]["gene_embedding_init"] = starting_point
         same_labels = pretrained.class_names == model.class_names_
         skip = () if same_labels else model.module._HEAD_PREFIXES
-        # batch embeddings belong to the batches of the data they were fitted on
-        skip = (*skip, "cell_batch_embedding.")
         if not same_labels and pretrained.class_names and model.class_names_:
             logger.info(
                 f"The checkpoint's classifier was fitted for labels {pretrained.class_names}; "
