@@ -139,7 +139,7 @@ def model_kwargs(overrides: list[str]) -> dict:
 
     from scforge_scvi.cli._demo import DEMO_MODEL_KWARGS
 
-    kwargs = {**DEMO_MODEL_KWARGS, "max_genes": 256}
+    kwargs = dict(DEMO_MODEL_KWARGS)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -298,14 +298,13 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             if arm == "scforge":
                 embeddings, train_seconds = scforge_arm(adata, args, batch_key)
-                total = time.perf_counter() - start
+            elif arm == "pca":
+                embeddings = {"": pca_arm(adata, args.seed)}
             else:
-                if arm == "pca":
-                    embedding = pca_arm(adata, args.seed)
-                else:
-                    embedding = scvi_arm(adata, args.seed, batch_key)
-                embeddings = {"": embedding}
-                total = train_seconds = time.perf_counter() - start
+                embeddings = {"": scvi_arm(adata, args.seed, batch_key)}
+            total = time.perf_counter() - start
+            if arm != "scforge":
+                train_seconds = total
             for readout, embedding in embeddings.items():
                 row = {
                     "dataset": dataset,

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-#: the demo's model (beside ``max_genes``): measured in docs/benchmarks_embedding.md, which
+#: the demo's model, measured in docs/benchmarks_embedding.md, which
 #: ``benchmarks/embedding.py`` reads from here
 DEMO_MODEL_KWARGS = {
     "tokenizer": "rank_value",
+    "max_genes": 256,
     "hidden_dim": 64,
     "num_layers": 2,
     "num_heads": 4,
@@ -55,9 +56,9 @@ def run_demo(
     output: Path,
     *,
     max_epochs: int = 8,
-    hidden_dim: int = 64,
-    num_layers: int = 2,
-    max_genes: int = 256,
+    hidden_dim: int = DEMO_MODEL_KWARGS["hidden_dim"],
+    num_layers: int = DEMO_MODEL_KWARGS["num_layers"],
+    max_genes: int = DEMO_MODEL_KWARGS["max_genes"],
     seed: int = 0,
 ) -> dict:
     """Pretrain on pbmc68k_reduced, write embeddings (.h5ad) and UMAPs (.png) to ``output``.
@@ -80,8 +81,8 @@ def run_demo(
     adata = pbmc68k_counts()
     print(f"Data: pbmc68k_reduced, {adata.n_obs} cells x {adata.n_vars} genes (raw counts).")
     ScForge.setup_anndata(adata, layer="counts")
-    settings = {**DEMO_MODEL_KWARGS, "hidden_dim": hidden_dim, "num_layers": num_layers}
-    model = ScForge(adata, max_genes=max_genes, **settings)
+    shape = {"hidden_dim": hidden_dim, "num_layers": num_layers, "max_genes": max_genes}
+    model = ScForge(adata, **{**DEMO_MODEL_KWARGS, **shape})
     print(model)
     model.train(
         max_epochs=max_epochs,

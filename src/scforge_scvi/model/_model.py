@@ -96,9 +96,10 @@ class ScForge(
         Weight of a cell-level reconstruction loss in pretraining: a linear read-out of the
         cell embedding predicts every vocabulary gene's value in the cell, masked genes
         included (for rank-value tokens: its rank, 1 for a cell's first gene and 1/T less for
-        each next one, T the minibatch's padded length; 0, the default: off). It makes the pretrained embedding itself more
-        informative but lowered fine-tuned annotation, so it is for pretraining models whose
-        embeddings are used as they are (``docs/benchmarks_annotation.md``).
+        each next one, T the minibatch's padded length; 0, the default: off). It makes the
+        pretrained embedding itself more informative but lowered fine-tuned annotation, so it
+        is for pretraining models whose embeddings are used as they are
+        (``docs/benchmarks_annotation.md``).
     head_hidden_dim, head_dropout
         Shape of the task head used when labels (or a regression target) are registered.
     min_coverage
