@@ -4,7 +4,9 @@ Fine-tunes the default ``ScForge(adata).train()`` recipe (no pretraining) on a s
 split (70% training, 10% validation, 20% test cells, seeded) and scores on the test cells:
 
 * the expected calibration error (15 bins) of the default prediction before and after
-  temperature scaling;
+  temperature scaling, beside its floor: the error that a perfectly calibrated prediction
+  with the same confidences shows on as many cells (labels drawn from the calibrated
+  probabilities, :func:`ece_floor`), and the error of every seed's test cells pooled;
 * the empirical coverage and the mean size of the split-conformal prediction sets at
   coverages 0.8, 0.9 and 0.95;
 * with ``--holdout``: each cell type in turn left out of the training data entirely; the
@@ -58,19 +60,41 @@ def fine_tune(adata, key: str, seed: int, max_epochs: int | None) -> ScForge:
     return model
 
 
-def calibration_row(model, key: str) -> dict:
-    """Calibration error and prediction-set coverage on the model's test cells."""
+def ece_floor(probabilities: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """Mean calibration error of ``probabilities`` against labels drawn from themselves.
+
+    Such labels make the probabilities calibrated by construction, so what remains is the
+    error of measuring on ``len(probabilities)`` cells: a measured error near this floor is
+    as calibrated as these cells can show.
+    """
+    rng = np.random.default_rng(seed)
+    cumulative = probabilities.cumsum(1)
+    errors = []
+    for _ in range(draws):
+        u = rng.random((len(probabilities), 1)) * cumulative[:, -1:]
+        errors.append(expected_calibration_error(probabilities, (cumulative < u).sum(1)))
+    return float(np.mean(errors))
+
+
+def calibration_row(model, key: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Calibration error and prediction-set coverage on the model's test cells.
+
+    Returns the row, and the probabilities before and after calibration and the true codes
+    of the test cells.
+    """
     test = model.adata[model.test_indices_].copy()
     names = list(model.class_names_)
     truth = test.obs[key].astype(str).to_numpy()
     codes = np.array([names.index(t) for t in truth])
     raw = model._probabilities(test)
+    calibrated = model.module.calibration.calibrated(raw)
     row = {
         "n_test": len(truth),
         "n_validation": int(model.module.calibration.n_cells),
         "temperature": float(model.module.calibration.temperature),
         "ece_uncalibrated": expected_calibration_error(raw, codes),
-        "ece": expected_calibration_error(model.module.calibration.calibrated(raw), codes),
+        "ece": expected_calibration_error(calibrated, codes),
+        "ece_floor": ece_floor(calibrated),
     }
     for coverage in COVERAGES:
         model.predict(test, coverage=coverage)
@@ -78,7 +102,7 @@ def calibration_row(model, key: str) -> dict:
         row[f"coverage_{coverage}"] = float(np.mean([t in s for t, s in zip(truth, sets)]))
         row[f"set_size_{coverage}"] = float(test.obs["scforge_prediction_set_size"].mean())
     row["macro_f1"] = classification_scores(truth, predicted(test.obs), names)["macro_f1"]
-    return row
+    return row, raw, calibrated, codes
 
 
 def holdout_row(adata, key: str, held_out: str, seed: int, args) -> dict:
@@ -131,16 +155,19 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     adata, key = load(args.dataset)
-    rows = []
+    rows, pooled = [], []
     start = time.perf_counter()
     for seed in args.seeds:
         t0 = time.perf_counter()
         model = fine_tune(adata.copy(), key, seed, args.max_epochs)
-        row = {"dataset": args.dataset, "seed": seed, **calibration_row(model, key)}
+        row, *test_cells = calibration_row(model, key)
+        row = {"dataset": args.dataset, "seed": seed, **row}
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
+        pooled.append(test_cells)
         print(
             f"seed {seed}: ECE {row['ece_uncalibrated']:.3f} -> {row['ece']:.3f} "
+            f"(floor {row['ece_floor']:.3f}) "
             f"(T {row['temperature']:.2f}, {row['n_validation']} validation cells); coverage "
             + ", ".join(
                 f"{c}: {row[f'coverage_{c}']:.3f} (size {row[f'set_size_{c}']:.2f})"
@@ -165,7 +192,7 @@ def main(argv=None) -> None:
                 flush=True,
             )
     summary = {}
-    fields = ["ece_uncalibrated", "ece", *(f"coverage_{c}" for c in COVERAGES)]
+    fields = ["ece_uncalibrated", "ece", "ece_floor", *(f"coverage_{c}" for c in COVERAGES)]
     fields += [f"set_size_{c}" for c in COVERAGES]
     fields += ["auroc_unknown_score", "auroc_max_softmax", "known_macro_f1"]
     for field in [*fields, "known_macro_f1_with_threshold"]:
@@ -173,6 +200,16 @@ def main(argv=None) -> None:
         if values:
             summary[field] = (float(np.mean(values)), float(np.std(values)))
             print(f"{field}: {np.mean(values):.3f} +- {np.std(values):.3f} over {len(values)}")
+    if len(pooled) > 1:
+        raw, probabilities, codes = (np.concatenate(part) for part in zip(*pooled))
+        summary["ece_uncalibrated_pooled"] = expected_calibration_error(raw, codes)
+        summary["ece_pooled"] = expected_calibration_error(probabilities, codes)
+        summary["ece_floor_pooled"] = ece_floor(probabilities)
+        print(
+            f"ECE of the {len(codes)} test cells of every seed pooled: "
+            f"{summary['ece_uncalibrated_pooled']:.3f} -> {summary['ece_pooled']:.3f} "
+            f"(floor {summary['ece_floor_pooled']:.3f})"
+        )
     print(f"wall {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,7 +10,12 @@ from sklearn.metrics import roc_auc_score
 
 from scforge_scvi import ScForge
 from scforge_scvi._errors import ScForgeValueError
-from scforge_scvi.model._calibration import expected_calibration_error, tempered
+from scforge_scvi.model._calibration import (
+    N_LEVELS,
+    Calibration,
+    expected_calibration_error,
+    tempered,
+)
 
 TINY = {"hidden_dim": 32, "num_layers": 1, "num_heads": 2, "max_genes": 64, "head_hidden_dim": 32}
 FIT = {"batch_size": 64, "train_size": 0.6, "validation_size": 0.2, "enable_progress_bar": False}
@@ -48,6 +53,24 @@ def test_temperature_lowers_the_log_loss_of_held_out_cells(calibrated):
     calibrated_loss = -np.log(calibration.calibrated(raw)[rows, codes]).mean()
     assert calibrated_loss < loss
     np.testing.assert_array_equal(calibration.calibrated(raw).argmax(1), raw.argmax(1))
+
+
+@pytest.mark.parametrize("n", [7, 70, 251, 264, 1000, 1001])
+def test_conformal_threshold_is_the_order_statistic_of_split_conformal(n):
+    """At coverage c the threshold is the ceil((n + 1) c)-th smallest validation score (the
+    largest when that exceeds n), read from the stored quantiles; never below it."""
+    scores = np.random.default_rng(n).random(n)
+    calibration = Calibration(n_tokens=4, n_classes=3)
+    calibration.n_cells.fill_(n)
+    levels = np.linspace(0.0, 1.0, N_LEVELS)
+    calibration.score_quantiles.copy_(torch.as_tensor(np.quantile(scores, levels, method="higher")))
+    ordered = np.sort(scores).astype(np.float32)
+    for coverage in (0.5, 0.8, 0.9, 0.95, 0.999):
+        k = min(n, int(np.ceil((n + 1) * coverage)))
+        if n <= N_LEVELS:
+            assert calibration.threshold(coverage) == pytest.approx(ordered[k - 1])
+        else:
+            assert calibration.threshold(coverage) >= ordered[k - 1]
 
 
 def test_expected_calibration_error_of_known_cases():

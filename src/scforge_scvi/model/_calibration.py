@@ -9,7 +9,7 @@ Guo et al. 2017). The argmax does not change.
 
 **Prediction sets.** Split-conformal sets (Sadinle et al. 2019): a cell's score for class
 ``k`` is ``1 - p_k``; the set at coverage ``c`` holds the classes whose score is at most the
-``ceil((n + 1) c) / n`` quantile of the ``n`` validation cells' scores for their true class.
+``ceil((n + 1) c)``-th smallest of the ``n`` validation cells' scores for their true class.
 On cells drawn like the validation cells, the set holds the true class with probability at
 least ``c``. A set may be empty: no class is credible.
 
@@ -80,11 +80,17 @@ class Calibration(nn.Module):
         return tempered(probabilities, float(self.temperature))
 
     def threshold(self, coverage: float) -> float:
-        """The largest score ``1 - p_k`` a class may have to enter a set at ``coverage``."""
+        """The largest score ``1 - p_k`` a class may have to enter a set at ``coverage``.
+
+        The ``k``-th smallest of the ``n`` validation scores, ``k = ceil((n + 1) coverage)``
+        (the largest for ``k > n``): exact for ``n`` up to ``N_LEVELS``; beyond, the first
+        stored quantile at or above it.
+        """
         n = int(self.n_cells)
-        level = min(1.0, np.ceil((n + 1) * coverage) / n)
-        index = int(np.ceil(level * (N_LEVELS - 1) - 1e-9))
-        return float(self.score_quantiles[index])
+        k = min(n, int(np.ceil((n + 1) * coverage - 1e-9)))
+        # the stored quantile j is the order statistic ceil(level_j (n - 1)) (0-based)
+        held = np.ceil(np.linspace(0.0, 1.0, N_LEVELS) * (n - 1))
+        return float(self.score_quantiles[int(np.searchsorted(held, k - 1))])
 
     def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
         """``(n_cells, n_classes)`` membership of the split-conformal sets at ``coverage``,
