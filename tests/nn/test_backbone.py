@@ -12,6 +12,7 @@ from scforge_scvi.nn import (
     RegressionHead,
     ScForgeBackbone,
 )
+from scforge_scvi.nn._backbone import FeedForward
 
 VOCAB, N_BINS, HIDDEN = 40, 7, 16
 ENCODINGS = ["none", "binned", "continuous"]
@@ -319,3 +320,37 @@ def test_scaled_gene_embedding_needs_values():
         _config(value_encoding="none", scaled_gene_embedding=True)
     old = {k: v for k, v in _config().to_dict().items() if k != "scaled_gene_embedding"}
     assert BackboneConfig.from_dict(old).scaled_gene_embedding is False
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_feed_forward_recomputes_its_activation_with_identical_values_and_gradients(act):
+    """The training path that recomputes activation and dropout in the backward pass gives
+    the same output and gradients as the plain modules with the same random draws, and keeps
+    at least one (B, L, ffn_dim) float tensor less for the backward pass."""
+    config = BackboneConfig(
+        vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, ffn_dim=64, activation=act
+    )
+    torch.manual_seed(0)
+    ffn = FeedForward(config).train()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+
+    def run(step):
+        saved = []
+        hooks = (lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t)
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+            out = step(x)
+        out.pow(2).sum().backward()
+        grads = [x.grad.clone(), *(p.grad.clone() for p in ffn.parameters())]
+        x.grad = None
+        ffn.zero_grad()
+        return out.detach(), grads, sum(saved)
+
+    fused, fused_grads, fused_bytes = run(ffn)
+    plain, plain_grads, plain_bytes = run(
+        lambda v: ffn.linear2(ffn.dropout(ffn.activation(ffn.linear1(v))))
+    )
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert fused_bytes <= plain_bytes - 3 * 7 * 64 * 4

@@ -56,11 +56,21 @@ class Dropout(nn.Module):
         self.p = float(p)
         self.threshold = round(self.p * _LEVELS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def scale(self) -> float:
+        """Factor of the kept elements."""
+        return _LEVELS / (_LEVELS - self.threshold)
+
+    def draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """The keep mask of an input of ``shape``, as :meth:`forward` draws it (``None``: keep
+        every element, in evaluation mode or with ``p == 0``)."""
         if not self.training or self.threshold == 0:
-            return x
-        keep = _keep_mask(x.shape, self.threshold, x.device)
-        return _Apply.apply(x, keep, _LEVELS / (_LEVELS - self.threshold))
+            return None
+        return _keep_mask(shape, self.threshold, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.draw(x.shape, x.device)
+        return x if keep is None else _Apply.apply(x, keep, self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
