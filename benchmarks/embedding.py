@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="change one ScForge(...) argument of the demo recipe, e.g. max_genes=512",
+        help="change one ScForge(...) argument of the demo recipe (max_genes=512), or one "
+        "train() argument (train.masking={mask_ratio: 0.3})",
     )
     p.add_argument("--scib", action="store_true", help="add scib-metrics bio-conservation")
     p.add_argument("--save-embeddings", default=None, metavar="DIR")
@@ -133,19 +134,23 @@ def scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, fl
     }
 
 
-def model_kwargs(overrides: list[str]) -> dict:
-    """The demo's ``ScForge(...)`` arguments with ``KEY=VALUE`` overrides (values as YAML)."""
+def recipe(overrides: list[str]) -> tuple[dict, dict]:
+    """The demo's ``ScForge(...)`` and ``train(...)`` arguments with ``KEY=VALUE`` overrides.
+
+    Values are read as YAML; a key ``train.NAME`` changes the ``train()`` argument ``NAME``.
+    """
     import yaml
 
-    from scforge_scvi.cli._demo import DEMO_MODEL_KWARGS
+    from scforge_scvi.cli._demo import DEMO_MODEL_KWARGS, DEMO_TRAIN_KWARGS
 
-    kwargs = dict(DEMO_MODEL_KWARGS)
+    model, train = dict(DEMO_MODEL_KWARGS), dict(DEMO_TRAIN_KWARGS)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set max_genes=512")
-        kwargs[key] = yaml.safe_load(value)
-    return kwargs
+        target, key = (train, key[6:]) if key.startswith("train.") else (model, key)
+        target[key] = yaml.safe_load(value)
+    return model, train
 
 
 def load_dataset(name: str):
@@ -235,15 +240,13 @@ def scvi_arm(adata, seed: int, batch_key: str | None = None) -> np.ndarray:
 def scforge_arm(adata, args, batch_key=None) -> tuple[dict[str, np.ndarray], float]:
     """Embeddings of every requested read-out of one pretrained model, and the train time."""
     from scforge_scvi import ScForge
-    from scforge_scvi.cli._demo import DEMO_TRAIN_KWARGS
 
     cells = adata.copy()
     ScForge.setup_anndata(cells, batch_key=batch_key)
-    model = ScForge(cells, **model_kwargs(args.overrides))
+    model_kwargs, train_kwargs = recipe(args.overrides)
+    model = ScForge(cells, **model_kwargs)
     start = time.perf_counter()
-    model.train(
-        max_epochs=args.epochs, seed=args.seed, enable_progress_bar=False, **DEMO_TRAIN_KWARGS
-    )
+    model.train(max_epochs=args.epochs, seed=args.seed, enable_progress_bar=False, **train_kwargs)
     train_seconds = time.perf_counter() - start
     embeddings = {}
     for name in args.readouts:
