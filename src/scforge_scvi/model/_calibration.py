@@ -35,6 +35,7 @@ from scforge_scvi._errors import ScForgeValueError
 MIN_CELLS = 50
 #: levels at which the quantiles of the validation scores are stored
 N_LEVELS = 1001
+_LEVELS = np.linspace(0.0, 1.0, N_LEVELS)
 #: most variable genes and principal components of the unknown score
 N_GENES = 2000
 N_COMPONENTS = 20
@@ -89,7 +90,7 @@ class Calibration(nn.Module):
         n = int(self.n_cells)
         k = min(n, int(np.ceil((n + 1) * coverage - 1e-9)))
         # the stored quantile j is the order statistic ceil(level_j (n - 1)) (0-based)
-        held = np.ceil(np.linspace(0.0, 1.0, N_LEVELS) * (n - 1))
+        held = np.ceil(_LEVELS * (n - 1))
         return float(self.score_quantiles[int(np.searchsorted(held, k - 1))])
 
     def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
@@ -182,7 +183,6 @@ def fit_calibration(
     temperature = fit_temperature(probabilities, codes)
     calibrated = tempered(probabilities, temperature)
     scores = 1.0 - calibrated[np.arange(len(codes)), codes]
-    levels = np.linspace(0.0, 1.0, N_LEVELS)
 
     columns = np.flatnonzero(x_train.getnnz(axis=0) > 0)
     if len(columns) > N_GENES:
@@ -210,14 +210,14 @@ def fit_calibration(
         calibration.temperature.fill_(temperature)
         calibration.n_cells.fill_(len(codes))
         calibration.score_quantiles.copy_(
-            torch.as_tensor(np.quantile(scores, levels, method="higher"))
+            torch.as_tensor(np.quantile(scores, _LEVELS, method="higher"))
         )
         calibration.projection.copy_(torch.as_tensor(projection))
         calibration.offset.copy_(torch.as_tensor(offset))
         calibration.class_means.copy_(torch.as_tensor(means))
         calibration.precision.copy_(torch.as_tensor(precision))
         calibration.distance_quantiles.copy_(
-            torch.as_tensor(np.quantile(calibration._distances(x_validation), levels))
+            torch.as_tensor(np.quantile(calibration._distances(x_validation), _LEVELS))
         )
 
 

@@ -258,7 +258,7 @@ class FeedForward(nn.Module):
             shape = torch.Size((*x.shape[:-1], self.linear1.out_features))
             keep = self.dropout.draw(shape, x.device)
             l1, l2 = self.linear1, self.linear2
-            relu = isinstance(self.activation, nn.ReLU)
+            relu = isinstance(self.activation, nn.ReLU)  # else GELU (nn._mlp.ACTIVATIONS)
             return _RecomputedFeedForward.apply(
                 x, l1.weight, l1.bias, l2.weight, l2.bias, keep, self.dropout.scale, relu
             )
@@ -267,12 +267,8 @@ class FeedForward(nn.Module):
     def _recompute(self, x: torch.Tensor) -> bool:
         return (
             torch.is_grad_enabled()
-            and type(self.linear1) is nn.Linear
+            and type(self.linear1) is nn.Linear  # LoRA wraps them: the plain path
             and type(self.linear2) is nn.Linear
-            and self.linear1.bias is not None
-            and self.linear2.bias is not None
-            and type(self.activation) in (nn.GELU, nn.ReLU)
-            and getattr(self.activation, "approximate", "none") == "none"
             and not torch.is_autocast_enabled(x.device.type)
         )
 
