@@ -13,7 +13,13 @@ import torch
 
 from helpers import CELL_TYPE, CONTROL, PERT, QUIET, split_screen
 from helpers import PERTURB_TINY as TINY
-from scforge_scvi.perturb._linear import RESIDUAL_WEIGHTS, fit_linear_response, group_changes
+from scforge_scvi.perturb import _linear
+from scforge_scvi.perturb._linear import (
+    RESIDUAL_WEIGHTS,
+    SCALINGS,
+    fit_linear_response,
+    group_changes,
+)
 from scforge_scvi.perturb._metrics import _training_effects, log1p_anndata
 from scforge_scvi.perturb._model import ScForgePerturb
 from semisynthetic import perturbation_feature_table
@@ -59,6 +65,34 @@ def test_unrelated_features_fall_back_to_the_perturbation_mean():
     assert fit.ridge >= 10.0
     slope = np.abs(fit.predict(unrelated[:8], np.zeros(8, int)) - fit.bias[0]).mean()
     assert slope < 0.2 * np.abs(change).mean()
+
+
+@pytest.mark.parametrize("signal_in_sizes", [True, False])
+def test_the_feature_scaling_is_chosen_by_cross_validation(signal_in_sizes):
+    """Features whose sizes rank their importance keep them; units that mean nothing don't."""
+    rng = np.random.default_rng(3)
+    n_perts, n_new, n_features = 30, 50, 24
+    latent = rng.normal(size=(n_perts + n_new, n_features))
+    features = latent * np.geomspace(1.0, 0.01, n_features)
+    weight = rng.normal(size=(n_features, 40))
+    # a large feature moves the genes more (as loadings on top PCs do), or all features are
+    # equally informative and only their units differ
+    effect = features @ weight if signal_in_sizes else 0.3 * latent @ weight
+    pert = np.repeat(np.arange(n_perts), 2)
+    cell_type = np.tile(np.arange(2), n_perts)
+    change = effect[pert] + 0.5 * rng.normal(size=(len(pert), 40))
+    new, types = np.arange(n_perts, n_perts + n_new), np.zeros(n_new, int)
+    error = {}
+    for scaling in SCALINGS:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_linear, "SCALINGS", (scaling,))
+            fit, _ = fit_linear_response(features[pert], pert, cell_type, change, 2)
+        error[scaling] = ((fit.predict(features[new], types) - effect[new]) ** 2).mean()
+    fit, _ = fit_linear_response(features[pert], pert, cell_type, change, 2)
+    expected, other = ("common", "feature") if signal_in_sizes else ("feature", "common")
+    assert fit.scaling == expected
+    # on perturbations it never saw, the chosen scaling predicts better by a margin
+    assert error[expected] < 0.7 * error[other], error
 
 
 def test_too_few_perturbations_is_a_clear_error():

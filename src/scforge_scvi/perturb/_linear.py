@@ -9,8 +9,10 @@ predicted from its feature vector by ridge regression::
 cell-eval's perturbation-mean baseline), ``W_c`` is fitted in closed form, either per cell
 type or shared by all cell types, and optionally kept in the top principal gene directions
 of the training changes (reduced rank, as in the gene-embedding linear model of
-Ahlmann-Eltze et al. 2025). The ridge, the rank and the sharing are chosen by cross-validation
-over training perturbations (a perturbation is held out in every cell type at once, as an
+Ahlmann-Eltze et al. 2025). ``mean`` centres the features; ``scale`` is either each feature's
+own standard deviation, or one scale shared by all features, which keeps their relative sizes
+(a feature table of loadings or embeddings carries information in them). The ridge, the rank,
+the sharing and the scaling are chosen by cross-validation over training perturbations (a perturbation is held out in every cell type at once, as an
 unseen perturbation is), on the pseudobulk mean squared error. The out-of-fold predictions of
 the chosen fit are what the network is trained on top of: a training perturbation's linear
 change then comes from a fit that never saw it, as a test perturbation's does.
@@ -53,6 +55,8 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, np.inf)
 RANKS = (4, 8, 16, 32, None)
 #: one slope per cell type, or one for all
 SHARING = ("cell_type", "shared")
+#: features scaled one by one to unit variance, or all by one scale (their mean variance)
+SCALINGS = ("feature", "common")
 #: weights of the network's change tried on the validation perturbations (0: linear alone)
 RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -68,6 +72,7 @@ class LinearFit:
     ridge: float
     rank: int | None
     sharing: str
+    scaling: str
     cv_mse: float
 
     def predict(self, features: np.ndarray, cell_type: np.ndarray) -> np.ndarray:
@@ -161,7 +166,7 @@ def fit_linear_response(
     n_folds: int = 20,
     seed: int = 0,
 ) -> tuple[LinearFit, np.ndarray]:
-    """Fit the linear path, choosing ridge, rank and sharing by cross-validation.
+    """Fit the linear path, choosing ridge, rank, sharing and scaling by cross-validation.
 
     Parameters
     ----------
@@ -181,8 +186,8 @@ def fit_linear_response(
 
     Returns
     -------
-    ``(fit, out_of_fold)``: the fit on every group with the chosen ridge, rank and sharing,
-    and each group's change predicted by the fold that held its perturbation out
+    ``(fit, out_of_fold)``: the fit on every group with the chosen ridge, rank, sharing and
+    scaling, and each group's change predicted by the fold that held its perturbation out
     (``(n, G)``).
     """
     features = np.asarray(features, dtype=np.float64)
@@ -197,41 +202,46 @@ def fit_linear_response(
     fold_of = dict(zip(perts, rng.permutation(len(perts)) % min(n_folds, len(perts))))
     fold = np.array([fold_of[p] for p in perturbation])
 
+    arms = [(scaling, sharing) for scaling in SCALINGS for sharing in SHARING]
+
     def folds():
-        """Per fold and sharing: held-out rows and their centred predictions, every ridge."""
+        """Per fold and arm (scaling, sharing): held-out rows and their centred predictions,
+        every ridge."""
         for k in np.unique(fold):
             test, train = fold == k, fold != k
-            mean, scale = _standardiser(features[train])
-            x_train, x_test = (features[train] - mean) / scale, (features[test] - mean) / scale
-            for sharing in SHARING:
+            for scaling, sharing in arms:
+                mean, scale = _standardiser(features[train], scaling)
+                x_train, x_test = (features[train] - mean) / scale, (features[test] - mean) / scale
                 slopes, bias, vt = _fit(x_train, cell_type[train], change[train], n_types, sharing)
-                ct = cell_type[test]
-                yield test, sharing, np.einsum("nf,rnfg->rng", x_test, slopes[:, ct]), bias[ct], vt
+                centred = np.einsum("nf,rnfg->rng", x_test, slopes[:, cell_type[test]])
+                yield test, (scaling, sharing), centred, bias[cell_type[test]], vt
 
-    errors = {(s, q): np.zeros(len(RIDGE_GRID)) for s in SHARING for q in RANKS}
-    for test, sharing, centred, bias, vt in folds():
+    errors = {(*arm, q): np.zeros(len(RIDGE_GRID)) for arm in arms for q in RANKS}
+    for test, arm, centred, bias, vt in folds():
         for rank in RANKS:
             error = (_reduced(centred, vt, rank) + bias - change[test]) ** 2
-            errors[(sharing, rank)] += error.sum(axis=(1, 2))
-    sharing, rank, r = min(
-        ((s, q, i) for (s, q), e in errors.items() for i in range(len(e))),
-        key=lambda key: errors[key[:2]][key[2]],
+            errors[(*arm, rank)] += error.sum(axis=(1, 2))
+    scaling, sharing, rank, r = min(
+        ((*key, i) for key, e in errors.items() for i in range(len(e))),
+        key=lambda key: errors[key[:3]][key[3]],
     )
     oof = np.zeros_like(change)
-    for test, chosen, centred, bias, vt in folds():
-        if chosen == sharing:
+    for test, arm, centred, bias, vt in folds():
+        if arm == (scaling, sharing):
             oof[test] = _reduced(centred[r], vt, rank) + bias
-    mean, scale = _standardiser(features)
+    mean, scale = _standardiser(features, scaling)
     slopes, bias, vt = _fit((features - mean) / scale, cell_type, change, n_types, sharing)
     weight = _reduced(slopes[r], vt, rank)
-    cv_mse = float(errors[(sharing, rank)][r] / change.size)
-    fit = LinearFit(mean, scale, weight, bias, float(RIDGE_GRID[r]), rank, sharing, cv_mse)
-    return fit, oof
+    cv_mse = float(errors[(scaling, sharing, rank)][r] / change.size)
+    ridge = float(RIDGE_GRID[r])
+    return LinearFit(mean, scale, weight, bias, ridge, rank, sharing, scaling, cv_mse), oof
 
 
-def _standardiser(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and scale (``1`` for a constant feature)."""
+def _standardiser(features: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale (see :data:`SCALINGS`; ``1`` for constant features)."""
     scale = features.std(axis=0)
+    if scaling == "common":
+        scale = np.full_like(scale, np.sqrt((scale**2).mean()))
     return features.mean(axis=0), np.where(scale > 1e-12, scale, 1.0)
 
 
@@ -305,17 +315,19 @@ class LinearPathMixin:
             "ridge": fit.ridge,
             "rank": fit.rank,
             "sharing": fit.sharing,
+            "scaling": fit.scaling,
             "cv_mse": fit.cv_mse,
             "residual_weight": weight,
             "validation_scores": scores,
             "validation_perturbations": len(unseen),
         }
         logger.info(
-            "Linear path: ridge %g, rank %s (%s slopes); residual weight %.2f "
-            "(validation scores %s).",
+            "Linear path: ridge %g, rank %s (%s slopes, %s feature scale); residual weight "
+            "%.2f (validation scores %s).",
             fit.ridge,
             fit.rank or "full",
             fit.sharing,
+            fit.scaling,
             weight,
             {w: round(v, 3) for w, v in scores.items()},
         )
