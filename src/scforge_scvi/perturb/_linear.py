@@ -322,7 +322,7 @@ class LinearPathMixin:
             "validation_perturbations": len(unseen),
         }
         logger.info(
-            "Linear path: ridge %g, rank %s (%s slopes, %s feature scale); residual weight "
+            "Linear path: ridge %g, rank %s (%s slopes, %s scaling); residual weight "
             "%.2f (validation scores %s).",
             fit.ridge,
             fit.rank or "full",
