@@ -12,8 +12,9 @@ of the training changes (reduced rank, as in the gene-embedding linear model of
 Ahlmann-Eltze et al. 2025). ``mean`` centres the features; ``scale`` is either each feature's
 own standard deviation, or one scale shared by all features, which keeps their relative sizes
 (a feature table of loadings or embeddings carries information in them). The ridge, the rank,
-the sharing and the scaling are chosen by cross-validation over training perturbations (a perturbation is held out in every cell type at once, as an
-unseen perturbation is), on the pseudobulk mean squared error. The out-of-fold predictions of
+the sharing and the scaling are chosen by cross-validation over training perturbations (a
+perturbation is held out in every cell type at once, as an unseen perturbation is), on the
+pseudobulk mean squared error. The out-of-fold predictions of
 the chosen fit are what the network is trained on top of: a training perturbation's linear
 change then comes from a fit that never saw it, as a test perturbation's does.
 
@@ -55,7 +56,7 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, np.inf)
 RANKS = (4, 8, 16, 32, None)
 #: one slope per cell type, or one for all
 SHARING = ("cell_type", "shared")
-#: features scaled one by one to unit variance, or all by one scale (their mean variance)
+#: features scaled one by one to unit variance, or all by one scale (root mean variance)
 SCALINGS = ("feature", "common")
 #: weights of the network's change tried on the validation perturbations (0: linear alone)
 RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
