@@ -205,7 +205,7 @@ def fit_linear_response(
 
     arms = [(scaling, sharing) for scaling in SCALINGS for sharing in SHARING]
 
-    def folds():
+    def folds(arms):
         """Per fold and arm (scaling, sharing): held-out rows and their centred predictions,
         every ridge."""
         for k in np.unique(fold):
@@ -218,7 +218,7 @@ def fit_linear_response(
                 yield test, (scaling, sharing), centred, bias[cell_type[test]], vt
 
     errors = {(*arm, q): np.zeros(len(RIDGE_GRID)) for arm in arms for q in RANKS}
-    for test, arm, centred, bias, vt in folds():
+    for test, arm, centred, bias, vt in folds(arms):
         for rank in RANKS:
             error = (_reduced(centred, vt, rank) + bias - change[test]) ** 2
             errors[(*arm, rank)] += error.sum(axis=(1, 2))
@@ -227,9 +227,8 @@ def fit_linear_response(
         key=lambda key: errors[key[:3]][key[3]],
     )
     oof = np.zeros_like(change)
-    for test, arm, centred, bias, vt in folds():
-        if arm == (scaling, sharing):
-            oof[test] = _reduced(centred[r], vt, rank) + bias
+    for test, _, centred, bias, vt in folds([(scaling, sharing)]):  # the chosen arm alone
+        oof[test] = _reduced(centred[r], vt, rank) + bias
     mean, scale = _standardiser(features, scaling)
     slopes, bias, vt = _fit((features - mean) / scale, cell_type, change, n_types, sharing)
     weight = _reduced(slopes[r], vt, rank)
