@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from scforge_scvi._errors import ScForgeValueError
+from scforge_scvi.model._linear import standardiser, variable_genes
 
 #: validation cells needed to calibrate (as to choose the share of the linear path)
 MIN_CELLS = 50
@@ -175,8 +176,6 @@ def fit_calibration(
     seed
         Seed of the principal component analysis.
     """
-    import anndata as ad
-    import scanpy as sc
     from sklearn.decomposition import PCA
 
     calibration.reset()
@@ -184,15 +183,9 @@ def fit_calibration(
     calibrated = tempered(probabilities, temperature)
     scores = 1.0 - calibrated[np.arange(len(codes)), codes]
 
-    columns = np.flatnonzero(x_train.getnnz(axis=0) > 0)
-    if len(columns) > N_GENES:
-        hvg = sc.pp.highly_variable_genes(
-            ad.AnnData(X=x_train[:, columns].astype(np.float32)), n_top_genes=N_GENES, inplace=False
-        )
-        columns = columns[hvg["highly_variable"].to_numpy()]
+    columns = variable_genes(x_train, N_GENES)
     dense = x_train[:, columns].toarray().astype(np.float64)
-    mean, scale = dense.mean(0), dense.std(0)
-    scale[scale == 0] = 1.0
+    mean, scale = standardiser(dense)
     n_components = min(N_COMPONENTS, *dense.shape)
     pca = PCA(n_components, random_state=seed).fit((dense - mean) / scale)
     projection = np.zeros((x_train.shape[1], N_COMPONENTS))

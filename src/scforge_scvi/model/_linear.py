@@ -149,6 +149,31 @@ def features(
     return sp.vstack(blocks, format="csr")
 
 
+def variable_genes(x: sp.csr_matrix, n_top_genes: int) -> np.ndarray:
+    """Columns of the ``n_top_genes`` most variable detected genes of ``x``.
+
+    Scanpy's ``seurat`` flavour on log-normalised expression; every detected gene when fewer
+    are detected.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    columns = np.flatnonzero(x.getnnz(axis=0) > 0)
+    if len(columns) > n_top_genes:
+        hvg = sc.pp.highly_variable_genes(
+            ad.AnnData(X=x[:, columns].astype(np.float32)), n_top_genes=n_top_genes, inplace=False
+        )
+        columns = columns[hvg["highly_variable"].to_numpy()]
+    return columns
+
+
+def standardiser(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations of ``dense`` (a constant column gets scale 1)."""
+    scale = dense.std(0)
+    scale[scale == 0] = 1.0
+    return dense.mean(0), scale
+
+
 def fit_logreg(
     x: sp.csr_matrix, codes: np.ndarray, n_classes: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -174,9 +199,7 @@ def fit_logreg(
 
     columns = np.flatnonzero(x.getnnz(axis=0) > 0)
     dense = x[:, columns].toarray().astype(np.float64)
-    mean = dense.mean(0)
-    scale = dense.std(0)
-    scale[scale == 0] = 1.0
+    mean, scale = standardiser(dense)
     weight = np.zeros((n_classes, x.shape[1]))
     bias = np.full(n_classes, -1e4)
     present = np.unique(codes)
@@ -221,24 +244,15 @@ def spread_labels(x: sp.csr_matrix, codes: np.ndarray, n_classes: int, seed: int
     -------
     A class code for every cell.
     """
-    import anndata as ad
-    import scanpy as sc
     from sklearn.decomposition import PCA
     from sklearn.semi_supervised import LabelSpreading
 
     labelled = codes < n_classes
     if labelled.all() or not labelled.any():
         return codes
-    x = x[:, np.flatnonzero(x.getnnz(axis=0) > 0)]
-    if x.shape[1] > SPREAD_GENES:
-        hvg = sc.pp.highly_variable_genes(
-            ad.AnnData(X=x.astype(np.float32)), n_top_genes=SPREAD_GENES, inplace=False
-        )
-        x = x[:, np.flatnonzero(hvg["highly_variable"].to_numpy())]
-    dense = x.toarray().astype(np.float32)
-    scale = dense.std(0)
-    scale[scale == 0] = 1.0
-    dense = np.clip((dense - dense.mean(0)) / scale, -10, 10)
+    dense = x[:, variable_genes(x, SPREAD_GENES)].toarray().astype(np.float32)
+    mean, scale = standardiser(dense)
+    dense = np.clip((dense - mean) / scale, -10, 10)
     n_components = min(SPREAD_COMPONENTS, *dense.shape)
     embedding = PCA(n_components, random_state=seed).fit_transform(dense)
     spreading = LabelSpreading(
