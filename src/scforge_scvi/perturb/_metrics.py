@@ -139,40 +139,34 @@ def _training_effects(
     train: ad.AnnData, perturbation_key: str, control_label: str, cell_type_key: str | None
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
     """Training pseudobulk changes from the control mean of the same cell type."""
-    _perturbations(train, perturbation_key, control_label)
-    groups, means = group_means(train, perturbation_key, cell_type_key)
-    control = groups["perturbation"] == control_label
-    control_means = {
-        c: means[i] for i, c in zip(np.flatnonzero(control), groups["cell_type"][control])
-    }
-    perturbed = np.flatnonzero(~control)
-    effects_groups = groups.iloc[perturbed].reset_index(drop=True)
-    missing = sorted(set(effects_groups["cell_type"]) - set(control_means))
-    if missing:
-        raise ValueError(
-            f"The training data has no {control_label!r} cells for cell types {missing}."
-        )
-    effects = means[perturbed] - np.stack([control_means[c] for c in effects_groups["cell_type"]])
-    return effects_groups, effects, control_means
+    groups, means, control_means = _perturbed_groups(
+        train, perturbation_key, control_label, cell_type_key, "the training data"
+    )
+    effects = means - np.stack([control_means[c] for c in groups["cell_type"]])
+    return groups, effects, control_means
 
 
-def _requested_groups(
-    real: ad.AnnData, perturbation_key: str, control_label: str, cell_type_key: str | None
-) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """The (cell type, perturbation) groups to predict and the real control means."""
-    _perturbations(real, perturbation_key, control_label)
-    groups, means = group_means(real, perturbation_key, cell_type_key)
+def _perturbed_groups(
+    data: ad.AnnData,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None,
+    what: str,
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
+    """Perturbed (cell type, perturbation) groups, their means and each type's control mean."""
+    _perturbations(data, perturbation_key, control_label)
+    groups, means = group_means(data, perturbation_key, cell_type_key)
     control = (groups["perturbation"] == control_label).to_numpy()
     control_means = {
         c: means[i] for i, c in zip(np.flatnonzero(control), groups["cell_type"][control])
     }
-    wanted = groups[~control].reset_index(drop=True)
-    missing = sorted(set(wanted["cell_type"]) - set(control_means))
+    perturbed = groups[~control].reset_index(drop=True)
+    missing = sorted(set(perturbed["cell_type"]) - set(control_means))
     if missing:
         raise ValueError(
-            f"No {control_label!r} control cells for cell types {missing} in the data to predict."
+            f"{what.capitalize()} has no {control_label!r} cells for cell types {missing}."
         )
-    return wanted, control_means
+    return perturbed, means[~control], control_means
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -197,7 +191,9 @@ def control_mean_baseline(
     -------
     The prediction, in the layout of ``real`` (same cells, genes and obs columns).
     """
-    wanted, control_means = _requested_groups(real, perturbation_key, control_label, cell_type_key)
+    wanted, _, control_means = _perturbed_groups(
+        real, perturbation_key, control_label, cell_type_key, "the data to predict"
+    )
     predicted = {
         (c, p): control_means[c] for c, p in zip(wanted["cell_type"], wanted["perturbation"])
     }
@@ -230,7 +226,9 @@ def perturbation_mean_baseline(
     groups, effects, _ = _training_effects(train, perturbation_key, control_label, cell_type_key)
     if len(groups) == 0:
         raise ValueError("The training data has no perturbed cells.")
-    wanted, control_means = _requested_groups(real, perturbation_key, control_label, cell_type_key)
+    wanted, _, control_means = _perturbed_groups(
+        real, perturbation_key, control_label, cell_type_key, "the data to predict"
+    )
     pooled = effects.mean(axis=0)
     predicted = {}
     for c, p in zip(wanted["cell_type"], wanted["perturbation"]):
@@ -300,7 +298,9 @@ def linear_baseline(
         PCA scores as ``P``.
     """
     groups, effects, _ = _training_effects(train, perturbation_key, control_label, cell_type_key)
-    wanted, control_means = _requested_groups(real, perturbation_key, control_label, cell_type_key)
+    wanted, _, control_means = _perturbed_groups(
+        real, perturbation_key, control_label, cell_type_key, "the data to predict"
+    )
     gene_index = pd.Index(real.var_names.astype(str))
     if not gene_index.equals(pd.Index(train.var_names.astype(str))):
         raise ValueError("train and real must have the same genes in the same order.")
