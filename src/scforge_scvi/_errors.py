@@ -13,6 +13,9 @@ from __future__ import annotations
 class ScForgeError(Exception):
     """Base of the errors raised for bad input."""
 
+    def __str__(self) -> str:  # the message alone, as KeyError and OSError would not print it
+        return str(self.args[0]) if self.args else ""
+
 
 class ScForgeValueError(ScForgeError, ValueError):
     """A value, file or setting that cannot be used."""
@@ -25,29 +28,17 @@ class ScForgeTypeError(ScForgeError, TypeError):
 class ScForgeKeyError(ScForgeValueError, KeyError):
     """A key (layer, column, config key) that is not there."""
 
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0]) if self.args else ""
-
 
 class ScForgeFileNotFoundError(ScForgeValueError, FileNotFoundError):
     """A file or directory that does not exist (or is not what was expected)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class ScForgeFileExistsError(ScForgeValueError, FileExistsError):
     """An output that exists and may not be replaced."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
 
 class ScForgePermissionError(ScForgeValueError, PermissionError):
     """An output location that cannot be written."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def one_line(err: BaseException) -> str:
