@@ -324,3 +324,10 @@ def test_score_dtype_is_checked_and_rank_value_only(vocab):
         build_tokenizer("continuous", vocab, score_dtype="float64")
     default = build_tokenizer("rank_value", vocab, score_dtype="float32")
     assert "score_dtype" not in default.to_dict() and "append_eos" not in default.to_dict()
+
+
+def test_repr_shows_the_settings_that_rebuild_the_tokenizer(vocab):
+    tokenizer = build_tokenizer("binned_expression", vocab, max_genes=64, n_bins=21)
+    assert repr(tokenizer) == "BinnedExpressionTokenizer(max_genes=64, prepend_cls=True, n_bins=21)"
+    eos = build_tokenizer("rank_value", vocab, append_eos=True)
+    assert repr(eos) == "RankValueTokenizer(max_genes=2048, prepend_cls=True, append_eos=True)"

@@ -311,14 +311,9 @@ class Tokenizer:
             d["score_dtype"] = self.score_dtype
         return d
 
-    def extra_repr(self) -> str:
-        """Settings shown in the tokenizer's description."""
-        text = f"max_genes={self.max_genes}, prepend_cls={self.prepend_cls}"
-        if self.append_eos:
-            text += ", append_eos=True"
-        if self.score_dtype != "float32":
-            text += f", score_dtype={self.score_dtype!r}"
-        return text
+    def __repr__(self) -> str:
+        settings = {k: v for k, v in self.to_dict().items() if k != "strategy"}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
 
 class RankValueTokenizer(Tokenizer):
