@@ -45,15 +45,3 @@ def one_line(err: BaseException) -> str:
     """The first line of an exception's message (the type name when it has none)."""
     text = str(err).strip()
     return text.splitlines()[0].strip() if text else type(err).__name__
-
-
-__all__ = [
-    "ScForgeError",
-    "ScForgeFileExistsError",
-    "ScForgeFileNotFoundError",
-    "ScForgeKeyError",
-    "ScForgePermissionError",
-    "ScForgeTypeError",
-    "ScForgeValueError",
-    "one_line",
-]

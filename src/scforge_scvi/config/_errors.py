@@ -20,16 +20,6 @@ from pydantic import BaseModel, ValidationError
 
 from scforge_scvi._errors import ScForgeValueError
 
-__all__ = [
-    "ConfigError",
-    "describe_errors",
-    "field_kind",
-    "format_path",
-    "is_required_section",
-    "show",
-    "unknown_key_message",
-]
-
 
 class ConfigError(ScForgeValueError):
     """An invalid configuration: one human-readable message per problem.

@@ -20,8 +20,6 @@ from pydantic import BaseModel
 from ._errors import SECTION_LIST, ConfigError, field_kind, format_path, unknown_key_message
 from ._yaml import load_yaml
 
-__all__ = ["apply_overrides"]
-
 _SEGMENT = re.compile(r"^(?P<name>[^.\[\]]+)(?P<index>(\[\d+\])*)$")
 
 

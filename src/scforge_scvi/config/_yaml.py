@@ -6,8 +6,6 @@ from typing import Any
 
 import yaml
 
-__all__ = ["describe_yaml_error", "load_yaml"]
-
 
 class _StrictLoader(yaml.SafeLoader):
     """A safe YAML loader that refuses a key written twice in one mapping.

@@ -32,7 +32,6 @@ from ._gene_ids import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["GeneMatch", "MatchBy", "VocabCoverageError", "VocabMatchingMixin"]
 
 MatchBy = Literal["auto", "ensembl", "symbol"]
 

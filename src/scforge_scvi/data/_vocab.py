@@ -44,15 +44,6 @@ from ._matching import VocabMatchingMixin
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = [
-    "CLS_ID",
-    "MASK_ID",
-    "N_SPECIAL",
-    "PAD_ID",
-    "SPECIAL_TOKENS",
-    "UNK_ID",
-    "GeneVocab",
-]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<cls>", "<mask>", "<unk>")
 PAD_ID, CLS_ID, MASK_ID, UNK_ID = range(4)

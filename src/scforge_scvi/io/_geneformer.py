@@ -44,15 +44,6 @@ from scforge_scvi.data._vocab import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID, UNK_ID
 
 from ._pretrained import Pretrained
 
-__all__ = [
-    "GeneformerImportError",
-    "RestrictedUnpickler",
-    "UnsafePickleError",
-    "geneformer_token_map",
-    "load_geneformer_dictionary",
-    "read_geneformer",
-]
-
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 TORCH_BIN_NAME = "pytorch_model.bin"

@@ -51,16 +51,6 @@ from scforge_scvi.data._splits import split_cells
 
 from ._calibration import expected_calibration_error
 
-__all__ = [
-    "baseline_logreg",
-    "classification_scores",
-    "embedding_quality",
-    "evaluate_annotation",
-    "linear_probe",
-    "logreg_on_cells",
-    "probe_split",
-]
-
 
 def probe_split(
     labels: Sequence, train_split: float, seed: int = 0
