@@ -60,6 +60,7 @@ import torch
 
 from scforge_scvi.data._splits import split_cells
 from scforge_scvi.model import ScForge, classification_scores, logreg_on_cells, probe_split
+from scforge_scvi.model._settings import grouped
 from scforge_scvi.train._lora import count_parameters
 from scforge_scvi.train._schedules import default_max_epochs
 
@@ -305,7 +306,9 @@ def fine_tune(
     model = ScForge.from_pretrained(str(pretrained), labelled)
     if init == "random":
         # nothing learned from cells, and no statistic of the test cells: random embeddings
-        model = ScForge(labelled, vocab=model.vocab, **{**arch, "gene_embedding_init": "random"})
+        model = ScForge(
+            labelled, vocab=model.vocab, **grouped({**arch, "gene_embedding_init": "random"})
+        )
     epochs = args.epochs or default_max_epochs("classify", n_train, args.batch_size)
     trace = TestTrace(model, *traced) if traced else None
     model.train(
@@ -363,25 +366,25 @@ def main(argv=None) -> None:
         arch["scaled_gene_embedding"] = args.scaled_gene_embedding
     if args.gene_embedding_init is not None:
         arch["gene_embedding_init"] = args.gene_embedding_init
-    fit = dict(
+    plan_kwargs = dict(
         lr=args.lr,
         backbone_lr=args.backbone_lr,
         warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio,
-        class_weights=None if args.class_weights == "none" else args.class_weights,
         token_dropout=args.token_dropout,
         weight_decay=args.weight_decay,
+    )
+    if args.label_smoothing:
+        plan_kwargs["label_smoothing"] = args.label_smoothing
+    fit = dict(
+        class_weights=None if args.class_weights == "none" else args.class_weights,
+        plan_kwargs=plan_kwargs,
         monitor=args.monitor,
         batch_size=args.batch_size,
         train_size=TRAIN_SIZE + VALIDATION_SIZE - args.validation_size,
         validation_size=args.validation_size,
         enable_progress_bar=False,
     )
-    plan_kwargs = {}
-    if args.label_smoothing:
-        plan_kwargs["label_smoothing"] = args.label_smoothing
-    if plan_kwargs:
-        fit["plan_kwargs"] = plan_kwargs
     extra = None
     if args.pretrain_extra:
         extra, _ = load(args.pretrain_extra)
@@ -422,18 +425,20 @@ def main(argv=None) -> None:
             for member, member_seed in enumerate(member_seeds):
                 t0 = time.perf_counter()
                 torch.manual_seed(member_seed)  # the initial weights: a seed names one whole run
-                model = ScForge(pre, **arch)
+                model = ScForge(pre, **grouped(arch))
                 model.train(
                     max_epochs=args.pretrain_epochs,
                     objective="pretrain",
-                    lr=args.pretrain_lr,
-                    warmup_steps=args.warmup_steps,
-                    min_lr_ratio=args.min_lr_ratio,
                     batch_size=args.batch_size,
                     train_size=0.9,
                     validation_size=0.1,
                     seed=member_seed,
                     enable_progress_bar=False,
+                    plan_kwargs={
+                        "lr": args.pretrain_lr,
+                        "warmup_steps": args.warmup_steps,
+                        "min_lr_ratio": args.min_lr_ratio,
+                    },
                 )
                 model.save_pretrained(str(Path(tmp) / f"pre{member}"))
                 t_member = time.perf_counter() - t0

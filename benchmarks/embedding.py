@@ -137,20 +137,26 @@ def scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, fl
 def recipe(overrides: list[str]) -> tuple[dict, dict]:
     """The demo's ``ScForge(...)`` and ``train(...)`` arguments with ``KEY=VALUE`` overrides.
 
-    Values are read as YAML; a key ``train.NAME`` changes the ``train()`` argument ``NAME``.
+    Values are read as YAML; a key ``train.NAME`` changes the ``train()`` argument ``NAME``
+    (the ``plan_kwargs`` entry for a training-plan setting such as ``lr`` or ``masking``).
     """
     import yaml
 
     from scforge_scvi.cli._demo import DEMO_MODEL_KWARGS, DEMO_TRAIN_KWARGS
+    from scforge_scvi.model._settings import flattened, grouped
+    from scforge_scvi.model._training import _PLAN_KEYWORDS as PLAN_KEYWORDS
 
-    model, train = dict(DEMO_MODEL_KWARGS), dict(DEMO_TRAIN_KWARGS)
+    model, train = flattened(DEMO_MODEL_KWARGS), dict(DEMO_TRAIN_KWARGS)
+    plan = train["plan_kwargs"] = dict(DEMO_TRAIN_KWARGS["plan_kwargs"])
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set max_genes=512")
         target, key = (train, key[6:]) if key.startswith("train.") else (model, key)
+        if target is train and key in PLAN_KEYWORDS:
+            target = plan  # the optimizer, schedule and masking are training-plan settings
         target[key] = yaml.safe_load(value)
-    return model, train
+    return grouped(model), train
 
 
 def load_dataset(name: str):

@@ -59,9 +59,9 @@ ANCHOR = {
     "hidden_dim": 256,
     "num_layers": 4,
     "num_heads": 8,
-    "ffn_dim": 1024,
     "max_genes": 1024,
-    "n_top_genes": None,
+    "architecture": {"ffn_dim": 1024},
+    "preprocessing": {"n_top_genes": None},
 }
 SMALL = {"hidden_dim": 128, "num_layers": 2, "num_heads": 4, "max_genes": 512}
 # scModelForge on a 2-core CPU with a 182 GFLOP/s matmul (cells/s), from its own benchmark

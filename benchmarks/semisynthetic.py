@@ -729,11 +729,11 @@ def backbone_gene_features(
     torch.manual_seed(seed)
     model = ScForge(
         cells,
-        n_top_genes=None,
         max_genes=max_genes,
         hidden_dim=hidden_dim,
         num_layers=num_layers,
         num_heads=num_heads,
+        preprocessing={"n_top_genes": None},
     )
     model.train(
         max_epochs=n_epochs,

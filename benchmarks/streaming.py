@@ -35,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / "_data"
 PBMC3K = ROOT.parent / ".." / "shared" / "data" / "pbmc3k_raw_labeled.h5ad"
-MODEL = {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "ffn_dim": 128, "max_genes": 256}
+MODEL = {"hidden_dim": 64, "num_layers": 2, "num_heads": 4, "max_genes": 256}
+MODEL["architecture"] = {"ffn_dim": 128}
 
 
 def make_file(n_cells: int, path: Path, seed: int = 0, chunk: int = 20_000) -> None:

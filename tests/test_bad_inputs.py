@@ -45,7 +45,7 @@ TINY = {  # the architecture of CONFIG below
     "hidden_dim": 16,
     "num_layers": 1,
     "num_heads": 2,
-    "ffn_dim": 64,
+    "architecture": {"ffn_dim": 64},
     "max_genes": 32,
     "head_hidden_dim": 16,
 }

@@ -17,6 +17,7 @@ from scforge_scvi.cli import main
 from scforge_scvi.cli._runs import model_kwargs, train_kwargs
 from scforge_scvi.config import ScForgeConfig
 from scforge_scvi.data import pbmc68k_counts
+from scforge_scvi.model._settings import flattened, init_defaults
 from scforge_scvi.train._schedules import default_max_epochs, default_warmup_steps
 
 RECIPE = Path(__file__).parents[2] / "docs" / "tutorials" / "configs" / "annotate_pbmc3k.yaml"
@@ -37,8 +38,8 @@ def recipe() -> ScForgeConfig:
 
 
 def test_config_builds_the_default_model(recipe):
-    defaults = _defaults(ScForge.__init__)
-    built = model_kwargs(recipe)
+    defaults = init_defaults(ScForge)
+    built = flattened(model_kwargs(recipe))
     for name in (
         "tokenizer", "max_genes", "n_top_genes", "hidden_dim", "num_layers", "num_heads",
         "pooling", "n_bins", "dropout", "normalize", "target_sum", "log1p", "head_hidden_dim",
@@ -49,16 +50,17 @@ def test_config_builds_the_default_model(recipe):
 def test_config_trains_with_the_default_schedule(recipe):
     defaults = _defaults(ScForge.train)
     fit = train_kwargs(recipe, objective="classify")
-    for name in ("lr", "weight_decay", "min_lr_ratio", "batch_size", "class_weights"):
+    plan, plan_defaults = fit["plan_kwargs"], _defaults(ScForge._training_plan_cls.__init__)
+    for name in ("batch_size", "class_weights"):
         assert fit[name] == defaults[name], name
-    plan_defaults = _defaults(ScForge._training_plan_cls.__init__)
-    assert fit["plan_kwargs"]["label_smoothing"] == plan_defaults["label_smoothing"]
-    assert fit["strategy"] == "full" and fit["backbone_lr"] == fit["head_lr"] == fit["lr"]
+    for name in ("lr", "weight_decay", "min_lr_ratio", "label_smoothing"):
+        assert plan[name] == plan_defaults[name], name
+    assert fit["strategy"] == "full" and plan["backbone_lr"] == plan["head_lr"] == plan["lr"]
     # the training file holds 80% of pbmc3k; the config's validation share of it is 1/8
     n_train = round(0.8 * PBMC3K_CELLS * fit["train_size"])
     steps = n_train // fit["batch_size"] * fit["max_epochs"]
     assert fit["max_epochs"] == default_max_epochs("classify", n_train, fit["batch_size"])
-    assert fit["warmup_steps"] == default_warmup_steps(steps)
+    assert plan["warmup_steps"] == default_warmup_steps(steps)
 
 
 def test_pretrain_then_finetune_with_the_tutorial_config(tmp_path, monkeypatch, capsys):

@@ -69,8 +69,8 @@ def test_embeddings_come_back_in_the_order_asked(model, pbmc68k_counts):
 
 
 def test_training_with_and_without_grouping_learns(model):
-    model.train(max_epochs=2, batch_size=32, lr=1e-3)
+    model.train(max_epochs=2, batch_size=32, plan_kwargs={"lr": 1e-3})
     grouped = model.history["train_loss_epoch"].to_numpy(dtype=float).ravel()
     assert grouped[-1] < grouped[0]
-    model.train(max_epochs=1, batch_size=32, lr=1e-3, group_by_length=False)
+    model.train(max_epochs=1, batch_size=32, group_by_length=False, plan_kwargs={"lr": 1e-3})
     assert np.isfinite(model.history["train_loss_epoch"].to_numpy(dtype=float)).all()

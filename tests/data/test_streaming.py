@@ -13,7 +13,8 @@ from scforge_scvi.data import CellStream, StreamedCells, VocabCoverageError
 from scforge_scvi.data._splits import split_cells
 from scforge_scvi.data._streaming import CELL_INDEX_KEY
 
-TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "max_genes": 48}
+TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "max_genes": 48}
+TINY["architecture"] = {"ffn_dim": 32}
 
 
 @pytest.fixture
@@ -128,7 +129,9 @@ def test_train_on_streamed_shards_with_labels(shards):
     assert sample.n_obs == 300 and "shard" in sample.obs
     sf.ScForge.setup_anndata(sample, labels_key="louvain")
     model = sf.ScForge(sample, **TINY)
-    model.train(max_epochs=2, data=cells, batch_size=32, lr=1e-3, accelerator="cpu")
+    model.train(
+        max_epochs=2, data=cells, batch_size=32, accelerator="cpu", plan_kwargs={"lr": 1e-3}
+    )
     assert len(model.train_indices_) + len(model.validation_indices_) == cells.n_obs
     loss = model.history["val_loss"].to_numpy(dtype=float).ravel()
     assert len(loss) == 2 and loss[-1] < loss[0]

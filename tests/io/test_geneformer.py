@@ -349,10 +349,10 @@ def test_imported_model_fine_tunes_with_every_strategy(
         strategy=strategy,
         freeze_backbone_epochs=1 if strategy == "gradual_unfreeze" else 0,
         batch_size=64,
-        lr=1e-3,
         train_size=0.8,
         accelerator="cpu",
         enable_progress_bar=False,
+        plan_kwargs={"lr": 1e-3},
     )
     after = _backbone_weights(model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -435,7 +435,10 @@ def test_architecture_overrides_are_refused(cells, pbmc_model_dirs):
     adata = setup_counts(cells.copy())
     with pytest.raises(CheckpointMismatchError, match=r"norm_position: checkpoint 'post'"):
         ScForge.from_geneformer(
-            str(pbmc_model_dirs["V2", 64]), adata, min_coverage=0.0, norm_position="pre"
+            str(pbmc_model_dirs["V2", 64]),
+            adata,
+            min_coverage=0.0,
+            architecture={"norm_position": "pre"},
         )
     with pytest.raises(GeneformerImportError, match="needs <cls> and <eos>"):
         read_geneformer(pbmc_model_dirs["V1", 64], special_tokens=True)

@@ -127,11 +127,11 @@ def test_freezing_a_newly_initialised_parameter_is_an_error(saved, counts, tmp_p
 def test_max_seq_len_counts_genes_and_old_directories_load(counts, tmp_path):
     """``max_seq_len`` counts genes like ``max_genes``; version-1 directories counted <cls>."""
     torch.manual_seed(0)
-    ranked = {**TINY, "tokenizer": "rank_value", "max_seq_len": 80}  # position embeddings
-    model = ScForge(counts, **ranked)
+    ranked = {**TINY, "tokenizer": "rank_value", "architecture": {"max_seq_len": 80}}
+    model = ScForge(counts, **ranked)  # rank values: position embeddings
     assert model.backbone_config.max_seq_len == 81  # 80 genes + <cls>
     with pytest.raises(ValueError, match="max_seq_len=63 is smaller than max_genes=64"):
-        ScForge(counts, **{**ranked, "max_seq_len": 63})
+        ScForge(counts, **{**ranked, "architecture": {"max_seq_len": 63}})
     expected = model.get_latent_representation(counts)
 
     path = tmp_path / "v1"

@@ -16,7 +16,8 @@ import scforge_scvi as sf
 from scforge_scvi._errors import ScForgeValueError
 from scforge_scvi.data import _genes, _preprocess
 
-TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "max_genes": 48}
+TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "max_genes": 48}
+TINY["architecture"] = {"ffn_dim": 32}
 QUIET = {"batch_size": 32, "enable_progress_bar": False, "accelerator": "cpu", "logger": False}
 BLOCK = 100  # rows of a backed matrix read at a time in these tests
 
@@ -125,7 +126,7 @@ def test_statistics_of_a_large_backed_file_are_fitted_on_a_sample(
     sf.ScForge.setup_anndata(backed)
     reads.clear()
     with caplog.at_level(logging.INFO, logger="scforge_scvi"):
-        model = sf.ScForge(backed, n_top_genes=200, **TINY)
+        model = sf.ScForge(backed, **TINY, preprocessing={"n_top_genes": 200})
     assert "on 300 of the 700 cells of the backed file" in caplog.text
     assert max(reads) <= BLOCK
     assert model.vocab.n_genes == 200 and np.isfinite(model.vocab.gene_medians).all()

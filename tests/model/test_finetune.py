@@ -59,7 +59,7 @@ def pretrained_dir(tmp_path_factory, _pbmc68k_counts_once):
     adata = _pbmc68k_counts_once.copy()
     ScForge.setup_anndata(adata, layer="counts")
     model = ScForge(adata, **TINY)
-    model.train(max_epochs=2, lr=3e-3, **FIT)
+    model.train(max_epochs=2, **FIT, plan_kwargs={"lr": 3e-3})
     path = tmp_path_factory.mktemp("pretrained") / "base"
     model.save_pretrained(str(path))
     assert "val_perplexity" in model.history  # no labels registered: masked-gene pretraining
@@ -106,7 +106,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def _finetune(path, adata, *, epochs=1, callbacks=(), **kwargs) -> ScForge:
     model = ScForge.from_pretrained(str(path), adata)
-    model.train(max_epochs=epochs, lr=3e-3, callbacks=list(callbacks), **FIT, **kwargs)
+    model.train(
+        max_epochs=epochs, callbacks=list(callbacks), **FIT, **kwargs, plan_kwargs={"lr": 3e-3}
+    )
     return model
 
 
@@ -166,7 +168,9 @@ def test_frozen_trains_the_head_only(pretrained_dir, subset):
     model = ScForge.from_pretrained(str(pretrained_dir), subset)
     backbone = _Snapshots._copy(model.module.backbone)
     head = _Snapshots._copy(model.module.classifier)
-    model.train(max_epochs=1, strategy="frozen", lr=3e-3, callbacks=[snapshots], **FIT)
+    model.train(
+        max_epochs=1, strategy="frozen", callbacks=[snapshots], **FIT, plan_kwargs={"lr": 3e-3}
+    )
     assert _same(backbone, snapshots.backbone[-1])
     assert not _same(head, snapshots.head[-1])
 
@@ -175,7 +179,9 @@ def test_full_trains_the_backbone(pretrained_dir, subset):
     snapshots = _Snapshots()
     model = ScForge.from_pretrained(str(pretrained_dir), subset)
     backbone = _Snapshots._copy(model.module.backbone)
-    model.train(max_epochs=1, strategy="full", lr=3e-3, callbacks=[snapshots], **FIT)
+    model.train(
+        max_epochs=1, strategy="full", callbacks=[snapshots], **FIT, plan_kwargs={"lr": 3e-3}
+    )
     assert not _same(backbone, snapshots.backbone[-1])
 
 
@@ -214,10 +220,10 @@ def lora_model(pretrained_dir, _pbmc68k_counts_once):
             max_epochs=1,
             strategy="lora",
             freeze_backbone_epochs=1,
-            lr=3e-3,
             lora={"rank": 4, "dropout": 0.0},
             callbacks=[grads],
             **FIT,
+            plan_kwargs={"lr": 3e-3},
         )
     return {"model": model, "adata": adata, "grads": grads, "warnings": caught}
 
@@ -355,7 +361,9 @@ def test_nan_labels_train_exactly_like_the_unlabelled_category(
     for adata in (missing, marked):
         torch.manual_seed(0)  # the same initial classification head
         model = ScForge.from_pretrained(str(pretrained_dir), adata)
-        model.train(max_epochs=2, lr=3e-3, train_size=0.7, validation_size=0.15, **FIT)
+        model.train(
+            max_epochs=2, train_size=0.7, validation_size=0.15, **FIT, plan_kwargs={"lr": 3e-3}
+        )
         models.append(model)
     model, reference = models
     pd.testing.assert_series_equal(missing.obs["cell_type"], column)  # never modified
@@ -415,7 +423,7 @@ def test_unlabelled_cells_are_left_out_of_the_loss_and_still_predicted(pretraine
     ScForge.setup_anndata(subset, layer="counts", labels_key="cell_type")
     model = ScForge.from_pretrained(str(pretrained_dir), subset)
     assert "Unknown" not in model.class_names_
-    model.train(max_epochs=1, lr=3e-3, **FIT)
+    model.train(max_epochs=1, **FIT, plan_kwargs={"lr": 3e-3})
     model.predict()
     pred = subset.obs["scforge_prediction"]
     assert pred.notna().all() and set(pred.cat.categories) == set(model.class_names_)
@@ -446,7 +454,7 @@ def test_regression_head_learns_a_marker_and_predicts_held_out_cells(_pbmc68k_co
     torch.manual_seed(0)
     model = ScForge(adata, **TINY)
     assert model.module.regressor is not None and model.module.classifier is None
-    model.train(max_epochs=8, lr=3e-3, train_size=0.7, validation_size=0.15, **FIT)
+    model.train(max_epochs=8, train_size=0.7, validation_size=0.15, **FIT, plan_kwargs={"lr": 3e-3})
     assert "val_loss" in model.history and "val_perplexity" not in model.history
 
     model.predict()

@@ -24,12 +24,18 @@ def counts(_pbmc68k_counts_once):
 
 def _model(counts, init):
     torch.manual_seed(0)
-    return ScForge(counts, gene_embedding_init=init, **TINY)
+    return ScForge(counts, **TINY, architecture={"gene_embedding_init": init})
 
 
 def test_gene_embeddings_are_scanpys_pca_loadings_of_the_vocabulary_genes(counts):
     torch.manual_seed(0)
-    model = ScForge(counts, n_top_genes=N_TOP, min_coverage=0.2, gene_embedding_init="pca", **TINY)
+    model = ScForge(
+        counts,
+        min_coverage=0.2,
+        **TINY,
+        preprocessing={"n_top_genes": N_TOP},
+        architecture={"gene_embedding_init": "pca"},
+    )
     genes = model.vocab.genes  # in token order, after the special tokens
     reference = sc.AnnData(counts.layers["counts"].copy(), var=counts.var[[]].copy())
     sc.pp.normalize_total(reference, target_sum=1e4)  # over all genes, as the tokenizer does
@@ -63,8 +69,7 @@ def test_pca_start_makes_the_untrained_embedding_tell_cell_types_apart(counts):
 
 def test_a_pca_started_model_reloads_its_trained_weights(counts, tmp_path, monkeypatch):
     model = _model(counts, "pca")
-    model.train(max_epochs=1, lr=3e-3, seed=0, limit_train_batches=4, batch_size=64,
-                enable_progress_bar=False)  # fmt: skip
+    model.train(max_epochs=1, seed=0, limit_train_batches=4, batch_size=64, enable_progress_bar=False, plan_kwargs={"lr": 3e-3})  # fmt: skip
     model.save_pretrained(str(tmp_path / "pca"))
 
     def no_decomposition(*args, **kwargs):
@@ -72,7 +77,8 @@ def test_a_pca_started_model_reloads_its_trained_weights(counts, tmp_path, monke
 
     monkeypatch.setattr("scforge_scvi.model._model.gene_pca_loadings", no_decomposition)
     loaded = ScForge.from_pretrained(str(tmp_path / "pca"), counts)
-    assert loaded.init_params_["non_kwargs"]["gene_embedding_init"] == "pca"
+    assert loaded.architecture.gene_embedding_init == "pca"
+    assert loaded.init_params_["non_kwargs"]["architecture"]["gene_embedding_init"] == "pca"
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation()
     )
@@ -80,4 +86,4 @@ def test_a_pca_started_model_reloads_its_trained_weights(counts, tmp_path, monke
 
 def test_an_unknown_gene_embedding_init_names_the_choices(counts):
     with pytest.raises(ScForgeValueError, match=r"gene_embedding_init.*'random', 'pca'.*'svd'"):
-        ScForge(counts, gene_embedding_init="svd", **TINY)
+        ScForge(counts, **TINY, architecture={"gene_embedding_init": "svd"})

@@ -30,7 +30,10 @@ def counts(_pbmc68k_counts_once):
 def model(counts):
     torch.manual_seed(0)
     return ScForge(
-        setup_counts(counts.copy()), n_top_genes=N_TOP, min_coverage=MIN_COVERAGE, **TINY
+        setup_counts(counts.copy()),
+        min_coverage=MIN_COVERAGE,
+        **TINY,
+        preprocessing={"n_top_genes": N_TOP},
     )
 
 
@@ -70,13 +73,13 @@ def test_selection_is_not_redone_on_new_data(model, counts, tmp_path):
 
 
 def test_hvg_selection_works_at_the_default_coverage(counts):
-    model = ScForge(setup_counts(counts.copy()), n_top_genes=N_TOP, **TINY)
+    model = ScForge(setup_counts(counts.copy()), **TINY, preprocessing={"n_top_genes": N_TOP})
     assert model.vocab.n_genes == N_TOP
 
 
 def test_hvg_selection_leaves_the_users_counts_alone(counts):
     adata = setup_counts(counts.copy())
-    ScForge(adata, n_top_genes=N_TOP, min_coverage=MIN_COVERAGE, **TINY)
+    ScForge(adata, min_coverage=MIN_COVERAGE, **TINY, preprocessing={"n_top_genes": N_TOP})
     assert (adata.layers["counts"] != counts.layers["counts"]).nnz == 0
 
 
@@ -97,6 +100,8 @@ def test_a_tie_at_the_cut_still_selects_exactly_n_top_genes(counts):
     n_top = int((dispersion > dispersion[-1]).sum()) + 1
     assert _scanpy_hvg(tied, n_top)["highly_variable"].sum() == n_top + 1  # scanpy keeps the tie
 
-    model = ScForge(setup_counts(tied), n_top_genes=n_top, min_coverage=MIN_COVERAGE, **TINY)
+    model = ScForge(
+        setup_counts(tied), min_coverage=MIN_COVERAGE, **TINY, preprocessing={"n_top_genes": n_top}
+    )
     assert model.vocab.n_genes == n_top
     assert gene in model.vocab.genes and f"{gene}-copy" not in model.vocab.genes

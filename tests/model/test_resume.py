@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from scforge_scvi import ScForge
 
 TINY = {"hidden_dim": 16, "num_layers": 1, "num_heads": 2, "max_genes": 32, "dropout": 0.1}
-FIT = {"batch_size": 64, "lr": 3e-3, "seed": 0, "enable_progress_bar": False}
+FIT = {"batch_size": 64, "seed": 0, "enable_progress_bar": False}
 
 
 class _LearningRates(Callback):
@@ -37,9 +37,10 @@ def cells(_pbmc68k_counts_once):
     return adata
 
 
-def _run(adata, checkpoint_dir, max_epochs, resume=False, **kwargs) -> _LearningRates:
+def _run(adata, checkpoint_dir, max_epochs, resume=False, **plan) -> _LearningRates:
     torch.manual_seed(0)
     lrs = _LearningRates()
+    kwargs = {"plan_kwargs": {"lr": 3e-3, **plan}}
     if resume:
         kwargs["ckpt_path"] = str(checkpoint_dir / "last.ckpt")
     with warnings.catch_warnings():

@@ -51,13 +51,11 @@ def trained(counts, tmp_path_factory):
     model = ScForge(counts, **TINY)
     model.train(
         max_epochs=EPOCHS,
-        lr=LR,
-        warmup_steps=WARMUP,
-        min_lr_ratio=MIN_LR_RATIO,
         checkpoint_dir=str(ckpt_dir),
         callbacks=[recorder],
         seed=0,
         **QUIET,
+        plan_kwargs={"lr": LR, "warmup_steps": WARMUP, "min_lr_ratio": MIN_LR_RATIO},
     )
     return model, recorder, ckpt_dir
 
@@ -71,7 +69,7 @@ def _untrained_val_loss(adata) -> float:
     """Validation loss of a fresh model: same split and masks, a learning rate of zero."""
     torch.manual_seed(0)
     fresh = ScForge(adata, **TINY)
-    fresh.train(max_epochs=1, lr=0.0, seed=0, limit_train_batches=1, **QUIET)
+    fresh.train(max_epochs=1, seed=0, limit_train_batches=1, **QUIET, plan_kwargs={"lr": 0.0})
     return float(fresh.history["val_loss"].to_numpy().ravel()[0])
 
 
@@ -249,7 +247,7 @@ def test_embed_refuses_unknown_read_outs_naming_the_argument(trained, counts, kw
 def _one_epoch(adata, seed: int) -> np.ndarray:
     torch.manual_seed(0)
     model = ScForge(adata, **TINY)
-    model.train(max_epochs=1, lr=LR, seed=seed, limit_train_batches=4, **QUIET)
+    model.train(max_epochs=1, seed=seed, limit_train_batches=4, **QUIET, plan_kwargs={"lr": LR})
     return model.get_latent_representation()
 
 
@@ -262,7 +260,7 @@ def test_training_is_reproducible_with_a_seed(counts):
 def test_cell_expression_objective_trains_and_reloads(counts, tmp_path):
     torch.manual_seed(0)
     model = ScForge(counts, cell_expression_weight=2.0, **TINY)
-    model.train(max_epochs=3, lr=LR, seed=0, **QUIET)
+    model.train(max_epochs=3, seed=0, **QUIET, plan_kwargs={"lr": LR})
     cell = model.history["val_cell_expression_loss"].to_numpy().ravel().astype(float)
     assert cell[-1] < 0.9 * cell[0]
     model.save_pretrained(str(tmp_path / "cell"))
@@ -278,8 +276,8 @@ def test_cell_expression_objective_trains_and_reloads(counts, tmp_path):
 
 def test_scaled_gene_embedding_reloads_with_identical_embeddings(counts, tmp_path):
     torch.manual_seed(0)
-    model = ScForge(counts, scaled_gene_embedding=True, **TINY)
-    model.train(max_epochs=1, lr=LR, seed=0, limit_train_batches=4, **QUIET)
+    model = ScForge(counts, **TINY, architecture={"scaled_gene_embedding": True})
+    model.train(max_epochs=1, seed=0, limit_train_batches=4, **QUIET, plan_kwargs={"lr": LR})
     model.save_pretrained(str(tmp_path / "scaled"))
     loaded = ScForge.from_pretrained(str(tmp_path / "scaled"), counts)
     assert loaded.backbone_config.scaled_gene_embedding

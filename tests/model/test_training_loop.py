@@ -43,13 +43,13 @@ def run(_pbmc68k_counts_once):
     recorder = GradientRecorder()
     model.train(
         max_epochs=3,
-        lr=0.0,
-        gradient_clip=CLIP,
+        gradient_clip_val=CLIP,
         batch_size=64,
         limit_train_batches=2,
         callbacks=[recorder],
         enable_progress_bar=False,
         seed=0,
+        plan_kwargs={"lr": 0.0},
     )
     return model, recorder
 
@@ -95,8 +95,8 @@ class SamplerRecorder(Callback):
 def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_counts_once):
     adata = setup_counts(_pbmc68k_counts_once.copy())
     model = ScForge(adata, **TINY)
-    with pytest.raises(ValueError, match=r"plan_kwargs cannot set \['lr'\]"):
-        model.train(max_epochs=1, plan_kwargs={"lr": 0.1})
+    with pytest.raises(ValueError, match=r"plan_kwargs cannot set \['seed'\]"):
+        model.train(max_epochs=1, plan_kwargs={"seed": 1})
     with pytest.raises(ValueError, match=r"datasplitter_kwargs cannot set \['batch_size'\]"):
         model.train(max_epochs=1, datasplitter_kwargs={"batch_size": 8})
     recorder = SamplerRecorder()
@@ -104,13 +104,14 @@ def test_plan_and_datasplitter_kwargs_reach_the_plan_and_splitter(_pbmc68k_count
         max_epochs=1,
         batch_size=64,
         datasplitter_kwargs={"group_batches": 2},
-        plan_kwargs={"betas": (0.8, 0.95)},
+        plan_kwargs={"betas": (0.8, 0.95), "lr": 2e-3},
         limit_train_batches=1,
         callbacks=[recorder],
         enable_progress_bar=False,
     )
     assert recorder.sampler.group_batches == 2
     assert recorder.betas == {(0.8, 0.95)}  # every parameter group
+    assert model.trainer.lightning_module.lr == 2e-3
     assert model.best_epoch_ == 0
 
 

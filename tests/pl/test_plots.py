@@ -36,7 +36,14 @@ def classifier(_pbmc68k_counts_once):
     adata = _pbmc68k_counts_once.copy()
     ScForge.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
     model = ScForge(adata, **TINY)
-    model.train(max_epochs=3, train_size=0.7, validation_size=0.1, lr=3e-3, batch_size=64, **QUIET)
+    model.train(
+        max_epochs=3,
+        train_size=0.7,
+        validation_size=0.1,
+        batch_size=64,
+        **QUIET,
+        plan_kwargs={"lr": 3e-3},
+    )
     return model, model.evaluate()
 
 

@@ -72,10 +72,10 @@ def main() -> None:
         hidden_dim=16,
         num_layers=1,
         num_heads=2,
-        ffn_dim=32,
         max_genes=32,
         dropout=0.0,
         head_dropout=0.0,
+        architecture={"ffn_dim": 32},
     )
     rank = int(os.environ.get("RANK", 0))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,6 @@ def main() -> None:
         max_epochs=args.epochs,
         data=cells,
         batch_size=args.batch_size,
-        lr=1e-3,
         train_size=0.8,
         validation_size=0.2,
         accelerator="cpu",
@@ -95,6 +94,7 @@ def main() -> None:
         callbacks=[seen],
         enable_progress_bar=False,
         logger=False,
+        plan_kwargs={"lr": 1e-3},
     )
     np.save(args.out / f"seen_rank{rank}.npy", np.concatenate(seen.seen))
     if rank == 0:

@@ -18,11 +18,11 @@ DEMO_MODEL_KWARGS = {
     "dropout": 0.1,
     "pooling": "mean",  # masked-gene pretraining trains every token, not <cls>
     # both lift the embedding's 15-NN accuracy of bulk_labels (docs/benchmarks_embedding.md)
-    "gene_embedding_init": "pca",
+    "architecture": {"gene_embedding_init": "pca"},
     "cell_expression_weight": 1.0,
 }
 #: the demo's training (beside ``max_epochs`` and ``seed``)
-DEMO_TRAIN_KWARGS = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 20}
+DEMO_TRAIN_KWARGS = {"batch_size": 32, "plan_kwargs": {"lr": 1e-3, "warmup_steps": 20}}
 
 
 def knn_accuracy(embedding: np.ndarray, labels: np.ndarray, k: int = 15) -> float:

@@ -208,8 +208,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         source=runs.data_sources(config.data.paths),
     )  # fmt: skip
     kwargs = runs.model_kwargs(config)
-    for key in ("normalize", "target_sum", "log1p", "n_top_genes"):  # always the model's own
-        kwargs.pop(key)
+    kwargs.pop("preprocessing")  # always the model's own
     model = ScForge.from_pretrained(str(args.model), adata, **kwargs)
     embedding = model.get_latent_representation(adata)
     counts = adata.layers[layer] if layer is not None else adata.X
@@ -293,7 +292,7 @@ def _export(args: argparse.Namespace) -> int:
 def _import_geneformer(args: argparse.Namespace) -> int:
     from scforge_scvi import ScForge
     from scforge_scvi.io import read_geneformer, write_pretrained
-    from scforge_scvi.model._pretrained import init_defaults
+    from scforge_scvi.model._settings import init_defaults
 
     output = runs.check_output(args.output, args.overwrite)
     if not Path(args.model).is_dir():

@@ -180,6 +180,8 @@ def model_kwargs(config: ScForgeConfig, *, set_only: bool = False) -> dict[str, 
     ``set_only``: only the tokenizer, preprocessing and model keys the config sets (a model
     initialised from a checkpoint keeps the checkpoint's value of every other key).
     """
+    from scforge_scvi.model._settings import grouped
+
     tok, prep = config.tokenizer, config.data.preprocessing
     kwargs: dict[str, Any] = {}
     for section, names in (
@@ -196,7 +198,7 @@ def model_kwargs(config: ScForgeConfig, *, set_only: bool = False) -> dict[str, 
     if config.finetune is not None:
         kwargs["head_hidden_dim"] = config.finetune.head.hidden_dim
         kwargs["head_dropout"] = config.finetune.head.dropout
-    return kwargs
+    return grouped(kwargs)  # the sections' flat names -> ScForge's settings groups
 
 
 def setup_data(adata: AnnData, config: ScForgeConfig, *, labels: bool) -> None:
@@ -283,41 +285,43 @@ def train_kwargs(config: ScForgeConfig, *, objective: str) -> dict[str, Any]:
     """``ScForge.train`` arguments from ``training``, ``tokenizer.masking`` and ``finetune``."""
     training: TrainingConfig = config.training
     scheduler = training.scheduler
+    plan = {
+        "lr": training.optimizer.lr,
+        "weight_decay": training.optimizer.weight_decay,
+        "betas": tuple(training.optimizer.betas),
+        "warmup_steps": scheduler.warmup_steps,
+        # a cosine that ends at the peak is the constant schedule
+        "min_lr_ratio": 1.0 if scheduler.name == "constant" else scheduler.min_lr_ratio,
+    }
     kwargs: dict[str, Any] = {
         "max_epochs": training.max_epochs,
         "objective": objective,
         "batch_size": training.batch_size,
-        "lr": training.optimizer.lr,
-        "weight_decay": training.optimizer.weight_decay,
-        "warmup_steps": scheduler.warmup_steps,
-        # a cosine that ends at the peak is the constant schedule
-        "min_lr_ratio": 1.0 if scheduler.name == "constant" else scheduler.min_lr_ratio,
         "train_size": 1.0 - training.val_split - training.test_split,
         "validation_size": training.val_split,
         "precision": training.precision,
-        "gradient_clip": training.gradient_clip or None,
-        "early_stopping": training.patience is not None,
-        "patience": training.patience or 1,
+        "gradient_clip_val": training.gradient_clip or None,
+        "early_stopping": False if training.patience is None else max(training.patience, 1),
         "seed": training.seed,
         "accelerator": training.accelerator,
         "devices": training.devices,
-        "num_workers": config.data.num_workers,
         "num_nodes": training.num_nodes,
         "distributed": training.strategy,
-        "plan_kwargs": {"betas": tuple(training.optimizer.betas)},
+        "plan_kwargs": plan,
+        "datasplitter_kwargs": {"num_workers": config.data.num_workers},
         # Lightning's per-batch bar: "Epoch 0: 100%|####| 22/22 [...] val_loss=..., val_acc=..."
         "simple_progress_bar": False,
         "callbacks": [TQDMProgressBar()],
     }
     if objective == "pretrain":
-        kwargs["masking"] = config.tokenizer.masking.to_settings()
+        plan["masking"] = config.tokenizer.masking.to_settings()
         return kwargs
     finetune = config.finetune
     kwargs["strategy"] = finetune.strategy_for(training.max_epochs)
-    kwargs["backbone_lr"], kwargs["head_lr"] = finetune.learning_rates(training.optimizer.lr)
+    plan["backbone_lr"], plan["head_lr"] = finetune.learning_rates(training.optimizer.lr)
+    plan["label_smoothing"] = finetune.label_smoothing
     kwargs["freeze_backbone_epochs"] = finetune.freeze_backbone_epochs
     kwargs["class_weights"] = finetune.class_weights  # train() decides for streamed cells
-    kwargs["plan_kwargs"]["label_smoothing"] = finetune.label_smoothing
     kwargs["linear_path"] = finetune.linear_path
     if kwargs["strategy"] != "gradual_unfreeze":
         kwargs["freeze_backbone_epochs"] = 0

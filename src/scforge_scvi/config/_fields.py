@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from scforge_scvi._settings import MaskingConfig as MaskingSettings
 from scforge_scvi.model import ScForge
+from scforge_scvi.model._settings import init_defaults
 from scforge_scvi.train import LoraSettings
 
 from ._errors import is_required_section
@@ -25,7 +26,7 @@ def _keyword_defaults(function: Callable) -> dict[str, Any]:
 
 
 # the one home of every default: the Python API the sections are translated into
-MODEL_DEFAULTS = _keyword_defaults(ScForge.__init__)
+MODEL_DEFAULTS = init_defaults(ScForge)  # by flat name: grouped settings give their fields
 TRAIN_DEFAULTS = _keyword_defaults(ScForge.train)
 PLAN_DEFAULTS = _keyword_defaults(ScForge._training_plan_cls.__init__)
 MASKING_DEFAULTS = MaskingSettings()

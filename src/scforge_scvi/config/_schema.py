@@ -57,7 +57,6 @@ from ._errors import ConfigError, describe_errors, show
 from ._fields import (
     MASKING_DEFAULTS,
     MODEL_DEFAULTS,
-    TRAIN_DEFAULTS,
     DropoutRate,
     Float,
     Int,
@@ -153,7 +152,7 @@ class DataConfig(Section):
         ),
     )
     num_workers: Int = Field(
-        TRAIN_DEFAULTS["num_workers"],
+        0,
         ge=0,
         description="Background processes that prepare batches of cells (0 = in the main process).",
     )

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from scforge_scvi.model._training import GRADIENT_CLIP_VAL
 from scforge_scvi.train import STRATEGIES, LoraSettings
 from scforge_scvi.train._lora import DEFAULT_TARGET_MODULES
 
@@ -59,7 +60,7 @@ class OptimizerConfig(Section):
         "adamw", description="Optimizer; 'adamw' (Adam with weight decay)."
     )
     lr: Float = Field(
-        TRAIN_DEFAULTS["lr"],
+        PLAN_DEFAULTS["lr"],
         gt=0,
         description=(
             "Peak learning rate: how large each update step is (of the backbone and the head, "
@@ -67,7 +68,7 @@ class OptimizerConfig(Section):
         ),
     )
     weight_decay: Float = Field(
-        TRAIN_DEFAULTS["weight_decay"],
+        PLAN_DEFAULTS["weight_decay"],
         ge=0,
         description="Pull of weights towards zero (regularisation); 0 disables it.",
     )
@@ -96,7 +97,7 @@ class SchedulerConfig(Section):
         ),
     )
     warmup_steps: Int | None = Field(
-        TRAIN_DEFAULTS["warmup_steps"],
+        PLAN_DEFAULTS["warmup_steps"],
         ge=0,
         description=(
             "Optimizer steps over which the learning rate rises from 0 to lr; null: as "
@@ -104,7 +105,7 @@ class SchedulerConfig(Section):
         ),
     )
     min_lr_ratio: Ratio = Field(
-        TRAIN_DEFAULTS["min_lr_ratio"],
+        PLAN_DEFAULTS["min_lr_ratio"],
         description="'cosine_warmup' only: final learning rate as a fraction of lr.",
     )
 
@@ -131,7 +132,7 @@ class TrainingConfig(Section):
         ),
     )
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
-        str(TRAIN_DEFAULTS["precision"]),
+        "32",  # Lightning's default
         description=(
             "Number format of the computations: '32-true' (full precision), 'bf16-mixed' "
             "(faster, less memory on recent GPUs), '16-mixed', ..."
@@ -144,7 +145,7 @@ class TrainingConfig(Section):
         default_factory=SchedulerConfig, description="Learning-rate schedule."
     )
     gradient_clip: Float | None = Field(
-        TRAIN_DEFAULTS["gradient_clip"],
+        GRADIENT_CLIP_VAL,
         ge=0,
         description=(
             "Largest allowed gradient norm; bigger updates are scaled down (stabilises "
@@ -178,11 +179,11 @@ class TrainingConfig(Section):
         ),
     )
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
-        TRAIN_DEFAULTS["accelerator"],
+        "auto",
         description="Hardware: 'auto' picks a GPU when there is one, else the CPU.",
     )
     devices: Int | list[Int] | Literal["auto"] = Field(
-        TRAIN_DEFAULTS["devices"],
+        "auto",
         description=("How many devices (e.g. 2), which ones (e.g. [0, 1]), -1 for all, or 'auto'."),
     )
     strategy: str = Field(
@@ -194,9 +195,7 @@ class TrainingConfig(Section):
             "cells, data.streaming: true); 'auto' chooses."
         ),
     )
-    num_nodes: Int = Field(
-        TRAIN_DEFAULTS["num_nodes"], ge=1, description="Number of machines taking part."
-    )
+    num_nodes: Int = Field(1, ge=1, description="Number of machines taking part.")
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -39,14 +39,15 @@ class Preprocessing:
         Apply ``log(1 + x)`` after normalisation (used by the binned and continuous tokenizers;
         ranks are unaffected by it).
     n_top_genes
-        If set, the model reads only this many highly variable genes, selected once on the
-        training data and stored in the gene vocabulary.
+        If set, a vocabulary built from the data keeps only this many highly variable genes,
+        selected once on the training data and stored in the gene vocabulary; ``None`` keeps
+        every gene.
     """
 
     normalize: str = "library_size"
     target_sum: float = 1e4
     log1p: bool = True
-    n_top_genes: int | None = None
+    n_top_genes: int | None = 2000
 
     def __post_init__(self) -> None:
         if self.normalize not in _NORMALIZE_CHOICES:

@@ -13,10 +13,12 @@ from ._evaluate import (
 )
 from ._model import ScForge
 from ._module import ScForgeModule
+from ._settings import Architecture
 
 __all__ = [
     "SCFORGE_OUTPUT_KEYS",
     "SCFORGE_REGISTRY_KEYS",
+    "Architecture",
     "ScForge",
     "ScForgeCellEncoder",
     "ScForgeModule",

@@ -43,11 +43,10 @@ from ._fields import RegistrationMixin
 from ._linear import features
 from ._module import ScForgeModule
 from ._pretrained import ScForgePretrainedMixin
+from ._settings import Architecture, resolve_settings
 from ._training import TrainingMixin
 
 VocabLike = GeneVocab | str | dict | None
-#: starting points of the gene embeddings (``ScForge(gene_embedding_init=...)``)
-GENE_EMBEDDING_INITS = ("random", "pca")
 #: classifiers ``predict(head=...)`` reads
 PREDICTION_HEADS = ("default", "backbone", "linear")
 #: the label of cells no known type is credible for (``predict(unknown_threshold=...)``)
@@ -70,7 +69,7 @@ class ScForge(
         Used by :meth:`load`; leave ``None``.
     vocab
         Gene vocabulary: ``None`` builds it from ``adata``'s genes (after HVG selection when
-        ``n_top_genes`` is set), a name such as ``"human_protein_coding"``, a path to a
+        ``preprocessing.n_top_genes`` is set), a name such as ``"human_protein_coding"``, a path to a
         vocabulary file, or a :class:`~scforge_scvi.data.GeneVocab`. Per-gene medians are
         fitted on ``adata`` when the vocabulary has none, and never refitted afterwards.
     tokenizer
@@ -78,18 +77,13 @@ class ScForge(
         (Geneformer) or ``"continuous"``.
     max_genes
         Genes kept per cell (the highest-expressed; ``<cls>`` not counted).
-    prepend_cls
-        Start each cell's sequence with a ``<cls>`` token.
-    n_bins
-        Expression bins of the ``binned_expression`` tokenizer (bin 0 is reserved).
-    normalize, target_sum, log1p, n_top_genes
-        Preprocessing, see :class:`~scforge_scvi.data.Preprocessing`.
-    hidden_dim, num_layers, num_heads, ffn_dim, dropout, activation, pooling, max_seq_len
-        Transformer architecture. ``max_seq_len`` is the most genes the model can read in
-        one cell (default ``max_genes``); like ``max_genes`` it does not count ``<cls>`` and
-        ``<eos>``, for which the backbone adds positions itself.
-        ``pooling="mean"`` averages the gene tokens, ``"cls"`` reads ``<cls>``.
-
+    preprocessing
+        How counts are normalised and how many highly variable genes the vocabulary keeps: a
+        :class:`~scforge_scvi.data.Preprocessing` or a dict of some of its fields
+        (``{"n_top_genes": None}`` keeps every gene); the rest keep their defaults.
+    hidden_dim, num_layers, num_heads, dropout, pooling
+        Transformer width, depth, attention heads and dropout. ``pooling="mean"`` averages
+        the gene tokens into the cell embedding, ``"cls"`` reads ``<cls>``.
     expression_loss_weight
         Weight of the masked expression loss of the binned/continuous tokenizers.
     cell_expression_weight
@@ -98,8 +92,7 @@ class ScForge(
         included (for rank-value tokens: its rank, 1 for a cell's first gene and 1/T less for
         each next one, T the minibatch's padded length; 0, the default: off). It makes the
         pretrained embedding itself more informative but lowered fine-tuned annotation, so it
-        is for pretraining models whose embeddings are used as they are
-        (``docs/benchmarks_annotation.md``).
+        is for pretraining models whose embeddings are used as they are.
     head_hidden_dim, head_dropout
         Shape of the task head used when labels (or a regression target) are registered.
     min_coverage
@@ -110,30 +103,13 @@ class ScForge(
     class_names
         Classes of the classification head when ``adata`` has no labels registered (a query
         loaded with :meth:`from_pretrained` keeps the fine-tuned classifier this way).
-    append_eos
-        End each cell's sequence with an end-of-sequence token (Geneformer V2 models).
-    score_dtype
-        Precision of the ``rank_value`` scores: ``"float32"`` (default) or ``"float64"``
-        (Geneformer's arithmetic, see :class:`~scforge_scvi.data.RankValueTokenizer`).
-    attention_dropout
-        Dropout on attention probabilities.
-    norm_position, embedding_norm, layer_norm_eps
-        LayerNorm placement and epsilon, see :class:`~scforge_scvi.nn.BackboneConfig`
-        (``"post"``, ``True`` and ``1e-12`` for BERT/Geneformer).
-    gene_head_activation
-        Non-linearity of the masked-gene head (``"relu"`` for Geneformer models).
-    scaled_gene_embedding
-        Add a second gene embedding scaled by each token's expression level, so that the
-        mean-pooled embedding also carries a linear projection of the expression levels (see
-        :class:`~scforge_scvi.nn.BackboneConfig`). Off by default
-        (``docs/benchmarks_annotation.md``).
-    gene_embedding_init
-        ``"random"`` (default) or ``"pca"``: start each gene's embedding from its loadings on
-        the first ``hidden_dim`` principal components of the registered cells (log-normalised,
-        standardised expression of the vocabulary genes; at most 5,000 cells, a seeded
-        sample), so that genes that vary together start close together. Only the starting
-        point changes: a saved model reloads its trained weights either way. Off by default
-        (``docs/benchmarks_annotation.md``).
+    architecture
+        Details of the tokens, the transformer and its heads (feed-forward width, LayerNorm
+        placement, ``<cls>``/``<eos>`` tokens, expression bins, ...): an
+        :class:`~scforge_scvi.model.Architecture` or a dict of some of its fields.
+    **kwargs
+        Fields of ``preprocessing`` or ``architecture`` under their former flat names (e.g.
+        ``n_top_genes=None``), read with a ``FutureWarning`` until the next release.
 
     Notes
     -----
@@ -171,20 +147,12 @@ class ScForge(
         vocab: VocabLike = None,
         tokenizer: str = "binned_expression",
         max_genes: int = 512,
-        prepend_cls: bool = True,
-        n_bins: int = 51,
-        normalize: str = "library_size",
-        target_sum: float = 1e4,
-        log1p: bool = True,
-        n_top_genes: int | None = 2000,
+        preprocessing: Preprocessing | dict | None = None,
         hidden_dim: int = 64,
         num_layers: int = 2,
         num_heads: int = 4,
-        ffn_dim: int | None = None,
         dropout: float = 0.1,
-        activation: str = "gelu",
         pooling: str = "mean",
-        max_seq_len: int | None = None,
         expression_loss_weight: float = 1.0,
         cell_expression_weight: float = 0.0,
         head_hidden_dim: int | None = 256,
@@ -192,23 +160,14 @@ class ScForge(
         min_coverage: float = 0.5,
         lora: dict | None = None,
         class_names: Sequence[str] | None = None,
-        append_eos: bool = False,
-        score_dtype: str = "float32",
-        attention_dropout: float = 0.0,
-        norm_position: str = "pre",
-        embedding_norm: bool = False,
-        layer_norm_eps: float = 1e-5,
-        gene_head_activation: str = "gelu",
-        scaled_gene_embedding: bool = False,
-        gene_embedding_init: str = "random",
+        architecture: Architecture | dict | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(adata, registry)
-        if gene_embedding_init not in GENE_EMBEDDING_INITS:
-            raise ScForgeValueError(
-                f"gene_embedding_init must be one of {GENE_EMBEDDING_INITS}, got "
-                f"{gene_embedding_init!r}."
-            )
-        self.preprocessing = Preprocessing(normalize, target_sum, log1p, n_top_genes)
+        self.preprocessing, self.architecture = resolve_settings(
+            preprocessing, architecture, kwargs
+        )
+        arch = self.architecture
         self.min_coverage = min_coverage
         self.vocab = resolve_vocab(
             vocab,
@@ -223,39 +182,39 @@ class ScForge(
             self.vocab,
             preprocessing=self.preprocessing,
             max_genes=max_genes,
-            prepend_cls=prepend_cls,
-            append_eos=append_eos,
-            n_bins=n_bins,
-            score_dtype=score_dtype,
+            prepend_cls=arch.prepend_cls,
+            append_eos=arch.append_eos,
+            n_bins=arch.n_bins,
+            score_dtype=arch.score_dtype,
         )
         self.backbone_config = BackboneConfig(
             vocab_size=len(self.vocab),
             hidden_dim=hidden_dim,
             num_layers=num_layers,
             num_heads=num_heads,
-            ffn_dim=ffn_dim,
+            ffn_dim=arch.ffn_dim,
             dropout=dropout,
-            attention_dropout=attention_dropout,
-            activation=activation,
+            attention_dropout=arch.attention_dropout,
+            activation=arch.activation,
             # positions: the genes plus the tokenizer's <cls> / <eos>
-            max_seq_len=(max_seq_len or max_genes) + self.tokenizer.n_special_tokens,
+            max_seq_len=(arch.max_seq_len or max_genes) + self.tokenizer.n_special_tokens,
             pooling=pooling,
             value_encoding=self.tokenizer.value_encoding,
-            n_bins=n_bins,
+            n_bins=arch.n_bins,
             use_positions=self.tokenizer.ordered,
             pad_token_id=self.vocab.pad_id,
-            layer_norm_eps=layer_norm_eps,
-            norm_position=norm_position,
-            embedding_norm=embedding_norm,
-            scaled_gene_embedding=scaled_gene_embedding,
+            layer_norm_eps=arch.layer_norm_eps,
+            norm_position=arch.norm_position,
+            embedding_norm=arch.embedding_norm,
+            scaled_gene_embedding=arch.scaled_gene_embedding,
         )
-        if max_seq_len is not None and max_seq_len < max_genes:
+        if arch.max_seq_len is not None and arch.max_seq_len < max_genes:
             raise ValueError(
-                f"max_seq_len={max_seq_len} is smaller than max_genes={max_genes}: the model "
+                f"max_seq_len={arch.max_seq_len} is smaller than max_genes={max_genes}: the model "
                 "could not read a cell's genes (both count genes; <cls> and <eos> are added). "
                 "Raise max_seq_len or lower max_genes."
             )
-        if pooling == "cls" and not prepend_cls:
+        if pooling == "cls" and not arch.prepend_cls:
             raise ValueError("pooling='cls' needs prepend_cls=True; use pooling='mean' instead.")
         self.class_names_ = self._registered_class_names() or list(class_names or [])
         if len(self.class_names_) == 1:
@@ -275,9 +234,9 @@ class ScForge(
             n_regression_outputs=int(self._has_regression_target()),
             head_hidden_dim=head_hidden_dim,
             head_dropout=head_dropout,
-            gene_head_activation=gene_head_activation,
+            gene_head_activation=arch.gene_head_activation,
         )
-        if gene_embedding_init == "pca" and self.adata is not None:
+        if arch.gene_embedding_init == "pca" and self.adata is not None:
             self._init_gene_embedding_from_pca()
         self.lora_ = None
         if lora is not None:
@@ -288,8 +247,13 @@ class ScForge(
             f"{sum(p.numel() for p in self.module.parameters()):,} parameters"
         )
         self.init_params_ = self._get_init_params(locals())
-        # the vocabulary (with its fitted medians) is part of the model: load() replays it
-        self.init_params_["non_kwargs"]["vocab"] = self.vocab.to_dict()
+        # load() replays the vocabulary (with its fitted medians) and the resolved settings
+        self.init_params_["non_kwargs"].update(
+            vocab=self.vocab.to_dict(),
+            preprocessing=self.preprocessing.to_dict(),
+            architecture=arch.to_dict(),
+        )
+        self.init_params_["kwargs"] = {"kwargs": {}}
 
     # -- helpers -----------------------------------------------------------------------------
     def _init_gene_embedding_from_pca(self) -> None:

@@ -9,7 +9,7 @@ its description holds and how a model is built from it. :class:`ScForgePretraine
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -29,22 +29,12 @@ from scforge_scvi.io._geneformer import read_geneformer
 from scforge_scvi.io._pretrained import FORMAT_VERSION
 from scforge_scvi.train import LoraSettings
 
+from ._settings import flattened, grouped, init_defaults
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from scforge_scvi.data import GeneVocab
-
-
-def init_defaults(model_class: type) -> dict[str, Any]:
-    """The keyword defaults of ``model_class.__init__`` that a pretrained directory records
-    (the AnnData, registry, vocabulary, adapters and classes are stored apart)."""
-    skip = {"self", "adata", "registry", "vocab", "lora", "class_names"}
-    signature = inspect.signature(model_class.__init__).parameters
-    return {
-        k: p.default
-        for k, p in signature.items()
-        if k not in skip and p.default is not inspect.Parameter.empty
-    }
 
 
 class PretrainedMixin:
@@ -133,7 +123,7 @@ class ScForgePretrainedMixin(PretrainedMixin):
 
     def pretrained_config(self) -> dict[str, Any]:
         """The JSON-serialisable description of this model (``config.json``)."""
-        params = dict(self.init_params_["non_kwargs"])
+        params = flattened(self.init_params_["non_kwargs"])  # config.json keeps flat names
         for key in ("vocab", "lora", "class_names"):  # stored on their own
             params.pop(key, None)
         return {
@@ -260,7 +250,7 @@ class ScForgePretrainedMixin(PretrainedMixin):
     def _from_pretrained_object(
         cls, pretrained: Pretrained, adata: AnnData, kwargs: dict[str, Any]
     ) -> Self:
-        params = pretrained.init_params
+        params, kwargs = pretrained.init_params, flattened(kwargs)  # both by flat names
         saved = dict(params)  # a None that was saved stands for the value it implied
         backbone = pretrained.config.get("backbone", {})
         if saved.get("max_seq_len") is None:
@@ -275,9 +265,10 @@ class ScForgePretrainedMixin(PretrainedMixin):
             params["class_names"] = pretrained.class_names
         # the checkpoint's weights replace any computed starting point: skip computing one
         starting_point = params.pop("gene_embedding_init", None)
-        model = cls(adata, vocab=pretrained.vocab, **params)
+        model = cls(adata, vocab=pretrained.vocab, **grouped(params))
         if starting_point is not None:  # still recorded as the model's own setting
-            model.init_params_["non_kwargs"]["gene_embedding_init"] = starting_point
+            model.architecture = replace(model.architecture, gene_embedding_init=starting_point)
+            model.init_params_["non_kwargs"]["architecture"] = model.architecture.to_dict()
         same_labels = pretrained.class_names == model.class_names_
         skip = () if same_labels else model.module._HEAD_PREFIXES
         if not same_labels and pretrained.class_names and model.class_names_:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from scforge_scvi._allocator import tune_cpu_allocator
 from scforge_scvi._errors import ScForgeValueError
 from scforge_scvi._logging import logger
-from scforge_scvi.data import MaskingConfig, StreamedCells
+from scforge_scvi.data import StreamedCells
 from scforge_scvi.data._bucketing import LengthGroupedDataSplitter
 from scforge_scvi.data._splits import split_cells
 from scforge_scvi.data._streaming import training_streams
@@ -32,6 +33,22 @@ from ._calibration import MIN_CELLS, fit_calibration
 from ._constants import SCFORGE_REGISTRY_KEYS as KEYS
 from ._linear import AnnotatedCells, fit_linear_path
 
+#: Lightning's ``gradient_clip_val`` of ``train()`` unless given (gradient-norm clipping)
+GRADIENT_CLIP_VAL = 1.0
+#: epochs without improvement before ``train(early_stopping=True)`` stops
+EARLY_STOPPING_PATIENCE = 5
+#: the former ``train()`` keywords that are training-plan keywords now
+_PLAN_KEYWORDS = (
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_ratio",
+    "backbone_lr",
+    "head_lr",
+    "token_dropout",
+    "masking",
+)
+
 
 class TrainingMixin:
     """``train()`` of :class:`~scforge_scvi.ScForge`: data splits and streams, the freezing
@@ -44,33 +61,18 @@ class TrainingMixin:
         objective: Literal["pretrain", "classify", "regress"] | None = None,
         strategy: Literal["full", "frozen", "gradual_unfreeze", "lora"] = "full",
         batch_size: int = 32,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
-        backbone_lr: float | None = None,
-        head_lr: float | None = None,
         class_weights: Literal["balanced", "sqrt"] | Sequence[float] | None = "balanced",
-        token_dropout: float = 0.0,
         freeze_backbone_epochs: int = 0,
         lora: LoraSettings | dict | None = None,
-        masking: MaskingConfig | dict | None = None,
         train_size: float = 0.9,
         validation_size: float | None = None,
-        precision: str | int = 32,
-        gradient_clip: float | None = 1.0,
-        early_stopping: bool = False,
-        patience: int = 5,
+        early_stopping: bool | int = False,
         monitor: str | None = None,
         checkpoint_dir: str | None = None,
         seed: int = 0,
-        accelerator: str = "auto",
-        devices: int | str = "auto",
-        num_workers: int = 0,
         group_by_length: bool = True,
         data: StreamedCells | str | Sequence[str] | None = None,
         distributed: str = "auto",
-        num_nodes: int = 1,
         plan_kwargs: dict[str, Any] | None = None,
         datasplitter_kwargs: dict[str, Any] | None = None,
         linear_path: bool = True,
@@ -92,15 +94,6 @@ class TrainingMixin:
             (head first, backbone from epoch ``freeze_backbone_epochs``) or ``"lora"``.
         batch_size
             Cells per minibatch.
-        lr
-            Peak learning rate (pretraining; default for ``backbone_lr`` and ``head_lr``).
-        weight_decay
-            AdamW weight decay on >= 2-D weights (not biases, norms or embeddings).
-        warmup_steps, min_lr_ratio
-            Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step.
-            ``warmup_steps=None``: 50 steps, or a tenth of the run when that is shorter.
-        backbone_lr, head_lr
-            Discriminative learning rates for fine-tuning.
         class_weights
             Per-class weights of the classification loss: ``"balanced"`` (inverse class
             frequency of the training cells, mean 1 over cells), ``"sqrt"`` (its square
@@ -109,27 +102,18 @@ class TrainingMixin:
             ``"balanced"``, lifts macro-F1 on small classes (``docs/benchmarks_annotation.md``);
             cells streamed with ``data=`` have no label counts and train unweighted unless
             given one weight per class.
-        token_dropout
-            Fine-tuning augmentation: the fraction of each training cell's gene tokens hidden
-            at random in every step (never in validation or inference; ignored when
-            pretraining, whose masking plays that part).
         freeze_backbone_epochs
             Epochs with a frozen backbone for ``strategy="gradual_unfreeze"``.
         lora
             LoRA settings for ``strategy="lora"`` (default: rank 8 on every attention
             projection and both feed-forward linears).
-        masking
-            Masking of the pretraining objective.
         train_size, validation_size
             Fractions of cells for training and validation (the rest is a test set, never
             used for training or model selection). Splits are stratified by label when
             fine-tuning a classifier.
-        precision
-            Lightning precision, e.g. ``32`` or ``"bf16-mixed"`` on a GPU.
-        gradient_clip
-            Gradient-norm clipping value (``None``: off).
-        early_stopping, patience
-            Stop when ``monitor`` has not improved for ``patience`` epochs.
+        early_stopping
+            Stop when ``monitor`` has not improved for this many epochs (``True``: 5;
+            ``False``, the default: run ``max_epochs``).
         monitor
             Validation metric that picks the epoch whose weights are kept (and drives early
             stopping): ``"val_acc"`` (highest; of equal values the later epoch) when
@@ -139,10 +123,6 @@ class TrainingMixin:
             Write resumable ``best.ckpt`` and ``last.ckpt`` there (atomically).
         seed
             Seeds the split, the initialisation of new layers' data order, and the masks.
-        accelerator, devices
-            Lightning hardware selection.
-        num_workers
-            Data-loader worker processes (tokenisation runs there).
         group_by_length
             Put cells of similar token length into the same minibatch (shuffled groups of
             16 batches, see :class:`~scforge_scvi.data.LengthGroupedSampler`), so that batches
@@ -161,24 +141,33 @@ class TrainingMixin:
             backed AnnData (``read_h5ad(path, backed="r")``): its file is then streamed as
             ``data=StreamedCells(adata.filename)`` would be (streamed split, labels read
             from the file).
-        num_nodes
-            Machines taking part (with ``devices`` processes each).
         plan_kwargs
-            Further keywords of the training plan (``_training_plan_cls``). Keys that
-            ``train()`` sets itself (``lr``, ``weight_decay``, ``masking``, ...) are refused:
-            pass those as ``train()`` keywords.
+            Keywords of the training plan (:class:`~scforge_scvi.train.ScForgeTrainingPlan`):
+            the optimizer and schedule (``lr``, ``weight_decay``, ``betas``, ``warmup_steps``,
+            ``min_lr_ratio``, ``backbone_lr``, ``head_lr``), the pretraining ``masking``, and
+            fine-tuning's ``token_dropout`` and ``label_smoothing``, e.g.
+            ``plan_kwargs={"lr": 3e-4}``. Keys that ``train()`` sets itself (``objective``,
+            ``seed``, ``class_weights``, ...) are refused.
         datasplitter_kwargs
-            Further keywords of the data splitter of the registered AnnData, e.g.
-            ``group_batches`` (batches per length group, default 16) with
-            ``group_by_length=True``. Keys that ``train()`` sets itself (``batch_size``,
-            ``num_workers``, ...) are refused; not available with ``data=``.
+            Keywords of the data loading: ``num_workers`` (data-loader worker processes, where
+            tokenisation runs; also for ``data=``) and, for the registered AnnData, further
+            keywords of its data splitter, e.g. ``group_batches`` (batches per length group,
+            default 16) with ``group_by_length=True``. Keys that ``train()`` sets itself
+            (``batch_size``, ...) are refused.
         linear_path
             After fine-tuning a classifier on the registered AnnData, fit its linear path (a
             logistic regression on log-normalised vocabulary genes, on the training cells)
             and choose its share of the default prediction on the validation cells
             (:mod:`~scforge_scvi.model._linear`). ``False``: the transformer's head alone.
         **trainer_kwargs
-            Passed to the Lightning trainer.
+            Passed to the Lightning trainer, e.g. ``accelerator``, ``devices``, ``num_nodes``
+            (machines taking part, with ``devices`` processes each), ``precision`` (``32``, or
+            ``"bf16-mixed"`` on a GPU) and ``gradient_clip_val`` (gradient-norm clipping,
+            default 1.0; ``None``: off). The former ``train()`` keywords ``lr``,
+            ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``backbone_lr``, ``head_lr``,
+            ``token_dropout``, ``masking`` (now ``plan_kwargs``), ``num_workers`` (now
+            ``datasplitter_kwargs``), ``gradient_clip`` and ``patience`` are read with a
+            ``FutureWarning`` until the next release.
 
         Notes
         -----
@@ -196,11 +185,11 @@ class TrainingMixin:
         from lightning.pytorch import seed_everything
 
         objective = objective or self._default_objective()
-        if not 0.0 <= token_dropout < 1.0:
-            raise ScForgeValueError(
-                f"token_dropout={token_dropout!r} must lie in [0, 1): it is the fraction of a "
-                "cell's gene tokens hidden in each fine-tuning step."
-            )
+        plan_kwargs, datasplitter_kwargs, early_stopping = _moved_keywords(
+            trainer_kwargs, plan_kwargs, datasplitter_kwargs, early_stopping
+        )
+        num_workers = datasplitter_kwargs.pop("num_workers", 0)
+        trainer_kwargs.setdefault("gradient_clip_val", GRADIENT_CLIP_VAL)
         if objective == "classify" and self._setup_arg("labels_key") is None:
             raise ValueError(
                 "objective='classify' needs labels: call "
@@ -214,6 +203,7 @@ class TrainingMixin:
         best = BestCheckpoint(monitor=monitor, dirpath=checkpoint_dir, mode=mode)
         callbacks = [EpochSeed(seed), *trainer_kwargs.pop("callbacks", []), best]
         if early_stopping:
+            patience = EARLY_STOPPING_PATIENCE if early_stopping is True else int(early_stopping)
             callbacks.append(EarlyStopping(monitor=monitor, patience=patience, mode=mode))
         callbacks += configure_strategy(self.module, objective, strategy, freeze_backbone_epochs)
         if strategy == "lora" and objective != "pretrain" and self.lora_ is None:
@@ -242,7 +232,7 @@ class TrainingMixin:
             if datasplitter_kwargs:
                 raise ScForgeValueError(
                     f"datasplitter_kwargs={datasplitter_kwargs!r} configure the data splitter "
-                    "of the registered AnnData; streamed cells (data=...) have none."
+                    "of the registered AnnData; streamed cells (data=...) take num_workers only."
                 )
             cells = data if isinstance(data, StreamedCells) else StreamedCells(data)
             splits = split_cells(cells.n_obs, train_size, validation_size, seed)
@@ -312,16 +302,8 @@ class TrainingMixin:
                 weights = class_weights_of(class_weights, codes, len(self.class_names_))
         plan_settings = dict(
             objective=objective,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio,
-            masking=MaskingConfig(**masking) if isinstance(masking, dict) else masking,
-            backbone_lr=backbone_lr,
-            head_lr=head_lr,
             seed=seed,
             class_weights=weights,
-            token_dropout=token_dropout,
             checkpoint_metadata=self.checkpoint_metadata(),
         )
         plan_settings = _merged(plan_settings, plan_kwargs, "plan_kwargs")
@@ -337,17 +319,12 @@ class TrainingMixin:
             training_plan=plan,
             data_splitter=splitter,
             max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
             callbacks=callbacks,
             check_val_every_n_epoch=1,
-            gradient_clip_val=gradient_clip,
-            precision=precision,
             strategy=distributed,
-            num_nodes=num_nodes,
             **trainer_kwargs,
         )
-        if accelerator == "cpu" or not torch.cuda.is_available():
+        if trainer_kwargs.get("accelerator") == "cpu" or not torch.cuda.is_available():
             tune_cpu_allocator()  # large activations reuse heap pages instead of faulting
         self.module.train()  # Lightning keeps a module's mode; from_pretrained leaves it eval
         runner()
@@ -413,7 +390,40 @@ def _merged(settings: dict[str, Any], extra: dict[str, Any] | None, name: str) -
     taken = sorted(set(settings) & set(extra or {}))
     if taken:
         raise ScForgeValueError(
-            f"{name} cannot set {taken}: train() sets {sorted(settings)} itself; pass "
-            "learning rates, batch size and the like as train() keywords."
+            f"{name} cannot set {taken}: train() sets {sorted(settings)} itself from its own "
+            "keywords (batch_size, seed, class_weights, ...)."
         )
     return {**settings, **(extra or {})}
+
+
+def _moved_keywords(
+    trainer_kwargs: dict[str, Any],
+    plan_kwargs: dict[str, Any] | None,
+    datasplitter_kwargs: dict[str, Any] | None,
+    early_stopping: bool | int,
+) -> tuple[dict[str, Any], dict[str, Any], bool | int]:
+    """Former ``train()`` keywords found in ``trainer_kwargs``, moved where they are read now
+    (each with a ``FutureWarning``): ``(plan_kwargs, datasplitter_kwargs, early_stopping)``."""
+    plan, splitter = dict(plan_kwargs or {}), dict(datasplitter_kwargs or {})
+    for old in [k for k in trainer_kwargs if k in (*_PLAN_KEYWORDS, "num_workers")]:
+        into, name = (
+            (plan, "plan_kwargs") if old in _PLAN_KEYWORDS else (splitter, "datasplitter_kwargs")
+        )
+        _warn_renamed(f"train({old}=...)", f"train({name}={{{old!r}: ...}})")
+        into[old] = trainer_kwargs.pop(old)
+    if "gradient_clip" in trainer_kwargs:
+        _warn_renamed("train(gradient_clip=...)", "train(gradient_clip_val=...)")
+        trainer_kwargs["gradient_clip_val"] = trainer_kwargs.pop("gradient_clip")
+    if "patience" in trainer_kwargs:
+        _warn_renamed("train(early_stopping=True, patience=n)", "train(early_stopping=n)")
+        patience = trainer_kwargs.pop("patience")
+        early_stopping = patience if early_stopping else False
+    return plan, splitter, early_stopping
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is now {new}; the former keyword is read until the next release.",
+        FutureWarning,
+        stacklevel=4,
+    )

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
+from scforge_scvi._errors import ScForgeValueError
 from scforge_scvi._settings import MaskingConfig
 
 from ._optim import configure_adamw
@@ -94,7 +95,8 @@ class ScForgeTrainingPlan(TrainingPlan):
         Floor of the cosine schedule as a fraction of the peak; the schedule stays there
         after its last step.
     masking
-        Masking of the pretraining objective.
+        Masking of the pretraining objective: a :class:`~scforge_scvi.data.MaskingConfig` or
+        a dict of its fields.
     backbone_lr, head_lr
         Discriminative learning rates for fine-tuning.
     seed
@@ -122,12 +124,12 @@ class ScForgeTrainingPlan(TrainingPlan):
         module,
         *,
         objective: str = "pretrain",
-        lr: float = 1e-4,
+        lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int | None = 0,
-        min_lr_ratio: float = 0.0,
-        masking: MaskingConfig | None = None,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        masking: MaskingConfig | dict | None = None,
         backbone_lr: float | None = None,
         head_lr: float | None = None,
         seed: int = 0,
@@ -141,11 +143,17 @@ class ScForgeTrainingPlan(TrainingPlan):
         self.betas = (float(betas[0]), float(betas[1]))
         self.warmup_steps = None if warmup_steps is None else int(warmup_steps)
         self.min_lr_ratio = float(min_lr_ratio)
-        self.masking = masking or MaskingConfig()
+        is_settings = isinstance(masking, MaskingConfig)
+        self.masking = masking if is_settings else MaskingConfig(**(masking or {}))
         self.backbone_lr = lr if backbone_lr is None else backbone_lr
         self.head_lr = lr if head_lr is None else head_lr
         self.seed = int(seed)
         self.class_weights = class_weights
+        if not 0.0 <= token_dropout < 1.0:
+            raise ScForgeValueError(
+                f"token_dropout={token_dropout!r} must lie in [0, 1): it is the fraction of a "
+                "cell's gene tokens hidden in each fine-tuning step."
+            )
         self.token_dropout = float(token_dropout)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing!r}: use a value in [0, 1).")
